@@ -1,0 +1,89 @@
+"""The one error hierarchy of patchctl.
+
+Every error a user can cause is a :class:`PatchctlError`. The docstring of each
+subclass says what it means; the message names the bad value and the fix. The
+CLI turns these into one line on stderr and a non-zero exit; the server into an
+HTTP status with an OCI-style JSON body.
+"""
+
+from __future__ import annotations
+
+
+class PatchctlError(Exception):
+    """Base class of every error patchctl raises on purpose."""
+
+    exit_code = 1
+    code = "UNKNOWN"
+
+
+class NotFound(PatchctlError):
+    """A ref, digest, file or folder that was asked for does not exist."""
+
+    exit_code = 2
+    code = "NOT_FOUND"
+
+
+class InvalidReference(PatchctlError):
+    """A ``name:tag`` or digest string that does not match the allowed pattern."""
+
+    code = "NAME_INVALID"
+
+
+class InvalidPatch(PatchctlError):
+    """Input that cannot be read as a patch: bad config, header, shapes or values."""
+
+    code = "PATCH_INVALID"
+
+
+class UnsupportedPatch(InvalidPatch):
+    """A well-formed patch of a type the math does not handle (e.g. DoRA, IA3)."""
+
+    code = "PATCH_UNSUPPORTED"
+
+
+class InvalidCheckpoint(PatchctlError):
+    """A model folder or safetensors file that is missing pieces or is malformed."""
+
+    code = "CHECKPOINT_INVALID"
+
+
+class BaseMismatch(PatchctlError):
+    """A patch used with a base whose fingerprint is not the one it records."""
+
+    code = "BASE_MISMATCH"
+
+
+class ShapeMismatch(InvalidPatch):
+    """A patch tensor whose shape does not fit the base tensor it changes."""
+
+    code = "SHAPE_MISMATCH"
+
+
+class DigestMismatch(PatchctlError):
+    """Bytes whose sha256 is not the digest they were stored or sent under."""
+
+    code = "DIGEST_INVALID"
+
+
+class RegistryError(PatchctlError):
+    """A registry folder that cannot be used: unknown version, not a registry."""
+
+    code = "REGISTRY_INVALID"
+
+
+class PickleRefused(PatchctlError):
+    """A pickle file (.bin, .pt) given without ``--trust-pickle``."""
+
+    code = "PICKLE_REFUSED"
+
+
+class InvalidArgument(PatchctlError):
+    """An option value out of its allowed range (density, weights, method...)."""
+
+    code = "ARGUMENT_INVALID"
+
+
+class DeviceUnavailable(PatchctlError):
+    """A device (e.g. ``cuda``) that was asked for but is not present."""
+
+    code = "DEVICE_UNAVAILABLE"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# README command 2: install what the tests need, lint, run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m ruff check patchctl tests bench
+.venv/bin/python -m pytest -q "$@"
