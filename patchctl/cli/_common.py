@@ -1,0 +1,83 @@
+"""Shared CLI pieces: options, opening the registry, rendering."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ..registry.registry import Registry
+
+RegistryOpt = Annotated[
+    Path | None,
+    typer.Option("--registry", "-R", help="Registry folder (default: $PATCHCTL_HOME, else ~/.patchctl).",
+                 envvar="PATCHCTL_HOME", show_envvar=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def open_registry(path: Path | None, create: bool = True) -> Registry:
+    return Registry(path, create=create)
+
+
+def emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return str(n)
+
+
+def human_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def short(digest: str | None) -> str:
+    return digest[7:19] if digest else "-"
+
+
+class Progress:
+    """A rich progress bar on a terminal; silent under --json or when not a TTY."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label = label
+        self._p: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, DownloadColumn, Progress as RP, TransferSpeedColumn
+
+            self._p = RP("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                         TransferSpeedColumn(), console=err_console, transient=True)
+            self._p.__enter__()
+            self._task = self._p.add_task(self.label, total=None)
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._p is not None:
+            self._p.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._p is not None:
+            self._p.__exit__(*exc)

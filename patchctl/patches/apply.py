@@ -1,0 +1,79 @@
+"""Adding a delta to a base tensor, and the exact-value pins that make it lossless.
+
+The arithmetic is fixed: ``out = (base.f32 + delta.f32).to(base.dtype)`` (float64
+when the base is float64). A diff imported from a fine-tune stores, next to
+the delta, *pins*: the few positions where that arithmetic cannot give back
+the fine-tuned value (a weight that crossed zero, say) and the value itself.
+With pins, applying the diff to its own base is bit-exact in every dtype.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+
+PINS_MAGIC = b"PCPN\x01\x00\x00\x00"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def combine(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``base + delta`` in fp32 (fp64 for fp64 bases), cast back to the base's dtype."""
+    acc = _acc_dtype(base.dtype)
+    return (base.to(acc) + delta.to(device=base.device, dtype=acc)).to(base.dtype)
+
+
+def subtract(finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``finetuned - base`` computed in float64 (exact for every float dtype up to fp32)."""
+    return finetuned.to(torch.float64) - base.to(torch.float64)
+
+
+def find_pins(base: torch.Tensor, delta: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions where ``combine(base, delta)`` differs bitwise from ``target``, and the target values."""
+    got = combine(base, delta)
+    gb = got.reshape(-1).view(_int_view(got.dtype))
+    tb = target.reshape(-1).view(_int_view(target.dtype))
+    idx = torch.nonzero(gb != tb).reshape(-1)
+    return idx.to(torch.int64), target.reshape(-1)[idx]
+
+
+def _int_view(dtype: torch.dtype) -> torch.dtype:
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+
+
+def encode_pins(idx: torch.Tensor, values: torch.Tensor) -> bytes:
+    """``magic | u64 count | count × i64 index | count × value`` (little-endian)."""
+    n = int(idx.numel())
+    return (
+        PINS_MAGIC
+        + struct.pack("<Q", n)
+        + idx.to(torch.int64).numpy().astype("<i8").tobytes()
+        + values.contiguous().view(torch.uint8).numpy().tobytes()
+    )
+
+
+def decode_pins(data: bytes, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..errors import InvalidPatch
+
+    if len(data) < 16 or data[:8] != PINS_MAGIC:
+        raise InvalidPatch("pins blob has no valid header")
+    (n,) = struct.unpack("<Q", data[8:16])
+    if n > numel or len(data) != 16 + n * (8 + dtype.itemsize):
+        raise InvalidPatch("pins blob length does not match its count")
+    idx = torch.frombuffer(bytearray(data[16 : 16 + 8 * n]), dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+        raise InvalidPatch("pins blob has positions outside the tensor")
+    vals = (
+        torch.frombuffer(bytearray(data[16 + 8 * n :]), dtype=dtype) if n else torch.empty(0, dtype=dtype)
+    )
+    return idx, vals
+
+
+def apply_pins(out: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    if idx.numel():
+        flat = out.reshape(-1)
+        flat[idx.to(out.device)] = values.to(device=out.device, dtype=out.dtype)
+    return out

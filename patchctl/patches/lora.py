@@ -1,0 +1,208 @@
+"""LoRA math in the PEFT convention, in float32.
+
+A LoRA module has ``lora_A`` ``[r, in_features]`` and ``lora_B``
+``[out_features, r]``; its weight delta is ``ΔW = (B @ A) · scaling`` with
+``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), transposed when the
+base layer stores ``[in, out]`` (``fan_in_fan_out``, GPT-2's ``Conv1D``).
+Embedding LoRA stores ``lora_embedding_A`` ``[r, num_embeddings]`` and
+``lora_embedding_B`` ``[dim, r]`` and its delta is ``(B @ A).T · scaling``
+(``[num_embeddings, dim]``, like the embedding weight) — the same as peft's
+``Embedding.get_delta_weight``. Conv LoRA (4-D factors) is not handled.
+
+Everything here is pure tensor math: no files, no registry.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Literal, TypeVar
+
+import torch
+from torch import Tensor
+
+from patchctl.errors import InvalidArgument, ShapeMismatch, UnsupportedPatch
+
+__all__ = [
+    "cat_lora",
+    "lora_delta",
+    "lora_embedding_delta",
+    "lora_scaling",
+    "pattern_value",
+    "svd_lora",
+]
+
+T = TypeVar("T")
+
+
+def _factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    if A.dim() != 2 or B.dim() != 2:
+        if A.dim() == 4 or B.dim() == 4:
+            raise UnsupportedPatch(
+                f"conv LoRA (lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}) is not supported"
+            )
+        raise ShapeMismatch(
+            f"LoRA factors must be 2-D, got lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}"
+        )
+    if A.shape[0] != B.shape[1]:
+        raise ShapeMismatch(
+            f"LoRA rank mismatch: lora_A {tuple(A.shape)} has r={A.shape[0]} but lora_B "
+            f"{tuple(B.shape)} has r={B.shape[1]}"
+        )
+    return A.to(torch.float32), B.to(device=A.device, dtype=torch.float32)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (peft's ``scaling``)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise InvalidArgument(f"LoRA rank r must be an integer >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise InvalidArgument(f"lora_alpha must be a finite number, got {alpha!r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_delta(A: Tensor, B: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:
+    """``(B @ A) · scaling`` in float32, transposed first when ``fan_in_fan_out``.
+
+    Bit-for-bit the float32 result of peft's ``Linear.get_delta_weight``.
+    """
+    A32, B32 = _factors(A, B)
+    prod = B32 @ A32
+    if fan_in_fan_out:
+        prod = prod.T
+    return prod * scaling
+
+
+def lora_embedding_delta(A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """Embedding LoRA: ``(B @ A).T · scaling``, shape ``[num_embeddings, dim]``.
+
+    ``A`` is ``lora_embedding_A`` ``[r, num_embeddings]``, ``B`` is
+    ``lora_embedding_B`` ``[dim, r]`` (peft's ``Embedding.get_delta_weight``).
+    """
+    return lora_delta(A, B, scaling, fan_in_fan_out=True)
+
+
+def pattern_value(module_name: str, pattern: Mapping[str, T], default: T) -> T:
+    """The value of ``rank_pattern`` / ``alpha_pattern`` for ``module_name``, as peft does.
+
+    Same semantics as peft's ``get_pattern_key`` (peft/utils/other.py): the
+    keys are tried in dict order and the first key ``k`` for which
+    ``re.match(rf"(.*\\.)?({k})$", module_name)`` matches wins — so a key
+    matches the whole name or a dot-separated suffix of it, and is a regex.
+    With no match, ``pattern.get(module_name, default)``. ``module_name`` is
+    the module's name in the *base* model (e.g. ``model.layers.0.self_attn.q_proj``,
+    no ``base_model.model.`` prefix).
+    """
+    for key in pattern:
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module_name)
+        except re.error as exc:
+            raise InvalidArgument(f"invalid rank/alpha pattern key {key!r}: {exc}") from None
+        if hit:
+            return pattern[key]
+    return pattern.get(module_name, default)
+
+
+def cat_lora(factors: Sequence[tuple[Tensor, Tensor, float, float]]) -> tuple[Tensor, Tensor]:
+    """Exact linear merge of LoRAs by rank concatenation.
+
+    ``factors`` is a list of ``(A, B, scaling, weight)``. Returns float32
+    ``(A_cat, B_cat)`` with ``A_cat = [A₁; A₂; …]`` (``[Σr, in]``) and
+    ``B_cat = [w₁s₁B₁, w₂s₂B₂, …]`` (``[out, Σr]``), so that
+    ``B_cat @ A_cat == Σ wᵢ·sᵢ·Bᵢ@Aᵢ`` and the merged adapter uses scaling 1
+    (e.g. ``r = lora_alpha = Σr``). The coefficient goes into B.
+    """
+    if len(factors) == 0:
+        raise InvalidArgument("cat_lora needs at least one LoRA")
+    As: list[Tensor] = []
+    Bs: list[Tensor] = []
+    for i, (A, B, scaling, weight) in enumerate(factors):
+        A32, B32 = _factors(A, B)
+        if As and (A32.shape[1] != As[0].shape[1] or B32.shape[0] != Bs[0].shape[0]):
+            raise ShapeMismatch(
+                f"LoRA {i} maps {A32.shape[1]} -> {B32.shape[0]} features but LoRA 0 maps "
+                f"{As[0].shape[1]} -> {Bs[0].shape[0]}"
+            )
+        coef = float(weight) * float(scaling)
+        if not math.isfinite(coef):
+            raise InvalidArgument(f"LoRA {i}: weight·scaling must be finite, got {coef!r}")
+        device = As[0].device if As else A32.device
+        As.append(A32.to(device))
+        Bs.append(B32.to(device) * coef)
+    return torch.cat(As, dim=0), torch.cat(Bs, dim=1)
+
+
+def _randomized_svd(
+    M: Tensor, k: int, oversample: int, niter: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Halko et al. range finder with power iterations; returns (U, S, Vh) of rank ≤ k+oversample."""
+    m, n = M.shape
+    q = min(k + oversample, m, n)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, dtype=torch.float32).to(M.device)
+    Q = torch.linalg.qr(M @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(M.T @ Q).Q
+        Q = torch.linalg.qr(M @ Q).Q
+    U_small, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    return Q @ U_small, S, Vh
+
+
+def svd_lora(
+    delta: Tensor,
+    rank: int,
+    *,
+    method: Literal["auto", "exact", "randomized"] = "auto",
+    oversample: int = 16,
+    niter: int = 4,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, float]:
+    """Re-factor a 2-D ``delta`` ``[out, in]`` as a rank-``rank`` LoRA.
+
+    Returns float32 ``(A [rank, in], B [out, rank], rel_error)`` with
+    ``B @ A`` the best rank-``rank`` approximation found (scaling 1; the
+    singular values are split as ``sqrt(S)`` into both factors) and
+    ``rel_error = ‖delta − B@A‖_F / ‖delta‖_F`` (0 for a zero delta),
+    computed in float64 from the singular values: ``sqrt(Σ_{i>rank} sᵢ²)``
+    over ``sqrt(Σ sᵢ²)``. When ``rank`` exceeds ``min(out, in)`` the factors
+    are padded with zero rows/columns, so the shapes always have ``rank``.
+
+    ``method``: ``exact`` uses ``torch.linalg.svd``; ``randomized`` a seeded
+    randomized SVD (``oversample``, ``niter`` power iterations, ``seed``)
+    whose error is still exact for the factors returned
+    (``‖delta‖² − Σ_{i≤rank} sᵢ²``: the factors are an orthogonal
+    projection of ``delta``); ``auto`` picks randomized when
+    ``min(out, in) > 2048`` and ``rank + oversample ≤ min(out, in) / 4``.
+    """
+    if delta.dim() != 2:
+        raise ShapeMismatch(f"svd_lora needs a 2-D delta, got shape {tuple(delta.shape)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InvalidArgument(f"rank must be an integer >= 1, got {rank!r}")
+    if method not in ("auto", "exact", "randomized"):
+        raise InvalidArgument(f"svd method must be auto, exact or randomized, got {method!r}")
+    M = delta.to(torch.float32)
+    m, n = M.shape
+    small = min(m, n)
+    k = min(rank, small)
+    if method == "auto":
+        method = "randomized" if small > 2048 and rank + oversample <= small // 4 else "exact"
+    if method == "randomized":
+        U, S, Vh = _randomized_svd(M, k, oversample, niter, seed)
+        S64 = S.to(torch.float64)
+        total_sq = float((M * M).sum(dtype=torch.float64))
+        tail_sq = max(total_sq - float(S64[:k].square().sum()), 0.0)
+    else:
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        S64 = S.to(torch.float64)
+        total_sq = float(S64.square().sum())
+        tail_sq = float(S64[k:].square().sum())
+    rel_error = math.sqrt(tail_sq / total_sq) if total_sq > 0 else 0.0
+    root = S[:k].sqrt()
+    B = U[:, :k] * root
+    A = root[:, None] * Vh[:k]
+    if k < rank:
+        A = torch.cat([A, A.new_zeros(rank - k, n)], dim=0)
+        B = torch.cat([B, B.new_zeros(m, rank - k)], dim=1)
+    return A.contiguous(), B.contiguous(), rel_error

@@ -1,0 +1,257 @@
+"""Importers: outside formats → a stream of patch tensors.
+
+- a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``);
+- a full fine-tuned checkpoint (single or sharded safetensors) against its
+  base → a ``diff`` patch, tensor by tensor, tensors equal to the base left out,
+  with exact-value pins so applying it back is bit-exact;
+- a diff safetensors file (tensors keyed by base tensor name).
+
+Pickle files are refused unless ``trust_pickle``; then only
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidArgument, InvalidPatch, NotFound, PickleRefused, ShapeMismatch, UnsupportedPatch
+from ._safetensors import FLOAT_DTYPES, dtype_name, torch_dtype
+from .checkpoint import PICKLE_SUFFIXES, Checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+
+
+@dataclass
+class Imported:
+    kind: str
+    params: dict[str, Any]
+    # (name, tensor, pins) — pins = (flat indices, values) or None
+    tensors: Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]
+    base_hint: str | None = None
+    shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None  # name -> (dtype, shape), when known up front
+    recipe: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def detect(src: Path) -> str:
+    if not src.exists():
+        raise NotFound(f"{str(src)!r} does not exist")
+    if src.is_dir():
+        if (src / ADAPTER_CONFIG).is_file():
+            return "peft"
+        return "checkpoint"
+    if src.suffix == ".safetensors":
+        return "diff-file"
+    if src.suffix in PICKLE_SUFFIXES:
+        return "pickle"
+    raise InvalidArgument(
+        f"cannot tell what {src} is: expected a PEFT folder, a model folder, or a .safetensors diff file"
+    )
+
+
+def _load_pickle(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    if not trust_pickle:
+        raise PickleRefused(
+            f"{path} is a pickle file; loading it can run code. Convert it to safetensors, "
+            "or pass --trust-pickle to load it with torch.load(weights_only=True)"
+        )
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is bad input
+        raise InvalidPatch(f"{path}: cannot load with weights_only=True: {str(e).splitlines()[0]}") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise InvalidPatch(f"{path}: not a flat mapping of names to tensors")
+    return sd
+
+
+# -- PEFT ---------------------------------------------------------------------
+def read_peft_config(folder: Path) -> dict[str, Any]:
+    path = folder / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise InvalidPatch(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise InvalidPatch(f"{path}: cannot read: {e.strerror}") from None
+    return check_peft_config(cfg, str(path))
+
+
+def check_peft_config(cfg: Any, where: str = ADAPTER_CONFIG) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise InvalidPatch(f"{where}: expected a JSON object")
+    ptype = cfg.get("peft_type")
+    if ptype is None:
+        raise InvalidPatch(f"{where}: no peft_type; is this a PEFT adapter?")
+    if ptype != "LORA":
+        raise UnsupportedPatch(f"{where}: unsupported peft_type {ptype!r}; patchctl handles LORA adapters")
+    if cfg.get("use_dora"):
+        raise UnsupportedPatch(f"{where}: DoRA adapters (use_dora: true) are not supported yet")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise InvalidPatch(f"{where}: r must be a positive integer, got {r!r}")
+    alpha = cfg.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise InvalidPatch(f"{where}: lora_alpha must be a number, got {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())):
+            raise InvalidPatch(f"{where}: {key} must map module patterns to numbers")
+    tm = cfg.get("target_modules")
+    if tm is not None and not isinstance(tm, (str, list)):
+        raise InvalidPatch(f"{where}: target_modules must be a string or a list")
+    for key in ("fan_in_fan_out", "use_rslora"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise InvalidPatch(f"{where}: {key} must be true or false")
+    return cfg
+
+
+def import_peft(folder: Path, trust_pickle: bool = False) -> Imported:
+    from ._safetensors import SafetensorsFile
+
+    cfg = read_peft_config(folder)
+    st = folder / ADAPTER_WEIGHTS
+    if st.is_file():
+        f = SafetensorsFile(st)
+        names = sorted(f.tensors)
+        shapes = {n: f.tensors[n].shape for n in names}
+        dtypes = {n: f.tensors[n].dtype for n in names}
+
+        def load(n: str) -> torch.Tensor:
+            return f.read(n)
+    elif (folder / ADAPTER_PICKLE).is_file():
+        sd = _load_pickle(folder / ADAPTER_PICKLE, trust_pickle)
+        names = sorted(sd)
+        shapes = {n: tuple(sd[n].shape) for n in names}
+        dtypes = {n: dtype_name(sd[n].dtype) for n in names}
+
+        def load(n: str) -> torch.Tensor:
+            return sd[n]
+    else:
+        raise InvalidPatch(f"{folder}: no {ADAPTER_WEIGHTS} next to {ADAPTER_CONFIG}")
+    if not names:
+        raise InvalidPatch(f"{folder}: the adapter has no tensors")
+    _check_lora_shapes(names, shapes, cfg, str(folder))
+
+    def gen() -> Iterator[tuple[str, torch.Tensor, None]]:
+        for n in names:
+            yield n, load(n), None
+
+    return Imported(
+        kind="lora", params=cfg, tensors=gen(), base_hint=cfg.get("base_model_name_or_path"),
+        shapes={n: (dtypes[n], tuple(shapes[n])) for n in names},
+        recipe={"op": "import", "format": "peft"},
+    )
+
+
+def _check_lora_shapes(names: list[str], shapes: dict[str, tuple[int, ...]], cfg: dict[str, Any], where: str) -> None:
+    from .patchview import _LORA_KEY, strip_peft
+
+    ranks: dict[str, dict[str, tuple[int, ...]]] = {}
+    for n in names:
+        m = _LORA_KEY.match(n)
+        if m:
+            ranks.setdefault(m.group("module") or m.group("emodule"), {})[m.group("part") or m.group("epart")] = shapes[n]
+    for module, parts in ranks.items():
+        a = parts.get("lora_A", parts.get("lora_embedding_A"))
+        b = parts.get("lora_B", parts.get("lora_embedding_B"))
+        if a is None or b is None:
+            raise InvalidPatch(f"{where}: LoRA module {strip_peft(module)!r} has only one of its A/B factors")
+        if len(a) != 2 or len(b) != 2:
+            raise UnsupportedPatch(f"{where}: LoRA module {strip_peft(module)!r} is not a linear/embedding layer (conv LoRA is not supported)")
+        if a[0] != b[1]:
+            raise ShapeMismatch(f"{where}: LoRA module {strip_peft(module)!r}: A is {list(a)} and B is {list(b)}; their ranks differ")
+
+
+# -- full fine-tune → diff -------------------------------------------------------
+def import_checkpoint(src: Path, base: Checkpoint, dtype: str | None = None) -> Imported:
+    ft = Checkpoint(src)
+    extra = sorted(set(ft.names()) - set(base.names()))
+    if extra:
+        raise InvalidPatch(
+            f"{src}: {len(extra)} tensor(s) are not in the base, e.g. {extra[:3]}; "
+            "a diff can only change tensors the base has"
+        )
+    problems = []
+    for n in ft.names():
+        fi, bi = ft.info(n), base.info(n)
+        if fi.shape != bi.shape:
+            problems.append(f"{n}: {list(fi.shape)} vs base {list(bi.shape)}")
+        elif fi.dtype != bi.dtype:
+            problems.append(f"{n}: dtype {fi.dtype} vs base {bi.dtype}")
+    if problems:
+        raise ShapeMismatch(f"{src} does not match the base: {'; '.join(problems[:5])}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise InvalidArgument(f"--dtype {dtype!r}: choose one of {sorted(FLOAT_DTYPES)}")
+
+    def gen() -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
+        import torch
+
+        from ..patches.apply import find_pins, subtract
+
+        for n in ft.names():
+            a, b = ft.read(n), base.read(n)
+            if not a.is_floating_point():
+                if not torch.equal(a, b):
+                    raise InvalidPatch(f"{src}: non-float tensor {n!r} differs from the base; a diff cannot carry it")
+                continue
+            if torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)):
+                continue
+            d = subtract(a, b).to(torch_dtype(dtype) if dtype else a.dtype)
+            idx, vals = find_pins(b, d, a)
+            yield n, d, ((idx, vals) if idx.numel() else None)
+
+    cfg = base.config()
+    return Imported(
+        kind="diff", params={"dtype": dtype or "auto"}, tensors=gen(),
+        base_hint=cfg.get("_name_or_path") or None, recipe={"op": "import", "format": "checkpoint"},
+    )
+
+
+# -- diff file ---------------------------------------------------------------------
+def import_diff_file(src: Path, base: Checkpoint, trust_pickle: bool = False) -> Imported:
+    if src.suffix in PICKLE_SUFFIXES:
+        sd = _load_pickle(src, trust_pickle)
+        names = sorted(sd)
+        shapes = {n: tuple(sd[n].shape) for n in names}
+
+        def load(n: str) -> torch.Tensor:
+            return sd[n]
+    else:
+        from ._safetensors import SafetensorsFile
+
+        f = SafetensorsFile(src)
+        names = sorted(f.tensors)
+        shapes = {n: f.tensors[n].shape for n in names}
+
+        def load(n: str) -> torch.Tensor:
+            return f.read(n)
+    problems = []
+    for n in names:
+        key = base.resolve(n)
+        if key is None:
+            problems.append(f"{n}: not in the base")
+        elif base.info(key).shape != tuple(shapes[n]):
+            problems.append(f"{n}: shape {list(shapes[n])} vs base {list(base.info(key).shape)}")
+    if problems:
+        raise ShapeMismatch(f"{src} does not fit the base: {'; '.join(problems[:5])}")
+
+    def gen() -> Iterator[tuple[str, torch.Tensor, None]]:
+        for n in names:
+            t = load(n)
+            dtype_name(t.dtype)
+            if not t.is_floating_point():
+                raise InvalidPatch(f"{src}: tensor {n!r} is {t.dtype}; a diff holds float tensors")
+            yield base.resolve(n) or n, t, None
+
+    return Imported(kind="diff", params={}, tensors=gen(), recipe={"op": "import", "format": "diff"})

@@ -1,0 +1,149 @@
+"""The SQLite metadata index (sqlite-utils, WAL): a cache of manifests and refs.
+
+It answers ``ls``, ``show`` and ``log`` without reading every manifest. It
+holds nothing that the files do not: :meth:`Index.rebuild` recreates it from
+``manifests/`` and ``refs/`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from .manifest import Manifest
+from .names import Ref
+from .store import RefEntry
+
+INDEX_VERSION = 1
+
+
+class Index:
+    def __init__(self, path: Path):
+        self.path = path
+        conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 60000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        self.db = sqlite_utils.Database(conn)
+        self._ensure_schema()
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def _ensure_schema(self) -> None:
+        db = self.db
+        if "manifests" in db.table_names():
+            return
+        with db.conn:
+            db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            db["manifests"].create(
+                {"digest": str, "kind": str, "base_name": str, "base_revision": str,
+                 "base_fingerprint": str, "tensors": int, "params": int, "stored_bytes": int,
+                 "parents": str, "op": str, "json": str},
+                pk="digest", if_not_exists=True,
+            )
+            db["refs"].create(
+                {"name": str, "tag": str, "digest": str, "updated": str}, pk=("name", "tag"), if_not_exists=True
+            )
+            db["ref_history"].create(
+                {"name": str, "tag": str, "seq": int, "old": str, "new": str, "time": str,
+                 "message": str, "user": str},
+                pk=("name", "tag", "seq"), if_not_exists=True,
+            )
+            db["meta"].upsert({"key": "version", "value": str(INDEX_VERSION)}, pk="key")
+
+    # -- writes ----------------------------------------------------------------
+    def add_manifest(self, digest: str, m: Manifest) -> None:
+        self.db["manifests"].upsert(
+            {
+                "digest": digest, "kind": m.kind, "base_name": m.base.get("name"),
+                "base_revision": m.base.get("revision"), "base_fingerprint": m.fingerprint,
+                "tensors": len(m.tensors), "params": m.num_params, "stored_bytes": m.stored_bytes,
+                "parents": json.dumps(list(m.parents)), "op": (m.recipe or {}).get("op"),
+                "json": m.to_bytes().decode(),
+            },
+            pk="digest",
+        )
+
+    def record_ref(self, ref: Ref, entry: RefEntry) -> None:
+        with self.db.conn:
+            self._record_ref(ref, entry)
+
+    def _record_ref(self, ref: Ref, entry: RefEntry) -> None:
+        self.db["ref_history"].upsert(
+            {"name": ref.name, "tag": ref.tag, **{k: v for k, v in entry.to_json().items()}},
+            pk=("name", "tag", "seq"),
+        )
+        if entry.new is None:
+            self.db.execute("DELETE FROM refs WHERE name = ? AND tag = ?", [ref.name, ref.tag])
+        else:
+            self.db["refs"].upsert(
+                {"name": ref.name, "tag": ref.tag, "digest": entry.new, "updated": entry.time},
+                pk=("name", "tag"),
+            )
+
+    def remove_manifests(self, digests: Iterable[str]) -> None:
+        with self.db.conn:
+            for d in digests:
+                self.db.execute("DELETE FROM manifests WHERE digest = ?", [d])
+
+    def rebuild(self, manifests: Iterable[tuple[str, Manifest]], refs: Iterable[tuple[Ref, list[RefEntry]]]) -> dict[str, int]:
+        counts = {"manifests": 0, "refs": 0, "history": 0}
+        with self.db.conn:
+            for t in ("manifests", "refs", "ref_history"):
+                self.db.execute(f"DELETE FROM {t}")
+            for digest, m in manifests:
+                self.add_manifest(digest, m)
+                counts["manifests"] += 1
+            for ref, log in refs:
+                for e in log:
+                    self._record_ref(ref, e)
+                    counts["history"] += 1
+                if log and log[-1].new is not None:
+                    counts["refs"] += 1
+            self.db["meta"].upsert({"key": "rebuilt", "value": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, pk="key")
+        return counts
+
+    # -- reads -----------------------------------------------------------------
+    def refs(self) -> list[dict[str, Any]]:
+        return list(self.db.query(
+            "SELECT r.name, r.tag, r.digest, r.updated, m.kind, m.base_name, m.tensors, m.params, "
+            "m.stored_bytes, m.op FROM refs r LEFT JOIN manifests m ON m.digest = r.digest "
+            "ORDER BY r.name, r.tag"
+        ))
+
+    def ref(self, ref: Ref) -> str | None:
+        rows = list(self.db.query("SELECT digest FROM refs WHERE name = ? AND tag = ?", [ref.name, ref.tag]))
+        return rows[0]["digest"] if rows else None
+
+    def tags_of(self, digest: str) -> list[str]:
+        return [f"{r['name']}:{r['tag']}" for r in self.db.query(
+            "SELECT name, tag FROM refs WHERE digest = ? ORDER BY name, tag", [digest])]
+
+    def history(self, ref: Ref) -> list[dict[str, Any]]:
+        return list(self.db.query(
+            "SELECT seq, old, new, time, message, user FROM ref_history WHERE name = ? AND tag = ? ORDER BY seq",
+            [ref.name, ref.tag]))
+
+    def manifest_json(self, digest: str) -> str | None:
+        rows = list(self.db.query("SELECT json FROM manifests WHERE digest = ?", [digest]))
+        return rows[0]["json"] if rows else None
+
+    def digests_with_prefix(self, prefix: str) -> list[str]:
+        return [r["digest"] for r in self.db.query(
+            "SELECT digest FROM manifests WHERE digest LIKE ? LIMIT 3", [prefix + "%"])]
+
+    def all_manifest_digests(self) -> set[str]:
+        return {r["digest"] for r in self.db.query("SELECT digest FROM manifests")}
+
+    def all_refs(self) -> dict[tuple[str, str], str]:
+        return {(r["name"], r["tag"]): r["digest"] for r in self.db.query("SELECT name, tag, digest FROM refs")}
+
+    def history_count(self) -> int:
+        return int(next(iter(self.db.query("SELECT count(*) AS n FROM ref_history")))["n"])

@@ -1,0 +1,173 @@
+"""Manifests: the canonical JSON document that defines one patch version.
+
+```
+{"schema": 1,
+ "kind": "lora" | "diff" | "sparse",
+ "base": {"name": str, "revision": str | null, "fingerprint": "sha256:..."},
+ "tensors": {NAME: {"digest": "sha256:...", "dtype": "float32", "shape": [..],
+                    "encoding": "raw" | "sparse-v1", "size": BYTES,
+                    "pins": {"digest": ..., "count": N, "size": BYTES}?}},
+ "params": {...},             # LoRA: the whole adapter_config; sparse: density, mode...
+ "lineage": {"parents": ["sha256:..."], "recipe": {...} | null},
+ "metadata": {...}}           # user metadata (free-form JSON)
+```
+
+Who and when are kept out (they live in the ref history), so re-running a
+recipe on the same inputs gives the same bytes and digest. The patch version's
+id is ``sha256`` of :meth:`Manifest.to_bytes`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidPatch
+from . import canonical
+from ._safetensors import ITEMSIZE
+from .names import is_digest
+
+SCHEMA_VERSION = 1
+KINDS = ("lora", "diff", "sparse")
+ENCODINGS = ("raw", "sparse-v1")
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    digest: str
+    dtype: str
+    shape: tuple[int, ...]
+    encoding: str = "raw"
+    size: int = 0
+    pins: dict[str, Any] | None = None  # {"digest", "count", "size"}: exact-value pins
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "digest": self.digest,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "encoding": self.encoding,
+            "size": self.size,
+        }
+        if self.pins:
+            d["pins"] = dict(self.pins)
+        return d
+
+    def blobs(self) -> list[tuple[str, int]]:
+        out = [(self.digest, self.size)]
+        if self.pins:
+            out.append((self.pins["digest"], int(self.pins["size"])))
+        return out
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str
+    base: dict[str, Any]
+    tensors: dict[str, TensorEntry]
+    params: dict[str, Any] = field(default_factory=dict)
+    parents: tuple[str, ...] = ()
+    recipe: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": self.kind,
+            "base": dict(self.base),
+            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
+            "params": self.params,
+            "lineage": {"parents": list(self.parents), "recipe": self.recipe},
+            "metadata": self.metadata,
+        }
+
+    def to_bytes(self) -> bytes:
+        return canonical.dumps(self.to_json())
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.base["fingerprint"])
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(size for t in self.tensors.values() for _, size in t.blobs())
+
+    def blob_digests(self) -> list[str]:
+        return sorted({d for t in self.tensors.values() for d, _ in t.blobs()})
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InvalidPatch(f"invalid manifest: {msg}")
+
+
+def parse(data: bytes) -> Manifest:
+    """Parse and check manifest bytes; any defect raises :class:`InvalidPatch`."""
+    _need(len(data) <= MAX_MANIFEST_BYTES, "larger than the 64 MiB cap")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise InvalidPatch("invalid manifest: not UTF-8 JSON") from None
+    _need(isinstance(doc, dict), "not a JSON object")
+    _need(doc.get("schema") == SCHEMA_VERSION, f"unknown schema version {doc.get('schema')!r}")
+    kind = doc.get("kind")
+    _need(kind in KINDS, f"unknown kind {kind!r}")
+    base = doc.get("base")
+    _need(isinstance(base, dict), "base must be an object")
+    _need(isinstance(base.get("fingerprint"), str) and is_digest(base["fingerprint"]), "base.fingerprint must be a digest")
+    _need(isinstance(base.get("name"), str), "base.name must be a string")
+    _need(base.get("revision") is None or isinstance(base.get("revision"), str), "base.revision must be a string or null")
+    tensors_doc = doc.get("tensors")
+    _need(isinstance(tensors_doc, dict), "tensors must be an object")
+    tensors: dict[str, TensorEntry] = {}
+    for name, t in tensors_doc.items():
+        _need(isinstance(t, dict), f"tensor {name!r} must be an object")
+        _need(0 < len(name) <= 1024 and name.isprintable(), f"tensor name {name!r} is not printable or too long")
+        _need(isinstance(t.get("digest"), str) and is_digest(t["digest"]), f"tensor {name!r}: bad digest")
+        _need(t.get("dtype") in ITEMSIZE, f"tensor {name!r}: unknown dtype {t.get('dtype')!r}")
+        shape = t.get("shape")
+        _need(
+            isinstance(shape, list) and len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape),
+            f"tensor {name!r}: bad shape {shape!r}",
+        )
+        _need(t.get("encoding") in ENCODINGS, f"tensor {name!r}: unknown encoding {t.get('encoding')!r}")
+        size = t.get("size")
+        _need(isinstance(size, int) and not isinstance(size, bool) and size >= 0, f"tensor {name!r}: bad size")
+        if t["encoding"] == "raw":
+            _need(size == math.prod(shape) * ITEMSIZE[t["dtype"]], f"tensor {name!r}: size does not match shape")
+        pins = t.get("pins")
+        if pins is not None:
+            _need(
+                isinstance(pins, dict) and isinstance(pins.get("digest"), str) and is_digest(pins["digest"])
+                and isinstance(pins.get("count"), int) and isinstance(pins.get("size"), int),
+                f"tensor {name!r}: bad pins",
+            )
+        tensors[name] = TensorEntry(t["digest"], t["dtype"], tuple(shape), t["encoding"], size, pins)
+    params = doc.get("params", {})
+    _need(isinstance(params, dict), "params must be an object")
+    lineage = doc.get("lineage", {})
+    _need(isinstance(lineage, dict), "lineage must be an object")
+    parents = lineage.get("parents", [])
+    _need(isinstance(parents, list) and all(isinstance(p, str) and is_digest(p) for p in parents), "lineage.parents must be digests")
+    recipe = lineage.get("recipe")
+    _need(recipe is None or isinstance(recipe, dict), "lineage.recipe must be an object or null")
+    metadata = doc.get("metadata", {})
+    _need(isinstance(metadata, dict), "metadata must be an object")
+    return Manifest(kind, dict(base), tensors, params, tuple(parents), recipe, metadata)

@@ -1,0 +1,387 @@
+"""The :class:`Registry`: every operation of the CLI, as a typed Python API.
+
+>>> import patchctl, tempfile
+>>> reg = patchctl.Registry(tempfile.mkdtemp() + "/reg")
+>>> reg.ls()
+[]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BaseMismatch, InvalidArgument, InvalidReference, NotFound
+from . import manifest as manifest_mod
+from .index import Index
+from .manifest import Manifest, TensorEntry
+from .names import DIGEST_RE, Ref, is_digest, parse_ref
+from .store import Store
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .patchview import PatchView
+
+Progress = Callable[[int, int], None] | None
+
+
+class Registry:
+    """A patch registry in a folder (default ``$PATCHCTL_HOME``, else ``~/.patchctl``).
+
+    Opening a path that does not exist creates an empty registry there.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, create: bool = True):
+        self.store = Store.open(path, create=create)
+        self.path = self.store.root
+        index_path = self.path / "index.sqlite"
+        fresh = not index_path.exists()
+        self.index = Index(index_path)
+        if fresh and any(self.store.iter_refs()):
+            self.rebuild_index()
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    # -- resolving ---------------------------------------------------------------
+    def resolve(self, ref: str) -> str:
+        """The manifest digest that ``name:tag``, a digest or a unique digest prefix names."""
+        if is_digest(ref):
+            if not self.store.has_manifest(ref):
+                raise NotFound(f"no patch with digest {ref}")
+            return ref
+        if ref.startswith("sha256:"):
+            if not re.fullmatch(r"sha256:[0-9a-f]{4,63}", ref):
+                raise InvalidReference(f"invalid digest {ref!r}")
+            hits = self.index.digests_with_prefix(ref)
+            if len(hits) != 1:
+                raise NotFound(f"{'no' if not hits else 'more than one'} patch matches {ref}")
+            return hits[0]
+        r = parse_ref(ref)
+        digest = self.store.ref_target(r)
+        if digest is None:
+            raise NotFound(f"no patch named {r}; `patchctl ls` lists them")
+        return digest
+
+    def manifest(self, ref: str) -> Manifest:
+        digest = self.resolve(ref)
+        return manifest_mod.parse(self.store.read_manifest_bytes(digest))
+
+    def view(self, ref: str) -> PatchView:
+        from .patchview import PatchView
+
+        return PatchView(self.store, self.manifest(ref))
+
+    # -- writing ---------------------------------------------------------------
+    def _write_tensor(self, name: str, t: Any, pins: Any = None) -> TensorEntry:
+        from ._safetensors import dtype_name, tensor_to_bytes
+
+        data = tensor_to_bytes(t)
+        digest = self.store.put_blob(data)
+        pin_meta = None
+        if pins is not None:
+            from ..patches.apply import encode_pins
+
+            pdata = encode_pins(*pins)
+            pin_meta = {"digest": self.store.put_blob(pdata), "count": int(pins[0].numel()), "size": len(pdata)}
+        return TensorEntry(digest, dtype_name(t.dtype), tuple(t.shape), "raw", len(data), pin_meta)
+
+    def commit(self, m: Manifest, ref: str | None = None, message: str = "", move_latest: bool = True) -> str:
+        """Store a manifest (its blobs must exist) and point ``ref`` at it."""
+        digest = self.store.put_manifest(m.to_bytes(), m.blob_digests())
+        self.index.add_manifest(digest, m)
+        if ref is not None:
+            r = parse_ref(ref)
+            self._move(r, digest, message)
+            if move_latest and r.tag != "latest":
+                self._move(Ref(r.name, "latest"), digest, message)
+        return digest
+
+    def _move(self, r: Ref, digest: str | None, message: str) -> None:
+        entry = self.store.move_ref(r, digest, message)
+        if entry is not None:
+            self.index.record_ref(r, entry)
+
+    def push(
+        self,
+        src: str | os.PathLike[str],
+        ref: str,
+        *,
+        base: str | os.PathLike[str] | None = None,
+        base_name: str | None = None,
+        message: str = "",
+        metadata: dict[str, Any] | None = None,
+        dtype: str | None = None,
+        trust_pickle: bool = False,
+        move_latest: bool = True,
+    ) -> str:
+        """Import a PEFT folder, a fine-tuned checkpoint (with ``base``) or a diff file.
+
+        Returns the new patch's digest; ``ref`` (``name[:tag]``) points at it,
+        and ``name:latest`` too unless ``move_latest`` is false.
+        """
+        from . import importers
+        from .checkpoint import Checkpoint
+
+        parse_ref(ref)  # reject a bad name before any work
+        srcp = Path(src)
+        kind = importers.detect(srcp)
+        base_ckpt = Checkpoint(base) if base is not None else None
+        if kind == "peft":
+            imp = importers.import_peft(srcp, trust_pickle)
+            if base_ckpt is None:
+                base_ckpt = _base_from_hint(imp.base_hint)
+        else:
+            if base_ckpt is None:
+                raise InvalidArgument(f"pushing {srcp} needs the base it was fine-tuned from: --base BASE_DIR")
+            if kind == "checkpoint":
+                imp = importers.import_checkpoint(srcp, base_ckpt, dtype)
+            else:
+                imp = importers.import_diff_file(srcp, base_ckpt, trust_pickle)
+        tensors: dict[str, TensorEntry] = {}
+        with self.store.writing():
+            if imp.kind == "lora" and imp.shapes is not None:
+                from .patchview import PatchView, check_against_base
+
+                # check every A/B pair against the base before anything is stored
+                zero = "sha256:" + "0" * 64
+                probe = {n: TensorEntry(zero, d, s) for n, (d, s) in imp.shapes.items()}
+                m0 = Manifest("lora", {"fingerprint": zero, "name": ""}, probe, imp.params)
+                check_against_base(PatchView(self.store, m0), base_ckpt)
+            for name, t, pins in imp.tensors:
+                tensors[name] = self._write_tensor(name, t, pins)
+            m = Manifest(
+                kind=imp.kind,
+                base=_base_doc(base_ckpt, base_name, imp.base_hint),
+                tensors=tensors,
+                params=imp.params,
+                parents=(),
+                recipe=imp.recipe,
+                metadata=metadata or {},
+            )
+            return self.commit(m, ref, message or f"push {srcp.name}", move_latest)
+
+    # -- reading ---------------------------------------------------------------
+    def ls(self) -> list[dict[str, Any]]:
+        """Every ``name:tag`` with its digest, kind, base, size and parameter count."""
+        return self.index.refs()
+
+    def show(self, ref: str) -> dict[str, Any]:
+        """A patch's manifest plus what the registry knows about it (refs pointing at it)."""
+        digest = self.resolve(ref)
+        m = manifest_mod.parse(self.store.read_manifest_bytes(digest))
+        doc = m.to_json()
+        doc["digest"] = digest
+        doc["refs"] = self.index.tags_of(digest)
+        doc["stored_bytes"] = m.stored_bytes
+        doc["num_params"] = m.num_params
+        return doc
+
+    def log(self, ref: str) -> dict[str, Any]:
+        """The ref's history (every move) and the patch's lineage tree."""
+        r = parse_ref(ref)
+        history = [e.to_json() for e in self.store.ref_log(r)]
+        if not history:
+            raise NotFound(f"no patch named {r}")
+        digest = self.store.ref_target(r)
+        return {"ref": str(r), "history": history, "lineage": self._lineage(digest) if digest else None}
+
+    def _lineage(self, digest: str, depth: int = 0) -> dict[str, Any]:
+        node: dict[str, Any] = {"digest": digest, "refs": self.index.tags_of(digest)}
+        if not self.store.has_manifest(digest):
+            node["missing"] = True
+            return node
+        m = manifest_mod.parse(self.store.read_manifest_bytes(digest))
+        node["kind"] = m.kind
+        node["recipe"] = m.recipe
+        node["parents"] = [self._lineage(p, depth + 1) for p in m.parents] if depth < 32 else []
+        return node
+
+    # -- refs ----------------------------------------------------------------------
+    def tag(self, src: str, dst: str, message: str = "") -> str:
+        digest = self.resolve(src)
+        self._move(parse_ref(dst), digest, message or f"tag {src}")
+        return digest
+
+    def rm(self, ref: str, message: str = "") -> str:
+        r = parse_ref(ref, default_tag=None)
+        digest = self.store.ref_target(r)
+        if digest is None:
+            raise NotFound(f"no patch named {r}")
+        self._move(r, None, message or "rm")
+        return digest
+
+    # -- maintenance ---------------------------------------------------------------
+    def _reachable(self, include_history: bool) -> tuple[set[str], set[str]]:
+        manifests: set[str] = set()
+        for r in self.store.iter_refs():
+            for e in self.store.ref_log(r) if include_history else []:
+                if e.new:
+                    manifests.add(e.new)
+            t = self.store.ref_target(r)
+            if t:
+                manifests.add(t)
+        blobs: set[str] = set()
+        for d in list(manifests):
+            try:
+                blobs.update(manifest_mod.parse(self.store.read_manifest_bytes(d)).blob_digests())
+            except NotFound:
+                manifests.discard(d)
+        return manifests, blobs
+
+    def gc(self, dry_run: bool = False, prune_history: bool = False) -> dict[str, Any]:
+        """Delete manifests and blobs no ref (nor, unless ``prune_history``, its history) reaches."""
+        with self.store.exclusive():
+            keep_m, keep_b = self._reachable(include_history=not prune_history)
+            dead_m = [d for d in self.store.iter_digests("manifests") if d not in keep_m]
+            dead_b = [d for d in self.store.iter_digests("objects") if d not in keep_b]
+            freed = 0
+            if not dry_run:
+                for d in dead_m:  # manifests first: a manifest never outlives its blobs
+                    freed += self.store.remove("manifests", d)
+                for d in dead_b:
+                    freed += self.store.remove("objects", d)
+                self.index.remove_manifests(dead_m)
+                self.store.clean_tmp()
+            else:
+                freed = sum(self.store._path("manifests", d).stat().st_size for d in dead_m) + sum(
+                    self.store.blob_path(d).stat().st_size for d in dead_b)
+        return {"manifests": len(dead_m), "blobs": len(dead_b), "bytes": freed, "dry_run": dry_run}
+
+    def rebuild_index(self) -> dict[str, int]:
+        manifests = []
+        for d in self.store.iter_digests("manifests"):
+            try:
+                manifests.append((d, manifest_mod.parse(self.store.read_manifest_bytes(d))))
+            except Exception:  # noqa: BLE001 - fsck reports corrupt manifests; skip them here
+                continue
+        refs = [(r, self.store.ref_log(r)) for r in self.store.iter_refs()]
+        return self.index.rebuild(manifests, refs)
+
+    def fsck(self, rebuild_index: bool = False) -> dict[str, Any]:
+        """Verify every object's hash, every manifest's blobs, every ref, and the index."""
+        import hashlib
+
+        problems: list[str] = []
+        corrupt_blobs: list[str] = []
+        corrupt_manifests: list[str] = []
+        blobs = set()
+        for d in self.store.iter_digests("objects"):
+            h = hashlib.sha256()
+            with open(self.store.blob_path(d), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            if "sha256:" + h.hexdigest() != d:
+                corrupt_blobs.append(d)
+                problems.append(f"blob {d}: content does not match its digest")
+            else:
+                blobs.add(d)
+        manifests: dict[str, Manifest] = {}
+        for d in self.store.iter_digests("manifests"):
+            try:
+                manifests[d] = manifest_mod.parse(self.store.read_manifest_bytes(d))
+            except Exception as e:  # noqa: BLE001 - report, keep going
+                corrupt_manifests.append(d)
+                problems.append(f"manifest {d}: {e}")
+        for d, m in manifests.items():
+            for b in m.blob_digests():
+                if b not in blobs and b not in corrupt_blobs:
+                    problems.append(f"manifest {d}: blob {b} is missing")
+        for r in self.store.iter_refs():
+            t = self.store.ref_target(r)
+            if t is not None and t not in manifests:
+                problems.append(f"ref {r}: points at {t}, which is {'corrupt' if t in corrupt_manifests else 'missing'}")
+        stray = [p.name for p in (self.store.root / "tmp").iterdir()]
+        rebuilt = None
+        if rebuild_index:
+            rebuilt = self.rebuild_index()
+        else:
+            file_refs = {(r.name, r.tag): self.store.ref_target(r) for r in self.store.iter_refs()}
+            file_refs = {k: v for k, v in file_refs.items() if v is not None}
+            if self.index.all_refs() != file_refs:
+                problems.append("index: refs differ from the ref files (run `patchctl fsck --rebuild-index`)")
+            if self.index.all_manifest_digests() != set(manifests):
+                problems.append("index: manifests differ from the files (run `patchctl fsck --rebuild-index`)")
+        return {
+            "ok": not problems,
+            "problems": problems,
+            "corrupt_blobs": corrupt_blobs,
+            "corrupt_manifests": corrupt_manifests,
+            "blobs": len(blobs) + len(corrupt_blobs),
+            "manifests": len(manifests) + len(corrupt_manifests),
+            "tmp_files": len(stray),
+            "rebuilt": rebuilt,
+        }
+
+    # -- export / apply ----------------------------------------------------------
+    def export(self, ref: str, out: str | os.PathLike[str], format: str = "auto", dtype: str | None = None) -> Path:
+        """Write a patch as a PEFT folder (``peft``) or a diff safetensors file (``diff``)."""
+        from .exporters import export_diff, export_peft
+
+        view = self.view(ref)
+        fmt = format if format != "auto" else ("peft" if view.m.kind == "lora" else "diff")
+        if fmt == "peft":
+            return export_peft(view, Path(out))
+        if fmt == "diff":
+            return export_diff(view, Path(out), dtype)
+        raise InvalidArgument(f"unknown export format {format!r}: choose peft or diff")
+
+    def check_base(self, m: Manifest, base: Checkpoint) -> None:
+        fp = base.fingerprint()
+        if fp != m.fingerprint:
+            raise BaseMismatch(
+                f"the patch was made for base {m.base.get('name') or '?'} ({m.fingerprint[:19]}…), but "
+                f"{base.path} has fingerprint {fp[:19]}…; use the right base or `patchctl port` the patch"
+            )
+
+    def apply(self, ref: str, base: str | os.PathLike[str], out: str | os.PathLike[str], progress: Progress = None) -> Path:
+        """Write base + patch as a full HF checkpoint folder (sharded like the base)."""
+        from .checkpoint import Checkpoint
+        from .exporters import apply_to_base
+
+        view = self.view(ref)
+        ckpt = Checkpoint(base)
+        self.check_base(view.m, ckpt)
+        return apply_to_base(view, ckpt, Path(out), progress)
+
+
+def _base_doc(base: Checkpoint, base_name: str | None, hint: str | None) -> dict[str, Any]:
+    name, revision = None, None
+    if base_name:
+        name, _, rev = base_name.partition("@")
+        revision = rev or None
+    else:
+        name = hint or base.config().get("_name_or_path") or base.path.name
+        m = re.search(r"snapshots/([0-9a-f]{40})(/|$)", base.path.as_posix())
+        revision = m.group(1) if m else None
+    return {"name": str(name), "revision": revision, "fingerprint": base.fingerprint()}
+
+
+def _base_from_hint(hint: str | None) -> Checkpoint:
+    from .checkpoint import Checkpoint
+
+    if hint and Path(hint).expanduser().is_dir():
+        return Checkpoint(Path(hint).expanduser())
+    if hint:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Checkpoint(snapshot_download(hint, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the local cache: ask for --base
+            pass
+    raise InvalidArgument(
+        f"the adapter's base {hint!r} is not a local folder nor in the local Hugging Face cache; "
+        "pass --base BASE_DIR"
+    )
+
+
+__all__ = ["DIGEST_RE", "Registry"]

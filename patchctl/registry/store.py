@@ -1,0 +1,333 @@
+"""The registry folder: write-once blobs and manifests, ref logs, locks.
+
+```
+config.json                    {"format": "patchctl-registry", "version": 1}
+objects/sha256/ab/cdef...      tensor blobs (raw bytes or an encoding), write-once
+manifests/sha256/ab/cdef...    manifests (canonical JSON), write-once
+refs/<name>/@<tag>             the ref's log: one JSON line per move; the last line wins
+index.sqlite                   the metadata index (a cache; rebuilt from the above)
+tmp/                           in-flight writes; safe to delete when nothing runs
+locks/                         flock files
+```
+
+Writes go to ``tmp/``, are fsynced, then renamed into place; readers verify
+the sha256 of what they read. Writers hold the registry lock shared; ``gc``
+holds it exclusive, so it never deletes an object a running push still needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DigestMismatch, NotFound, RegistryError
+from . import canonical
+from .names import DIGEST_RE, TAG_RE, Ref, check_digest, check_name, check_tag
+
+FORMAT = "patchctl-registry"
+VERSION = 1
+CHUNK = 1 << 20
+
+
+def default_home() -> Path:
+    env = os.environ.get("PATCHCTL_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".patchctl"
+
+
+@dataclass(frozen=True)
+class RefEntry:
+    seq: int
+    old: str | None
+    new: str | None
+    time: str
+    message: str
+    user: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "old": self.old, "new": self.new, "time": self.time,
+                "message": self.message, "user": self.user}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobWriter:
+    """Hashes bytes while writing them to ``tmp/``; :meth:`commit` renames into place."""
+
+    def __init__(self, store: Store, kind: str = "objects"):
+        self.store = store
+        self.kind = kind
+        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix="blob-")
+        self.path = Path(name)
+        self.f = os.fdopen(fd, "wb")
+        self.h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.h.update(data)
+        self.f.write(data)
+        self.size += len(data)
+
+    def commit(self, expected: str | None = None) -> str:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        digest = "sha256:" + self.h.hexdigest()
+        if expected is not None and digest != expected:
+            self.path.unlink(missing_ok=True)
+            raise DigestMismatch(f"content hashes to {digest}, expected {expected}")
+        dest = self.store._path(self.kind, digest)
+        if dest.exists():
+            self.path.unlink(missing_ok=True)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, dest)
+            _fsync_dir(dest.parent)
+        return digest
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None or not self.f.closed:
+            self.abort()
+
+
+class Store:
+    """The files of one registry. Create with :meth:`open`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str] | None = None, create: bool = True) -> Store:
+        path = Path(root).expanduser() if root is not None else default_home()
+        cfg = path / "config.json"
+        if cfg.is_file():
+            try:
+                conf = json.loads(cfg.read_text())
+            except ValueError:
+                raise RegistryError(f"{cfg} is not valid JSON; is {path} a patchctl registry?") from None
+            if not isinstance(conf, dict) or conf.get("format") != FORMAT:
+                raise RegistryError(f"{path} is not a patchctl registry (config.json has no format {FORMAT!r})")
+            if conf.get("version") != VERSION:
+                raise RegistryError(
+                    f"{path} has registry format version {conf.get('version')!r}; this patchctl reads "
+                    f"version {VERSION} — upgrade patchctl"
+                )
+        else:
+            if not create:
+                raise NotFound(f"no registry at {path}; run `patchctl init --registry {path}`")
+            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                raise RegistryError(f"{path} exists and is not a patchctl registry (no config.json)")
+            path.mkdir(parents=True, exist_ok=True)
+            for sub in ("objects", "manifests", "refs", "tmp", "locks"):
+                (path / sub).mkdir(exist_ok=True)
+            tmp = path / "tmp" / "config.json"
+            tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION}) + "\n")
+            os.replace(tmp, cfg)
+        for sub in ("objects", "manifests", "refs", "tmp", "locks"):
+            (path / sub).mkdir(exist_ok=True)
+        return cls(path)
+
+    # -- locks ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _flock(self, name: str, mode: int) -> Iterator[None]:
+        with open(self.root / "locks" / name, "a+b") as f:
+            fcntl.flock(f.fileno(), mode)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Held (shared) by every command that adds objects."""
+        return self._flock("registry.lock", fcntl.LOCK_SH)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held by gc: no writer runs meanwhile."""
+        return self._flock("registry.lock", fcntl.LOCK_EX)
+
+    # -- objects -------------------------------------------------------------
+    def _path(self, kind: str, digest: str) -> Path:
+        check_digest(digest)
+        hexd = digest[7:]
+        return self.root / kind / "sha256" / hexd[:2] / hexd[2:]
+
+    def blob_path(self, digest: str) -> Path:
+        return self._path("objects", digest)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def has_manifest(self, digest: str) -> bool:
+        return self._path("manifests", digest).is_file()
+
+    def blob_writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    def put_blob(self, data: bytes | bytearray | memoryview) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if self.has_blob(digest):
+            return digest
+        with BlobWriter(self) as w:
+            w.write(data)
+            return w.commit(digest)
+
+    def read_blob(self, digest: str) -> bytes:
+        return self._read("objects", digest)
+
+    def _read(self, kind: str, digest: str) -> bytes:
+        p = self._path(kind, digest)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{kind[:-1]} {digest} is not in the registry") from None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise DigestMismatch(f"{kind[:-1]} {digest} is corrupt: its bytes hash to something else (run `patchctl fsck`)")
+        return data
+
+    def put_manifest(self, data: bytes, blob_digests: list[str]) -> str:
+        missing = [d for d in blob_digests if not self.has_blob(d)]
+        if missing:
+            raise NotFound(f"manifest references {len(missing)} missing blob(s), e.g. {missing[0]}")
+        with BlobWriter(self, "manifests") as w:
+            w.write(data)
+            return w.commit()
+
+    def read_manifest_bytes(self, digest: str) -> bytes:
+        return self._read("manifests", digest)
+
+    def iter_digests(self, kind: str) -> Iterator[str]:
+        base = self.root / kind / "sha256"
+        if not base.is_dir():
+            return
+        for d in sorted(base.iterdir()):
+            if not d.is_dir():
+                continue
+            for f in sorted(d.iterdir()):
+                digest = f"sha256:{d.name}{f.name}"
+                if DIGEST_RE.fullmatch(digest):
+                    yield digest
+
+    def remove(self, kind: str, digest: str) -> int:
+        p = self._path(kind, digest)
+        try:
+            size = p.stat().st_size
+            p.unlink()
+            return size
+        except FileNotFoundError:
+            return 0
+
+    # -- refs ------------------------------------------------------------------
+    def _ref_path(self, ref: Ref) -> Path:
+        check_name(ref.name)
+        check_tag(ref.tag)
+        return self.root / "refs" / ref.name / f"@{ref.tag}"
+
+    def ref_log(self, ref: Ref) -> list[RefEntry]:
+        p = self._ref_path(ref)
+        try:
+            lines = p.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:  # a torn last line (crash mid-append) is ignored
+                e = json.loads(line)
+                out.append(RefEntry(int(e["seq"]), e["old"], e["new"], str(e["time"]), str(e["message"]), str(e["user"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
+
+    def ref_target(self, ref: Ref) -> str | None:
+        log = self.ref_log(ref)
+        return log[-1].new if log else None
+
+    def move_ref(self, ref: Ref, new: str | None, message: str = "") -> RefEntry | None:
+        """Point ``ref`` at ``new`` (None deletes it), appending to its log."""
+        if new is not None and not self.has_manifest(new):
+            raise NotFound(f"manifest {new} is not in the registry")
+        p = self._ref_path(ref)
+        with self._flock("refs.lock", fcntl.LOCK_EX):
+            log = self.ref_log(ref)
+            old = log[-1].new if log else None
+            if old == new:
+                return None
+            entry = RefEntry(
+                seq=(log[-1].seq + 1) if log else 1,
+                old=old,
+                new=new,
+                time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1000000:06d}Z",
+                message=message,
+                user=_user(),
+            )
+            p.parent.mkdir(parents=True, exist_ok=True)
+            line = canonical.dumps(entry.to_json()) + b"\n"
+            fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                # a previous torn line would glue onto ours: start on a fresh line
+                if os.fstat(fd).st_size and not p.read_bytes().endswith(b"\n"):
+                    line = b"\n" + line
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return entry
+
+    def iter_refs(self) -> Iterator[Ref]:
+        base = self.root / "refs"
+        for p in sorted(base.rglob("@*")):
+            if not p.is_file():
+                continue
+            name = p.parent.relative_to(base).as_posix()
+            tag = p.name[1:]
+            if TAG_RE.fullmatch(tag):
+                try:
+                    yield Ref(check_name(name), tag)
+                except Exception:  # noqa: BLE001 - a stray file is not a ref
+                    continue
+
+    def clean_tmp(self, older_than: float = 3600.0) -> int:
+        n = 0
+        now = time.time()
+        for p in (self.root / "tmp").iterdir():
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > older_than:
+                    if p.is_dir():
+                        import shutil
+
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+                    n += 1
+        return n
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user database in some containers
+        return str(os.getuid())
