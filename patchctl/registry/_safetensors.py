@@ -196,12 +196,17 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def data_order(entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Data-region order: larger itemsize first (keeps every tensor aligned), then name."""
+    return sorted(entries, key=lambda e: (-ITEMSIZE[e[1]], e[0]))
+
+
 def header_bytes(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """Canonical header for ``(name, dtype, shape)`` entries, data in sorted-name order."""
+    """Canonical header for ``(name, dtype, shape)`` entries, data in :func:`data_order`."""
     header: dict[str, Any] = {}
     offsets: dict[str, tuple[int, int]] = {}
     pos = 0
-    for name, dtype, shape in sorted(entries):
+    for name, dtype, shape in data_order(entries):
         n = math.prod(shape) * ITEMSIZE[dtype]
         header[name] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
         offsets[name] = (pos, pos + n)
@@ -216,14 +221,15 @@ def header_bytes(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: 
 class StreamingWriter:
     """Writes a safetensors file whose header is known up front, tensor by tensor.
 
-    Tensors must be written in sorted-name order (the order of the data
-    region); each is checked against its declared dtype and shape.
+    Tensors must be written in :attr:`order` (the data region's order, see
+    :func:`data_order`); each is checked against its declared dtype and shape.
     """
 
     def __init__(self, f: IO[bytes], entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None):
         self.f = f
-        ents = sorted(entries)
-        self._order = [e[0] for e in ents]
+        ents = data_order(entries)
+        self.order = [e[0] for e in ents]
+        self._order = self.order
         self._spec = {e[0]: (e[1], tuple(e[2])) for e in ents}
         head, _ = header_bytes(ents, metadata)
         f.write(head)
@@ -253,7 +259,7 @@ def write_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor]
             w = StreamingWriter(
                 f, [(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()], metadata
             )
-            for name in sorted(tensors):
+            for name in w.order:
                 w.write(name, tensors[name])
             w.close()
             f.flush()

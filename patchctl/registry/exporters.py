@@ -51,7 +51,7 @@ def export_peft(view: PatchView, out: Path) -> Path:
         entries = [(n, view.m.tensors[n].dtype, view.m.tensors[n].shape) for n in names]
         with open(tmp / "adapter_model.safetensors", "wb") as f:
             w = StreamingWriter(f, entries, {"format": "pt"})
-            for n in names:
+            for n in w.order:
                 w.write(n, view.tensor(n))
             w.close()
     return out
@@ -74,7 +74,7 @@ def export_diff(view: PatchView, out: Path, dtype: str | None = None) -> Path:
     with staged(out) as tmp:
         with open(tmp, "wb") as f:
             w = StreamingWriter(f, [(n, d, view.shape_of(c)) for n, (c, d) in specs.items()])
-            for n in sorted(specs):
+            for n in w.order:
                 c, d = specs[n]
                 w.write(n, view.value(c).to(getattr(torch, d)))
             w.close()
@@ -108,8 +108,9 @@ def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progre
             entries = [(i.name, i.dtype, i.shape) for i in sf]
             with open(tmp / sf.path.name, "wb") as f:
                 w = StreamingWriter(f, entries, sf.metadata or None)
-                for info in sorted(sf, key=lambda i: i.name):
-                    t = sf.read(info.name)
+                for name in w.order:
+                    info = sf.tensors[name]
+                    t = sf.read(name)
                     c = by_key.get(info.name)
                     if c is not None:
                         v = view.value(c)

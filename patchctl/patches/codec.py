@@ -1,0 +1,553 @@
+"""Canonical bytes for one sparse patch tensor (the output of ``compress.sparsify``).
+
+A :class:`SparseTensor` is a dense tensor with all but ``nnz`` entries zero. It
+is either *ternary* (every kept entry is ``±scale``; one sign bit each) or
+*values* (every kept entry carries its own fp16/bf16/fp32 value).
+
+Public API
+----------
+``SparseTensor(shape, dtype, indices, mode, signs=None, scale=None, values=None)``
+    ``indices``: int64 numpy array of flat (row-major) positions, strictly
+    increasing, in ``[0, numel)``. ``mode == "ternary"``: ``signs`` is a bool
+    numpy array of length nnz (True = negative) and ``scale`` a finite float
+    ``>= 0`` (rounded to float32 on construction). ``mode == "values"``:
+    ``values`` is a 1-D CPU torch tensor of dtype float16, bfloat16 or float32
+    and length nnz. ``dtype`` (float32, float16 or bfloat16) is the dtype of the
+    dense tensor it decodes to. Kept entries may not be zero-valued in ternary
+    mode only by convention (``sparsify`` never stores zeros).
+``encode(sp) -> bytes``
+    Canonical: equal inputs give equal bytes (for one version of the zstd
+    library, see "position coding 2" below).
+``decode(data) -> SparseTensor``
+    Raises :class:`~patchctl.errors.InvalidPatch` on any malformed input and
+    nothing else; every allocation is bounded by ``len(data)`` (at most a
+    factor 65536 for a zstd section) and by ``numel``.
+``to_dense(sp, device="cpu") -> torch.Tensor``
+    Builds the dense tensor on ``device`` (indices, signs and values are moved
+    there and scattered there).
+
+Byte format, version 1 (all integers little-endian, unsigned)
+--------------------------------------------------------------
+Header, ``56 + 8*ndim`` bytes::
+
+    off  size  field
+     0     4   magic  b"PCSP"
+     4     1   format version = 1
+     5     1   mode: 1 = ternary, 2 = values
+     6     1   dense dtype: 1 = float32, 2 = float16, 3 = bfloat16
+     7     1   values dtype (same codes); 0 in ternary mode
+     8     1   ndim, 0..64 (0 = a scalar, numel 1)
+     9     1   position coding: 0 = none (nnz = 0), 1 = Golomb-Rice,
+               2 = zstd of byte-shuffled gaps, 3 = all (nnz = numel, no data)
+    10     1   position parameter: Rice k (0..62) for coding 1; gap width in
+               bytes (4 or 8) for coding 2; 0 otherwise
+    11     1   values coding: 0 = raw, 1 = zstd of byte-shuffled values;
+               0 in ternary mode
+    12     4   scale, float32: ternary alpha (finite, sign bit clear);
+               all-zero bytes in values mode
+    16     8   nnz (<= numel)
+    24     8   length of section P1 (positions)
+    32     8   length of section P2 (positions)
+    40     8   length of section S (signs)
+    48     8   length of section V (values)
+    56  8*ndim shape, one uint64 per dimension (numel <= 2**62)
+
+followed by the sections P1, P2, S, V, in that order, with nothing after them
+(the data length must be exactly header + P1 + P2 + S + V).
+
+Gaps: ``gap[0] = indices[0]``, ``gap[i] = indices[i] - indices[i-1] - 1``.
+
+Position coding 1, Golomb-Rice with parameter ``k``: each gap is
+``q * 2**k + r``. P1 is the unary part: for each gap in order, ``q`` zero bits
+then a one bit, packed MSB-first into bytes, the last byte zero-padded; P1
+ends with the byte that holds the last one bit. P2 holds the remainders as
+``k`` bit-planes, most significant plane first; plane ``j`` is bit ``j`` of
+every ``r``, packed MSB-first and zero-padded to ``ceil(nnz/8)`` bytes, so
+``len(P2) = k * ceil(nnz/8)``. The encoder picks the ``k`` with the fewest
+bits (the cost is convex in ``k``; ties go to the smaller ``k``).
+
+Position coding 2: the gaps as ``width``-byte little-endian unsigned
+integers (width 4 if every gap < 2**32, else 8), byte-shuffled (all first
+bytes, then all second bytes, ...), as one zstd frame (level 3, content size
+recorded, no checksum) in P1; P2 is empty. zstd output is deterministic for a
+given zstd library version; the Rice path depends on nothing but this spec.
+
+The encoder uses coding 0 iff nnz = 0, 3 iff nnz = numel, else the smaller of
+1 and 2 (2 is tried only when a sample of the gaps suggests it can win; a tie
+goes to 1).
+
+Section S (ternary only): one bit per kept entry, 1 = negative, packed
+MSB-first, zero-padded to ``ceil(nnz/8)`` bytes. Empty in values mode.
+
+Section V (values only): the values as 2- or 4-byte little-endian words.
+Values coding 0: raw, ``nnz * width`` bytes. Values coding 1: byte-shuffled
+like position coding 2, one zstd frame. The encoder picks the smaller (ties:
+raw). Empty in ternary mode.
+
+Decoding a ternary entry gives ``±float32(scale)`` rounded to the dense
+dtype; a values entry gives its value cast to the dense dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+
+from patchctl.errors import DeviceUnavailable, InvalidPatch
+
+__all__ = ["SparseTensor", "encode", "decode", "to_dense", "MAGIC", "FORMAT_VERSION"]
+
+MAGIC = b"PCSP"
+FORMAT_VERSION = 1
+
+_HEADER = struct.Struct("<4sBBBBBBBBIQQQQQ")  # scale read as raw uint32 bits
+_MAX_NDIM = 64
+_MAX_NUMEL = 1 << 62
+_ZSTD_LEVEL = 3
+_ZSTD_MAX_RATIO = 65536
+_ZSTD_SAMPLE = 16384  # gaps/values per sample chunk for the "try zstd?" estimate
+
+_MODES = {"ternary": 1, "values": 2}
+_MODE_NAMES = {v: k for k, v in _MODES.items()}
+_DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+_DTYPE_OF_CODE = {v: k for k, v in _DTYPES.items()}
+_WIDTH = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_NP_WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+
+POS_NONE, POS_RICE, POS_ZSTD, POS_ALL = 0, 1, 2, 3
+VAL_RAW, VAL_ZSTD = 0, 1
+
+
+@dataclass(frozen=True, eq=False)
+class SparseTensor:
+    """A dense tensor of ``shape``/``dtype`` that is zero except at ``indices``.
+
+    See the module docstring for the meaning of each field. Construction
+    checks types, lengths and the mode's fields (O(1)); :func:`encode` also
+    checks that ``indices`` are strictly increasing and in range (O(nnz)).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    indices: np.ndarray
+    mode: str
+    signs: np.ndarray | None = None
+    scale: float | None = None
+    values: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.shape)
+        if len(shape) > _MAX_NDIM or any(
+            not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 0 for d in shape
+        ):
+            raise InvalidPatch(f"sparse tensor shape {self.shape!r} is not a tuple of ints >= 0")
+        shape = tuple(int(d) for d in shape)
+        if math.prod(shape) > _MAX_NUMEL:
+            raise InvalidPatch(f"sparse tensor shape {shape} has more than 2**62 entries")
+        object.__setattr__(self, "shape", shape)
+        if self.dtype not in _DTYPES:
+            raise InvalidPatch(f"sparse tensor dtype {self.dtype} is not float32, float16 or bfloat16")
+        idx = self.indices
+        if not isinstance(idx, np.ndarray) or idx.dtype != np.int64 or idx.ndim != 1:
+            raise InvalidPatch("sparse tensor indices must be a 1-D int64 numpy array")
+        nnz = idx.shape[0]
+        if nnz > self.numel:
+            raise InvalidPatch(f"sparse tensor has {nnz} indices for {self.numel} entries")
+        if self.mode == "ternary":
+            s = self.signs
+            if not isinstance(s, np.ndarray) or s.dtype != np.bool_ or s.shape != (nnz,):
+                raise InvalidPatch(f"ternary sparse tensor needs a bool signs array of length {nnz}")
+            if self.values is not None:
+                raise InvalidPatch("ternary sparse tensor must not carry values")
+            if (
+                isinstance(self.scale, bool)
+                or not isinstance(self.scale, (int, float, np.floating, np.integer))
+                or not math.isfinite(self.scale)
+                or self.scale < 0
+                or self.scale > float(np.finfo(np.float32).max)
+            ):
+                raise InvalidPatch(f"ternary scale {self.scale!r} must be finite, >= 0 and fit float32")
+            object.__setattr__(self, "scale", float(np.float32(self.scale)) + 0.0)
+        elif self.mode == "values":
+            v = self.values
+            if (
+                not isinstance(v, torch.Tensor)
+                or v.dtype not in _DTYPES
+                or v.shape != (nnz,)
+                or v.device.type != "cpu"
+            ):
+                raise InvalidPatch(
+                    f"values sparse tensor needs a 1-D CPU float32/float16/bfloat16 tensor of length {nnz}"
+                )
+            if self.signs is not None or self.scale is not None:
+                raise InvalidPatch("values sparse tensor must not carry signs or a scale")
+        else:
+            raise InvalidPatch(f"sparse tensor mode {self.mode!r} is not 'ternary' or 'values'")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _gaps_checked(idx: np.ndarray, numel: int) -> np.ndarray:
+    """Gaps of strictly increasing ``idx`` in ``[0, numel)``; InvalidPatch otherwise."""
+    g = np.empty_like(idx)
+    g[0] = idx[0]
+    np.subtract(idx[1:], idx[:-1], out=g[1:])
+    g[1:] -= 1
+    if idx[0] < 0 or idx[-1] >= numel or (len(g) > 1 and g[1:].min() < 0):
+        raise InvalidPatch("sparse tensor indices must be strictly increasing and in [0, numel)")
+    return g
+
+
+def _rice_cost(g: np.ndarray, k: int) -> int:
+    """Bits of the Rice code of ``g`` with parameter ``k`` (padding excluded)."""
+    return int(np.sum(g >> k)) + len(g) * (k + 1)
+
+
+def _rice_best_k(g: np.ndarray) -> tuple[int, int]:
+    mean = float(np.mean(g, dtype=np.float64))
+    k = max(0, min(62, int(math.log2(mean * math.log(2))) if mean > 1.5 else 0))
+    best = _rice_cost(g, k)
+    # cost(k) is convex in k: walk down, then up, while it strictly improves
+    while k > 0:
+        c = _rice_cost(g, k - 1)
+        if c > best:
+            break
+        k, best = k - 1, c
+    while k < 62:
+        c = _rice_cost(g, k + 1)
+        if c >= best:
+            break
+        k, best = k + 1, c
+    return k, best
+
+
+def _rice_encode(g: np.ndarray, k: int) -> tuple[bytes, bytes]:
+    q = g >> k
+    q += 1
+    ends = np.cumsum(q, out=q)  # position (1-based) of each terminating one bit
+    bits = np.zeros(int(ends[-1]), dtype=np.uint8)
+    ends -= 1
+    bits[ends] = 1
+    p1 = np.packbits(bits).tobytes()
+    if k == 0:
+        return p1, b""
+    small = np.uint8 if k <= 8 else np.uint16 if k <= 16 else np.uint32 if k <= 32 else np.uint64
+    r = g.astype(small)  # wraps; only the low k bits are used
+    planes = [np.packbits(r & small(1 << j)).tobytes() for j in range(k - 1, -1, -1)]
+    return p1, b"".join(planes)
+
+
+def _unpack_exact(data: bytes | memoryview, nbits: int, what: str) -> np.ndarray:
+    """MSB-first bits of ``data`` (which must be exactly ceil(nbits/8) bytes, zero-padded)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if len(buf) != (nbits + 7) // 8:
+        raise InvalidPatch(f"{what}: section has {len(buf)} bytes, expected {(nbits + 7) // 8}")
+    if nbits % 8 and buf[-1] & ((1 << (8 - nbits % 8)) - 1):
+        raise InvalidPatch(f"{what}: padding bits are not zero")
+    return np.unpackbits(buf, count=nbits)
+
+
+def _rice_decode(p1: memoryview, p2: memoryview, k: int, nnz: int, numel: int) -> np.ndarray:
+    if len(p1) == 0 or p1[-1] == 0:
+        raise InvalidPatch("positions: Rice unary section is empty or has a trailing zero byte")
+    ones = np.flatnonzero(np.unpackbits(np.frombuffer(p1, dtype=np.uint8)))
+    if len(ones) != nnz:
+        raise InvalidPatch(f"positions: Rice unary section codes {len(ones)} gaps, header says {nnz}")
+    sum_q = int(ones[-1]) - (nnz - 1)
+    if k:
+        r = np.zeros(nnz, dtype=np.int64)
+        plane = len(p2) // k if len(p2) == k * ((nnz + 7) // 8) else -1
+        if plane < 0:
+            raise InvalidPatch(f"positions: Rice remainder section has {len(p2)} bytes, expected {k * ((nnz + 7) // 8)}")
+        for j in range(k):
+            bits = _unpack_exact(p2[j * plane : (j + 1) * plane], nnz, "positions")
+            r <<= 1
+            r |= bits
+        sum_r_approx = float(np.sum(r, dtype=np.float64))
+        if sum_r_approx > numel:  # guards the int64 cumsum below against overflow
+            raise InvalidPatch("positions: Rice remainders run past the end of the tensor")
+        sum_r = int(np.sum(r))
+    else:
+        if len(p2):
+            raise InvalidPatch("positions: Rice remainder section must be empty for k = 0")
+        r = None
+        sum_r = 0
+    last = (sum_q << k) + sum_r + nnz - 1
+    if last >= numel:
+        raise InvalidPatch(f"positions: last index {last} is outside a tensor of {numel} entries")
+    # idx_i = 2**k * (ones_i - i) + cumsum(r)_i + i; every term fits int64 since last < 2**62
+    ar = np.arange(nnz, dtype=np.int64)
+    ones -= ar
+    if k:
+        ones <<= k
+        ones += np.cumsum(r, out=r)
+    ones += ar
+    return ones
+
+
+def _shuffle(words: np.ndarray) -> bytes:
+    w = words.dtype.itemsize
+    return words.view(np.uint8).reshape(-1, w).T.tobytes()
+
+
+def _unshuffle(raw: bytes, w: int, n: int) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.uint8).reshape(w, n).T.copy().view(_NP_WORD[w]).reshape(n)
+
+
+def _zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True).compress(data)
+
+
+def _unzstd(section: memoryview, expected: int, what: str) -> bytes:
+    if len(section) == 0 or expected > _ZSTD_MAX_RATIO * len(section):
+        raise InvalidPatch(f"{what}: zstd section of {len(section)} bytes cannot hold {expected} bytes")
+    data = bytes(section)
+    try:
+        params = zstandard.get_frame_parameters(data)
+        if params.content_size != expected:
+            raise InvalidPatch(f"{what}: zstd frame holds {params.content_size} bytes, expected {expected}")
+        dobj = zstandard.ZstdDecompressor(max_window_size=1 << 27).decompressobj()
+        out = dobj.decompress(data)
+        ok = dobj.eof and not dobj.unused_data and len(out) == expected
+    except zstandard.ZstdError as e:
+        raise InvalidPatch(f"{what}: bad zstd frame: {e}") from None
+    if not ok:
+        raise InvalidPatch(f"{what}: zstd frame is truncated, too long or followed by junk")
+    return out
+
+
+def _sample_chunks(words: np.ndarray) -> np.ndarray:
+    n = len(words)
+    if n <= 3 * _ZSTD_SAMPLE:
+        return words
+    mid = (n - _ZSTD_SAMPLE) // 2
+    return np.concatenate(
+        [words[:_ZSTD_SAMPLE], words[mid : mid + _ZSTD_SAMPLE], words[n - _ZSTD_SAMPLE :]]
+    )
+
+
+def _maybe_zstd(words: np.ndarray, beat: int) -> bytes | None:
+    """zstd of the byte-shuffled ``words`` if it is smaller than ``beat`` bytes, else None.
+
+    A sample (3 chunks of 16384 words) is compressed first; the whole array is
+    compressed only if the sample's ratio predicts it wins by 2 %.
+    """
+    sample = _sample_chunks(words)
+    if len(sample) < len(words):
+        est = len(_zstd(_shuffle(sample))) * len(words) / len(sample)
+        if est >= 0.98 * beat:
+            return None
+    z = _zstd(_shuffle(words))
+    if len(z) < beat and words.nbytes <= _ZSTD_MAX_RATIO * len(z):
+        return z
+    return None
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+def encode(sp: SparseTensor) -> bytes:
+    """The canonical bytes of ``sp`` (format in the module docstring)."""
+    if not isinstance(sp, SparseTensor):
+        raise InvalidPatch(f"encode() takes a SparseTensor, not {type(sp).__name__}")
+    numel, nnz = sp.numel, sp.nnz
+    p1 = p2 = s = v = b""
+    pos_param = 0
+    if nnz == 0:
+        pos = POS_NONE
+    elif nnz == numel:
+        pos = POS_ALL
+        _gaps_checked(sp.indices, numel)  # all gaps must be 0, i.e. indices == arange
+        if sp.indices[-1] != numel - 1:
+            raise InvalidPatch("sparse tensor indices must be strictly increasing and in [0, numel)")
+    else:
+        g = _gaps_checked(sp.indices, numel)
+        k, bits = _rice_best_k(g)
+        rice_bytes = (bits - nnz * k + 7) // 8 + k * ((nnz + 7) // 8)
+        width = 4 if int(g.max()) < (1 << 32) else 8
+        z = _maybe_zstd(g.astype(_NP_WORD[width]), rice_bytes)
+        if z is None:
+            pos, pos_param = POS_RICE, k
+            p1, p2 = _rice_encode(g, k)
+        else:
+            pos, pos_param, p1 = POS_ZSTD, width, z
+    scale_bits = 0
+    vdtype = 0
+    vcoding = VAL_RAW
+    if sp.mode == "ternary":
+        s = np.packbits(sp.signs).tobytes()
+        scale_bits = int(np.array(sp.scale, dtype="<f4").view("<u4"))
+    else:
+        vals = sp.values
+        vdtype = _DTYPES[vals.dtype]
+        w = _WIDTH[vals.dtype]
+        words = vals.detach().contiguous().view(_INT_VIEW[vals.dtype]).numpy().view(_NP_WORD[w])
+        v = words.tobytes()
+        if nnz:
+            z = _maybe_zstd(words, len(v))
+            if z is not None:
+                v, vcoding = z, VAL_ZSTD
+    header = _HEADER.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        _MODES[sp.mode],
+        _DTYPES[sp.dtype],
+        vdtype,
+        len(sp.shape),
+        pos,
+        pos_param,
+        vcoding,
+        scale_bits,
+        nnz,
+        len(p1),
+        len(p2),
+        len(s),
+        len(v),
+    )
+    shape = struct.pack(f"<{len(sp.shape)}Q", *sp.shape)
+    return b"".join([header, shape, p1, p2, s, v])
+
+
+def decode(data: bytes | bytearray | memoryview) -> SparseTensor:
+    """Parse bytes written by :func:`encode`; :class:`InvalidPatch` on anything else."""
+    try:
+        mv = memoryview(data).cast("B")
+    except TypeError:
+        raise InvalidPatch(f"decode() takes bytes, not {type(data).__name__}") from None
+    if len(mv) < _HEADER.size:
+        raise InvalidPatch(f"sparse tensor data is {len(mv)} bytes, shorter than the {_HEADER.size}-byte header")
+    (magic, version, mode, dcode, vcode, ndim, pos, param, vcoding, scale_bits, nnz, l1, l2, ls, lv) = (
+        _HEADER.unpack_from(mv, 0)
+    )
+    if magic != MAGIC:
+        raise InvalidPatch(f"sparse tensor data starts with {bytes(magic)!r}, not {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise InvalidPatch(f"sparse tensor format version {version} is not supported (only {FORMAT_VERSION})")
+    if mode not in _MODE_NAMES:
+        raise InvalidPatch(f"sparse tensor mode code {mode} is unknown")
+    if dcode not in _DTYPE_OF_CODE:
+        raise InvalidPatch(f"sparse tensor dtype code {dcode} is unknown")
+    if ndim > _MAX_NDIM:
+        raise InvalidPatch(f"sparse tensor ndim {ndim} is over {_MAX_NDIM}")
+    head = _HEADER.size + 8 * ndim
+    if len(mv) < head:
+        raise InvalidPatch("sparse tensor data is truncated inside the shape")
+    shape = struct.unpack_from(f"<{ndim}Q", mv, _HEADER.size)
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > _MAX_NUMEL:
+            raise InvalidPatch(f"sparse tensor shape {shape} has more than 2**62 entries")
+    if nnz > numel:
+        raise InvalidPatch(f"sparse tensor nnz {nnz} is over numel {numel}")
+    if head + l1 + l2 + ls + lv != len(mv):
+        raise InvalidPatch(
+            f"sparse tensor data is {len(mv)} bytes; header and section lengths say {head + l1 + l2 + ls + lv}"
+        )
+    o1 = head
+    o2 = o1 + l1
+    o3 = o2 + l2
+    o4 = o3 + ls
+    p1, p2, s_sec, v_sec = mv[o1:o2], mv[o2:o3], mv[o3:o4], mv[o4:]
+
+    # positions
+    if pos == POS_NONE:
+        if nnz != 0 or param or l1 or l2:
+            raise InvalidPatch("positions: coding 'none' needs nnz = 0 and empty sections")
+        indices = np.zeros(0, dtype=np.int64)
+    elif pos == POS_ALL:
+        if nnz != numel or nnz == 0 or param or l1 or l2:
+            raise InvalidPatch("positions: coding 'all' needs nnz = numel > 0 and empty sections")
+        indices = np.arange(nnz, dtype=np.int64)
+    elif pos == POS_RICE:
+        if not 0 < nnz < numel or param > 62:
+            raise InvalidPatch(f"positions: Rice coding needs 0 < nnz < numel and k <= 62 (k = {param})")
+        indices = _rice_decode(p1, p2, param, nnz, numel)
+    elif pos == POS_ZSTD:
+        if not 0 < nnz < numel or param not in (4, 8) or l2:
+            raise InvalidPatch("positions: zstd coding needs 0 < nnz < numel, width 4 or 8, empty P2")
+        raw = _unzstd(p1, nnz * param, "positions")
+        g = _unshuffle(raw, param, nnz)
+        gmax = int(g.max())
+        if param == 8 and gmax < (1 << 32):
+            raise InvalidPatch("positions: 8-byte gaps used where 4 bytes suffice (not canonical)")
+        if gmax >= numel or float(np.sum(g, dtype=np.float64)) > numel:
+            raise InvalidPatch("positions: gaps run past the end of the tensor")
+        g = g.astype(np.int64)
+        if int(np.sum(g)) + nnz - 1 >= numel:
+            raise InvalidPatch("positions: gaps run past the end of the tensor")
+        g += 1
+        indices = np.cumsum(g, out=g)
+        indices -= 1
+    else:
+        raise InvalidPatch(f"positions: coding {pos} is unknown")
+
+    dtype = _DTYPE_OF_CODE[dcode]
+    if _MODE_NAMES[mode] == "ternary":
+        if vcode or vcoding or lv:
+            raise InvalidPatch("ternary sparse tensor must have no values dtype, coding or section")
+        exp_bits = scale_bits & 0x7F800000
+        if scale_bits >> 31 or exp_bits == 0x7F800000:
+            raise InvalidPatch("ternary scale must be finite with the sign bit clear")
+        scale = float(np.array(scale_bits, dtype="<u4").view("<f4"))
+        signs = _unpack_exact(s_sec, nnz, "signs").view(np.bool_)
+        return SparseTensor(shape, dtype, indices, "ternary", signs=signs, scale=scale)
+    if vcode not in _DTYPE_OF_CODE:
+        raise InvalidPatch(f"values dtype code {vcode} is unknown")
+    if scale_bits or ls:
+        raise InvalidPatch("values sparse tensor must have zero scale bytes and no signs section")
+    vdtype = _DTYPE_OF_CODE[vcode]
+    w = _WIDTH[vdtype]
+    if vcoding == VAL_RAW:
+        if lv != nnz * w:
+            raise InvalidPatch(f"values: raw section has {lv} bytes, expected {nnz * w}")
+        words = np.frombuffer(v_sec, dtype=_NP_WORD[w]).astype(_NP_WORD[w].newbyteorder("="))
+    elif vcoding == VAL_ZSTD:
+        if nnz == 0:
+            raise InvalidPatch("values: zstd coding needs nnz > 0")
+        words = _unshuffle(_unzstd(v_sec, nnz * w, "values"), w, nnz)
+    else:
+        raise InvalidPatch(f"values coding {vcoding} is unknown")
+    sint = np.int16 if w == 2 else np.int32
+    values = torch.from_numpy(words.view(sint)).view(vdtype)
+    return SparseTensor(shape, dtype, indices, "values", values=values)
+
+
+def to_dense(sp: SparseTensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The dense tensor of ``sp``, built on ``device`` (e.g. ``"cuda"``)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+    out = torch.zeros(sp.numel, dtype=sp.dtype, device=dev)
+    if sp.nnz:
+        idx = torch.from_numpy(sp.indices)
+        if sp.mode == "ternary":
+            a = torch.tensor(sp.scale, dtype=torch.float32).to(sp.dtype)
+            if dev.type == "cpu":
+                # a 2-entry lookup on the int bit patterns: faster than torch.where on CPU
+                wt = _INT_VIEW[sp.dtype]
+                lut = torch.stack([a, -a]).view(wt).numpy()
+                vals = torch.from_numpy(lut[sp.signs.view(np.uint8)]).view(sp.dtype)
+            else:
+                s = torch.from_numpy(sp.signs).to(dev, non_blocking=True)
+                a = a.to(dev)
+                vals = torch.where(s, -a, a)
+        else:
+            vals = sp.values.to(dev).to(sp.dtype)
+        out[idx.to(dev, non_blocking=True)] = vals
+    return out.view(sp.shape)

@@ -1,0 +1,472 @@
+"""Patch compression: magnitude top-k (ComPEFT), DARE, ternary or fp16/bf16 values.
+
+A patch is given as a *stream*: a callable that returns a fresh iterator over
+``(name, tensor)`` pairs each time it is called, so a caller can read tensors
+from disk one at a time. Global top-k reads the stream twice (three times when
+a float32 tensor holds entries in the threshold's histogram bin); peak memory
+is about two copies of the largest tensor. Tensors must be float32, float16 or
+bfloat16, finite (NaN/Inf raise :class:`InvalidPatch` naming the tensor), and
+the stream must give the same names, shapes and values on every call.
+
+Public API
+----------
+``global_threshold(tensors, density) -> float``
+    ComPEFT's threshold: with ``n`` entries over all tensors and
+    ``m = int(n * density)``, the ``(n - m)``-th smallest ``|x|`` (torch
+    ``kthvalue`` semantics). 0.0 when ``m >= n`` (density 1), ``inf`` when the
+    patch has no entries. Exact; found from a 2**18-bin histogram of the
+    float32 bit patterns of ``|x|`` (exact for fp16/bf16 entries), refined with
+    an 8192-bin histogram of the low bits when float32 entries share the bin.
+``sparsify(tensors, density, *, mode="ternary", scale="std", kappa=1.0,
+per_tensor=False, seed=0, values_dtype=torch.float16) -> Iterator[(name, SparseTensor)]``
+    Yields one :class:`~patchctl.patches.codec.SparseTensor` per input tensor,
+    in stream order, with the input's shape and dtype. Entries equal to zero
+    are never stored (they decode to zero either way).
+
+    * ``mode="ternary"`` (ComPEFT): keep ``|x| >= threshold`` (ties kept), the
+      threshold global over the stream (or per tensor with ``per_tensor``);
+      each kept entry becomes ``alpha * sign(x)``. ``scale="std"``:
+      ``alpha = kappa * std(x)`` with the unbiased std over the whole unpruned
+      patch (per tensor with ``per_tensor``), as ComPEFT; one alpha for all
+      tensors. ``scale="mean"``: ``alpha = mean(|x_kept|)`` per tensor, the
+      L2-optimal alpha for a fixed support (BitDelta's initialization;
+      ``kappa`` is ignored). A patch (or tensor) with one entry has no
+      unbiased std; ``"std"`` then falls back to ``"mean"``.
+    * ``mode="values"``: same selection; kept entries keep their value, cast
+      to ``values_dtype`` (float16, bfloat16 or float32).
+    * ``mode="dare"`` (Yu et al. 2023): each entry is kept with probability
+      ``density`` (dropped with ``p = 1 - density``) and survivors are scaled
+      by ``1 / (1 - p)``, computed in float32 then cast to ``values_dtype``.
+      The mask of tensor ``name`` comes from ``torch.rand(numel)`` (float32)
+      under a ``torch.Generator`` seeded with the first 8 bytes (little-endian,
+      top bit cleared) of ``sha256(f"{seed}:{name}")``: deterministic per
+      (seed, name), independent of the other tensors. ``scale``, ``kappa`` and
+      ``per_tensor`` do not apply.
+
+    Arguments are checked when called (:class:`InvalidArgument`); the stream
+    is read lazily, as the iterator is consumed. A value that overflows
+    ``values_dtype`` raises :class:`InvalidArgument`.
+``relative_l2_error(dense, sp) -> float``
+    ``||dense - to_dense(sp)|| / ||dense||`` in float64 (0.0 if both are 0).
+``entropy_bound_bits(density) -> float``
+    ``H(d) + d`` bits per parameter: the Shannon bound for the positions of a
+    uniformly random support of density ``d`` plus one sign bit per kept entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patchctl.errors import InvalidArgument, InvalidPatch
+from patchctl.patches.codec import SparseTensor, to_dense
+
+__all__ = [
+    "TensorStream",
+    "global_threshold",
+    "sparsify",
+    "relative_l2_error",
+    "entropy_bound_bits",
+]
+
+TensorStream = Callable[[], Iterable[tuple[str, torch.Tensor]]]
+
+_KEY_SHIFT = 13  # histogram key = float32 bits of |x| >> 13 (exact for fp16 and bf16)
+_NKEYS = 1 << (31 - _KEY_SHIFT)
+_SUB = 1 << _KEY_SHIFT
+_F32_INF = 0x7F800000
+
+# float16 magnitudes 0..0x7C00 (inf): their float32 bit patterns and float64 values
+_F16_ABS = np.arange(0x7C01, dtype=np.uint16).view(np.float16)
+_F16_BITS32 = _F16_ABS.astype(np.float32).view(np.uint32)
+_F16_KEYS = (_F16_BITS32[:0x7C00] >> _KEY_SHIFT).astype(np.int64)
+_F16_F64 = _F16_ABS[:0x7C00].astype(np.float64)
+_BF16_KEYS = np.arange(0x7F80, dtype=np.int64) << 3
+_BF16_F64 = (np.arange(0x7F80, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_VALUES_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_density(density: object) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float, np.floating, np.integer)):
+        raise InvalidArgument(f"density must be a number in (0, 1], got {density!r}")
+    d = float(density)
+    if not (0.0 < d <= 1.0):
+        raise InvalidArgument(f"density must be in (0, 1], got {density!r}")
+    return d
+
+
+def _check_stream(tensors: object) -> TensorStream:
+    if not callable(tensors):
+        raise InvalidArgument(
+            "tensors must be a callable returning an iterator of (name, tensor), "
+            f"e.g. lambda: iter(state_dict.items()); got {type(tensors).__name__}"
+        )
+    return tensors  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- per-tensor scan
+
+
+@dataclass
+class _Flat:
+    """One tensor, flattened, as signed int bit patterns and |x| bit patterns."""
+
+    name: str
+    shape: tuple[int, ...]
+    tensor: torch.Tensor  # flat, contiguous, CPU
+    bits: np.ndarray  # int16 (fp16/bf16) or int32 (fp32) view of tensor
+    absb: np.ndarray  # bits with the sign bit cleared
+
+    @property
+    def wide(self) -> bool:
+        return self.tensor.dtype == torch.float32
+
+
+def _flat(name: object, t: object) -> _Flat:
+    if not isinstance(t, torch.Tensor):
+        raise InvalidPatch(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+    if t.dtype not in _SUPPORTED:
+        raise InvalidPatch(
+            f"tensor {name!r} has dtype {t.dtype}; compression takes float32, float16 or bfloat16"
+        )
+    flat = t.detach().reshape(-1).cpu().contiguous()
+    if flat.dtype == torch.float32:
+        bits = flat.view(torch.int32).numpy()
+        absb = bits & np.int32(0x7FFFFFFF)
+    else:
+        bits = flat.view(torch.int16).numpy()
+        absb = bits & np.int16(0x7FFF)
+    return _Flat(str(name), tuple(t.shape), flat, bits, absb)
+
+
+def _nonfinite(f: _Flat) -> InvalidPatch:
+    return InvalidPatch(f"tensor {f.name!r} contains NaN or Inf; a patch must be finite")
+
+
+@dataclass
+class _Stats:
+    """Count, mean and sum of squared deviations (Chan et al. merge), float64."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def merge(self, n: int, mean: float, m2: float) -> None:
+        if n == 0:
+            return
+        tot = self.n + n
+        delta = mean - self.mean
+        self.mean += delta * n / tot
+        self.m2 += m2 + delta * delta * self.n * n / tot
+        self.n = tot
+
+    def std(self) -> float | None:
+        return math.sqrt(max(self.m2, 0.0) / (self.n - 1)) if self.n >= 2 else None
+
+
+def _scan(f: _Flat, hist: np.ndarray, hist32: np.ndarray, stats: _Stats | None) -> None:
+    """Add ``f``'s |x| histogram to ``hist`` (float32 entries also to ``hist32``)."""
+    n = f.absb.shape[0]
+    if n == 0:
+        return
+    if f.wide:
+        if int(f.absb.max()) >= _F32_INF:
+            raise _nonfinite(f)
+        keys = torch.from_numpy(f.absb >> _KEY_SHIFT)
+        h = torch.bincount(keys, minlength=_NKEYS).numpy()
+        hist += h
+        hist32 += h
+        if stats is not None:
+            var, mean = torch.var_mean(f.tensor, correction=0)
+            stats.merge(n, float(mean), float(var) * n)
+        return
+    h = torch.bincount(torch.from_numpy(f.absb), minlength=0x8000).numpy()
+    fp16 = f.tensor.dtype == torch.float16
+    lim = 0x7C00 if fp16 else 0x7F80
+    if h[lim:].any():
+        raise _nonfinite(f)
+    h = h[:lim]
+    hist[_F16_KEYS if fp16 else _BF16_KEYS] += h
+    if stats is not None:
+        vals = _F16_F64 if fp16 else _BF16_F64
+        if fp16:
+            total = float(np.sum(f.tensor.numpy(), dtype=np.float64))
+        else:
+            as32 = (f.bits.astype(np.int32) << 16).view(np.float32)
+            total = float(np.sum(as32, dtype=np.float64))
+        mean = total / n
+        sumsq = float(np.dot(h.astype(np.float64), vals * vals))
+        stats.merge(n, mean, max(sumsq - n * mean * mean, 0.0))
+
+
+def _refine(f: _Flat, b: int, sub: np.ndarray) -> None:
+    """Add the low-bit histogram of ``f``'s float32 entries in key bin ``b`` to ``sub``."""
+    if f.wide and f.absb.shape[0]:
+        inbin = f.absb[(f.absb >> _KEY_SHIFT) == b] & (_SUB - 1)
+        sub += np.bincount(inbin, minlength=_SUB)
+
+
+def _kth_bits(
+    hist: np.ndarray,
+    hist32: np.ndarray,
+    n: int,
+    density: float,
+    refine: Callable[[int], np.ndarray],
+) -> int | None:
+    """float32 bit pattern of ComPEFT's threshold; 0 to keep all, None if n == 0."""
+    if n == 0:
+        return None
+    m = int(n * density)
+    if m >= n:
+        return 0
+    kth = n - m  # 1-based rank of the threshold among |x| ascending
+    cum = np.cumsum(hist)
+    b = int(np.searchsorted(cum, kth, side="left"))
+    rank = kth - (int(cum[b - 1]) if b else 0)
+    if hist32[b] == 0:
+        return b << _KEY_SHIFT  # every entry in the bin is one fp16/bf16 value
+    sub = refine(b)
+    sub[0] += int(hist[b] - hist32[b])  # fp16/bf16 entries sit at low bits 0
+    if int(sub.sum()) != int(hist[b]):
+        raise InvalidArgument("tensors() gave different values on a later pass; it must be repeatable")
+    s = int(np.searchsorted(np.cumsum(sub), rank, side="left"))
+    return (b << _KEY_SHIFT) | s
+
+
+def _native_threshold(f: _Flat, tbits: int) -> int:
+    """Smallest |x| bit pattern of ``f``'s dtype whose value is >= float32 bits ``tbits``, >= 1."""
+    if f.wide:
+        u = tbits
+    elif f.tensor.dtype == torch.float16:
+        u = int(np.searchsorted(_F16_BITS32, np.uint32(tbits), side="left"))
+    else:
+        u = (tbits + 0xFFFF) >> 16
+    return max(u, 1)  # never keep zeros
+
+
+def _bits_to_float(tbits: int) -> float:
+    return float(np.array(tbits, dtype=np.uint32).view(np.float32))
+
+
+class _Pass:
+    """One read of the stream, checking it gives the same names and sizes as the first."""
+
+    def __init__(self, tensors: TensorStream) -> None:
+        self.tensors = tensors
+        self.layout: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None
+
+    def __call__(self) -> Iterator[_Flat]:
+        seen: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        it = self.tensors()
+        try:
+            it = iter(it)
+        except TypeError:
+            raise InvalidArgument("tensors() must return an iterable of (name, tensor)") from None
+        for item in it:
+            try:
+                name, t = item
+            except (TypeError, ValueError):
+                raise InvalidArgument("tensors() must yield (name, tensor) pairs") from None
+            f = _flat(name, t)
+            seen.append((f.name, f.shape, f.tensor.dtype))
+            if self.layout is not None and (
+                len(seen) > len(self.layout) or seen[-1] != self.layout[len(seen) - 1]
+            ):
+                raise InvalidArgument("tensors() gave different tensors on a later pass; it must be repeatable")
+            yield f
+        if self.layout is None:
+            self.layout = seen
+        elif len(seen) != len(self.layout):
+            raise InvalidArgument("tensors() gave different tensors on a later pass; it must be repeatable")
+
+
+def _threshold(
+    passes: Callable[[], Iterable[_Flat]], density: float, stats: _Stats | None
+) -> int | None:
+    hist = np.zeros(_NKEYS, dtype=np.int64)
+    hist32 = np.zeros(_NKEYS, dtype=np.int64)
+    n = 0
+    for f in passes():
+        _scan(f, hist, hist32, stats)
+        n += f.absb.shape[0]
+
+    def refine(b: int) -> np.ndarray:
+        sub = np.zeros(_SUB, dtype=np.int64)
+        for f in passes():
+            _refine(f, b, sub)
+        return sub
+
+    return _kth_bits(hist, hist32, n, density, refine)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def global_threshold(tensors: TensorStream, density: float) -> float:
+    """ComPEFT's global magnitude threshold (see the module docstring)."""
+    d = _check_density(density)
+    tbits = _threshold(_Pass(_check_stream(tensors)), d, None)
+    if tbits is None:
+        return math.inf
+    return _bits_to_float(tbits)
+
+
+def _abs_values(f: _Flat, idx: np.ndarray) -> np.ndarray:
+    a = f.absb[idx]
+    if f.wide:
+        return a.view(np.float32)
+    return (_F16_F64 if f.tensor.dtype == torch.float16 else _BF16_F64)[a]
+
+
+def _select(f: _Flat, tbits: int | None) -> np.ndarray:
+    if tbits is None or f.absb.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(f.absb >= _native_threshold(f, tbits))
+
+
+def _cast_values(f: _Flat, vals: torch.Tensor, values_dtype: torch.dtype) -> torch.Tensor:
+    out = vals.to(values_dtype)
+    if out.numel() and not bool(torch.isfinite(out).all()):
+        raise InvalidArgument(
+            f"tensor {f.name!r} has values that overflow {values_dtype}; use values_dtype=torch.bfloat16"
+        )
+    return out
+
+
+def _make(
+    f: _Flat,
+    idx: np.ndarray,
+    mode: str,
+    alpha: float | None,
+    values_dtype: torch.dtype,
+    shape: tuple[int, ...],
+) -> SparseTensor:
+    if mode == "ternary":
+        signs = f.bits[idx] < 0
+        if alpha is None:  # scale="mean"
+            alpha = float(np.mean(_abs_values(f, idx), dtype=np.float64)) if len(idx) else 0.0
+        return SparseTensor(shape, f.tensor.dtype, idx, "ternary", signs=signs, scale=alpha)
+    vals = _cast_values(f, f.tensor[torch.from_numpy(idx)], values_dtype)
+    return SparseTensor(shape, f.tensor.dtype, idx, "values", values=vals)
+
+
+def _dare_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _dare(f: _Flat, density: float, seed: int, values_dtype: torch.dtype, shape: tuple[int, ...]) -> SparseTensor:
+    n = f.absb.shape[0]
+    g = torch.Generator().manual_seed(_dare_seed(seed, f.name))
+    keep = torch.rand(n, generator=g, dtype=torch.float32) < density
+    keep &= torch.from_numpy(f.absb != 0)
+    idx = np.flatnonzero(keep.numpy())
+    vals = f.tensor[torch.from_numpy(idx)].to(torch.float32) * (1.0 / density)
+    return SparseTensor(shape, f.tensor.dtype, idx, "values", values=_cast_values(f, vals, values_dtype))
+
+
+def sparsify(
+    tensors: TensorStream,
+    density: float,
+    *,
+    mode: str = "ternary",
+    scale: str = "std",
+    kappa: float = 1.0,
+    per_tensor: bool = False,
+    seed: int = 0,
+    values_dtype: torch.dtype = torch.float16,
+) -> Iterator[tuple[str, SparseTensor]]:
+    """Compress a patch stream tensor by tensor (see the module docstring)."""
+    d = _check_density(density)
+    stream = _check_stream(tensors)
+    if mode not in ("ternary", "values", "dare"):
+        raise InvalidArgument(f"mode must be 'ternary', 'values' or 'dare', got {mode!r}")
+    if scale not in ("std", "mean"):
+        raise InvalidArgument(f"scale must be 'std' or 'mean', got {scale!r}")
+    if (
+        isinstance(kappa, bool)
+        or not isinstance(kappa, (int, float, np.floating, np.integer))
+        or not math.isfinite(kappa)
+        or kappa <= 0
+    ):
+        raise InvalidArgument(f"kappa must be a finite number > 0, got {kappa!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidArgument(f"seed must be an int, got {seed!r}")
+    if values_dtype not in _VALUES_DTYPES:
+        raise InvalidArgument(f"values_dtype must be float16, bfloat16 or float32, got {values_dtype!r}")
+    return _sparsify(stream, d, mode, scale, float(kappa), bool(per_tensor), int(seed), values_dtype)
+
+
+def _sparsify(
+    stream: TensorStream,
+    d: float,
+    mode: str,
+    scale: str,
+    kappa: float,
+    per_tensor: bool,
+    seed: int,
+    values_dtype: torch.dtype,
+) -> Iterator[tuple[str, SparseTensor]]:
+    passes = _Pass(stream)
+    want_std = mode == "ternary" and scale == "std"
+
+    def alpha_of(stats: _Stats | None) -> float | None:
+        if stats is None:
+            return None
+        std = stats.std()
+        return None if std is None else kappa * std
+
+    if mode == "dare" or per_tensor:
+        for name, t in stream():
+            f = _flat(name, t)
+            if mode == "dare":
+                yield f.name, _dare(f, d, seed, values_dtype, f.shape)
+                continue
+            stats = _Stats() if want_std else None
+            tbits = _threshold(lambda f=f: [f], d, stats)
+            idx = _select(f, tbits)
+            yield f.name, _make(f, idx, mode, alpha_of(stats), values_dtype, f.shape)
+        return
+
+    stats = _Stats() if want_std else None
+    tbits = _threshold(passes, d, stats)
+    alpha = alpha_of(stats)
+    for f in passes():
+        idx = _select(f, tbits)
+        yield f.name, _make(f, idx, mode, alpha, values_dtype, f.shape)
+
+
+def relative_l2_error(dense: torch.Tensor, sp: SparseTensor) -> float:
+    """``||dense - to_dense(sp)|| / ||dense||``, computed in float64."""
+    if not isinstance(dense, torch.Tensor) or tuple(dense.shape) != sp.shape:
+        raise InvalidArgument(
+            f"dense tensor shape {tuple(getattr(dense, 'shape', ()))} does not match sparse shape {sp.shape}"
+        )
+    ref = dense.detach().cpu().to(torch.float64)
+    err = torch.linalg.vector_norm(ref - to_dense(sp).to(torch.float64)).item()
+    norm = torch.linalg.vector_norm(ref).item()
+    if norm == 0.0:
+        return 0.0 if err == 0.0 else math.inf
+    return err / norm
+
+
+def entropy_bound_bits(density: float) -> float:
+    """``H(d) + d``: bits per parameter for a random support of density ``d`` plus signs."""
+    if isinstance(density, bool) or not isinstance(density, (int, float, np.floating, np.integer)):
+        raise InvalidArgument(f"density must be a number in [0, 1], got {density!r}")
+    d = float(density)
+    if not 0.0 <= d <= 1.0:
+        raise InvalidArgument(f"density must be in [0, 1], got {density!r}")
+    if d in (0.0, 1.0):
+        return d
+    return -d * math.log2(d) - (1 - d) * math.log2(1 - d) + d
