@@ -22,8 +22,26 @@ app.add_typer(patches.app)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a :class:`PatchctlError` becomes one line on stderr and its exit code."""
+    import typer.main
+
+    try:  # typer >= 0.20 vendors click as typer._click
+        from typer._click import exceptions as click
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click import exceptions as click  # type: ignore[no-redef]
+
     try:
-        app(args=argv, prog_name="patchctl", standalone_mode=True)
+        rv = typer.main.get_command(app).main(args=argv, prog_name="patchctl", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except getattr(click, "NoArgsIsHelpError", ()) as e:  # bare `patchctl`: help, as typer prints it
+        print(e.ctx.get_help() if e.ctx else "", file=sys.stderr)
+        return 2
+    except click.UsageError as e:
+        hint = f" (see `patchctl {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help`)".replace("  ", " ")
+        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+        return 2
+    except click.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
     except PatchctlError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

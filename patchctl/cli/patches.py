@@ -10,7 +10,17 @@ import typer
 from rich.table import Table
 from rich.tree import Tree
 
-from ._common import JsonOpt, Progress, RegistryOpt, console, emit_json, human_bytes, human_count, open_registry, short
+from ._common import (
+    JsonOpt,
+    Progress,
+    RegistryOpt,
+    console,
+    emit_json,
+    human_bytes,
+    human_count,
+    open_registry,
+    short,
+)
 
 app = typer.Typer()
 

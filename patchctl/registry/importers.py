@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidArgument, InvalidPatch, NotFound, PickleRefused, ShapeMismatch, UnsupportedPatch
+from ..errors import (
+    InvalidArgument,
+    InvalidPatch,
+    NotFound,
+    PickleRefused,
+    ShapeMismatch,
+    UnsupportedPatch,
+)
 from ._safetensors import FLOAT_DTYPES, dtype_name, torch_dtype
 from .checkpoint import PICKLE_SUFFIXES, Checkpoint
 
