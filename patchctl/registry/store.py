@@ -146,8 +146,8 @@ class Store:
             tmp = path / "tmp" / "config.json"
             tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION}) + "\n")
             os.replace(tmp, cfg)
-        for sub in ("objects", "manifests", "refs", "tmp", "locks"):
-            (path / sub).mkdir(exist_ok=True)
+        for sub in ("objects/sha256", "manifests/sha256", "refs", "tmp", "locks"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
         return cls(path)
 
     # -- locks ---------------------------------------------------------------
