@@ -125,13 +125,13 @@ def test_svd_lora_error_equals_singular_value_tail_and_bound() -> None:
     assert err < 0.01
 
 
-def test_svd_lora_randomized_error_is_exact_for_its_factors() -> None:
+def test_svd_lora_randomized_error_matches_residual() -> None:
     M, _ = _low_rank_plus_noise(160, 100, 6, 1e-2, 1)
     A, B, err = svd_lora(M, 6, method="randomized", seed=5)
     actual = float(torch.linalg.matrix_norm(M - B @ A) / torch.linalg.matrix_norm(M))
-    assert err == pytest.approx(actual, rel=1e-2)
+    assert err == pytest.approx(actual, rel=1e-4)
     _, _, exact = svd_lora(M, 6, method="exact")
-    assert err == pytest.approx(exact, rel=1e-2)
+    assert exact <= err <= exact * 1.01
     A2, B2, err2 = svd_lora(M, 6, method="randomized", seed=5)
     assert torch.equal(A, A2) and torch.equal(B, B2) and err == err2
 

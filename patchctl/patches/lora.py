@@ -165,16 +165,17 @@ def svd_lora(
     ``B @ A`` the best rank-``rank`` approximation found (scaling 1; the
     singular values are split as ``sqrt(S)`` into both factors) and
     ``rel_error = ‖delta − B@A‖_F / ‖delta‖_F`` (0 for a zero delta),
-    computed in float64 from the singular values: ``sqrt(Σ_{i>rank} sᵢ²)``
-    over ``sqrt(Σ sᵢ²)``. When ``rank`` exceeds ``min(out, in)`` the factors
+    with the exact SVD computed in float64 from the singular values:
+    ``sqrt(Σ_{i>rank} sᵢ²) / sqrt(Σ sᵢ²)``. When ``rank`` exceeds ``min(out, in)`` the factors
     are padded with zero rows/columns, so the shapes always have ``rank``.
 
     ``method``: ``exact`` uses ``torch.linalg.svd``; ``randomized`` a seeded
-    randomized SVD (``oversample``, ``niter`` power iterations, ``seed``)
-    whose error is still exact for the factors returned
-    (``‖delta‖² − Σ_{i≤rank} sᵢ²``: the factors are an orthogonal
-    projection of ``delta``); ``auto`` picks randomized when
-    ``min(out, in) > 2048`` and ``rank + oversample ≤ min(out, in) / 4``.
+    randomized SVD (``oversample``, ``niter`` power iterations, ``seed``;
+    deterministic) whose error is that of the factors returned, measured from
+    the residual ``delta − B@A`` (``‖delta‖² − Σ_{i≤rank} sᵢ²`` is equal in
+    exact arithmetic but cancels badly in float32 when the error is small);
+    ``auto`` picks randomized when ``min(out, in) > 2048`` and
+    ``rank + oversample ≤ min(out, in) / 4``.
     """
     if delta.dim() != 2:
         raise ShapeMismatch(f"svd_lora needs a 2-D delta, got shape {tuple(delta.shape)}")
@@ -190,18 +191,21 @@ def svd_lora(
         method = "randomized" if small > 2048 and rank + oversample <= small // 4 else "exact"
     if method == "randomized":
         U, S, Vh = _randomized_svd(M, k, oversample, niter, seed)
-        S64 = S.to(torch.float64)
-        total_sq = float((M * M).sum(dtype=torch.float64))
-        tail_sq = max(total_sq - float(S64[:k].square().sum()), 0.0)
     else:
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    root = S[:k].sqrt()
+    B = U[:, :k] * root
+    A = root[:, None] * Vh[:k]
+    if method == "randomized":
+        # ‖M‖² − Σ_{i≤k} sᵢ² cancels badly when the error is small: use the residual.
+        total_sq = float((M * M).sum(dtype=torch.float64))
+        R = M - B @ A
+        tail_sq = float((R * R).sum(dtype=torch.float64))
+    else:
         S64 = S.to(torch.float64)
         total_sq = float(S64.square().sum())
         tail_sq = float(S64[k:].square().sum())
     rel_error = math.sqrt(tail_sq / total_sq) if total_sq > 0 else 0.0
-    root = S[:k].sqrt()
-    B = U[:, :k] * root
-    A = root[:, None] * Vh[:k]
     if k < rank:
         A = torch.cat([A, A.new_zeros(rank - k, n)], dim=0)
         B = torch.cat([B, B.new_zeros(m, rank - k)], dim=1)

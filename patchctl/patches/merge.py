@@ -175,8 +175,7 @@ def _magnitude_trim(delta: Tensor, density: float) -> Tensor:
     if k <= 0:
         return torch.zeros_like(delta)
     mag = delta.abs()
-    keep = mag >= _kth_largest(mag.reshape(-1), k)
-    return delta.masked_fill(~keep, 0.0)
+    return torch.where(mag >= _kth_largest(mag.reshape(-1), k), delta, 0.0)
 
 
 def _breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -223,17 +222,26 @@ def _dare_drop(delta: Tensor, density: float, generator_seed: int, name: str, in
 
 
 def _disjoint_mean(parts: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """TIES sign election by total mass, then the weighted mean of agreeing entries."""
-    positive = _weighted_sum(parts, weights) >= 0
-    num = torch.zeros_like(parts[0])
-    den = torch.zeros_like(parts[0])
+    """TIES sign election by total mass, then the weighted mean of agreeing entries.
+
+    With ``s = ±1`` the elected sign, input ``i`` agrees where ``s·wᵢ·τᵢ > 0``;
+    the numerator is accumulated as ``s · Σ max(s·wᵢ·τᵢ, 0)`` (multiplying by
+    ±1 is exact, so this is the plain sum of the agreeing ``wᵢτᵢ``).
+    """
+    total = _weighted_sum(parts, weights)
+    sign = torch.ones_like(total).masked_fill_(total < 0, -1.0)
+    del total
+    num = torch.zeros_like(sign)
+    den = torch.zeros_like(sign)
     for p, w in zip(parts, weights, strict=True):
-        wp = p * w
-        agree = torch.where(positive, wp > 0, wp < 0)
-        num.add_(wp.masked_fill_(~agree, 0.0))
-        den.add_(agree.to(den.dtype), alpha=w)
+        if w == 0:
+            continue
+        t = p.mul(w).mul_(sign)
+        den.add_((t > 0).to(den.dtype), alpha=w)
+        num.add_(t.clamp_min_(0.0))
+    num.mul_(sign)
     den.masked_fill_(den == 0, 1.0)  # no agreeing input: num is 0 there
-    return num / den
+    return num.div_(den)
 
 
 # --------------------------------------------------------------------------
