@@ -2,19 +2,19 @@
 
 It answers ``ls``, ``show`` and ``log`` without reading every manifest. It
 holds nothing that the files do not: :meth:`Index.rebuild` recreates it from
-``manifests/`` and ``refs/`` alone.
+``manifests/`` and ``refs/`` alone. Reads use the plain ``sqlite3`` connection;
+sqlite-utils (which costs ~0.2 s to import) is loaded only to write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-import sqlite_utils
 
 from .manifest import Manifest
 from .names import Ref
@@ -27,20 +27,48 @@ class Index:
     def __init__(self, path: Path):
         self.path = path
         conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+        conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout = 60000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        self._db: Any = None
         self._ensure_schema()
 
+    @property
+    def db(self) -> Any:
+        """The sqlite-utils Database over the same connection (imported on first write)."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
+
+    def _query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute(sql, params or [])]
+
     def close(self) -> None:
-        self.db.conn.close()
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One write transaction (the connection is in autocommit mode otherwise)."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     def _ensure_schema(self) -> None:
-        db = self.db
-        if "manifests" in db.table_names():
+        if self._query("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'manifests'"):
             return
-        with db.conn:
+        db = self.db
+        with self._tx():
             db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
             db["manifests"].create(
                 {"digest": str, "kind": str, "base_name": str, "base_revision": str,
@@ -60,6 +88,10 @@ class Index:
 
     # -- writes ----------------------------------------------------------------
     def add_manifest(self, digest: str, m: Manifest) -> None:
+        with self._tx():
+            self._add_manifest(digest, m)
+
+    def _add_manifest(self, digest: str, m: Manifest) -> None:
         self.db["manifests"].upsert(
             {
                 "digest": digest, "kind": m.kind, "base_name": m.base.get("name"),
@@ -72,7 +104,7 @@ class Index:
         )
 
     def record_ref(self, ref: Ref, entry: RefEntry) -> None:
-        with self.db.conn:
+        with self._tx():
             self._record_ref(ref, entry)
 
     def _record_ref(self, ref: Ref, entry: RefEntry) -> None:
@@ -89,17 +121,17 @@ class Index:
             )
 
     def remove_manifests(self, digests: Iterable[str]) -> None:
-        with self.db.conn:
+        with self._tx():
             for d in digests:
                 self.db.execute("DELETE FROM manifests WHERE digest = ?", [d])
 
     def rebuild(self, manifests: Iterable[tuple[str, Manifest]], refs: Iterable[tuple[Ref, list[RefEntry]]]) -> dict[str, int]:
         counts = {"manifests": 0, "refs": 0, "history": 0}
-        with self.db.conn:
+        with self._tx():
             for t in ("manifests", "refs", "ref_history"):
                 self.db.execute(f"DELETE FROM {t}")
             for digest, m in manifests:
-                self.add_manifest(digest, m)
+                self._add_manifest(digest, m)
                 counts["manifests"] += 1
             for ref, log in refs:
                 for e in log:
@@ -112,38 +144,38 @@ class Index:
 
     # -- reads -----------------------------------------------------------------
     def refs(self) -> list[dict[str, Any]]:
-        return list(self.db.query(
+        return self._query(
             "SELECT r.name, r.tag, r.digest, r.updated, m.kind, m.base_name, m.tensors, m.params, "
             "m.stored_bytes, m.op FROM refs r LEFT JOIN manifests m ON m.digest = r.digest "
             "ORDER BY r.name, r.tag"
-        ))
+        )
 
     def ref(self, ref: Ref) -> str | None:
-        rows = list(self.db.query("SELECT digest FROM refs WHERE name = ? AND tag = ?", [ref.name, ref.tag]))
+        rows = self._query("SELECT digest FROM refs WHERE name = ? AND tag = ?", [ref.name, ref.tag])
         return rows[0]["digest"] if rows else None
 
     def tags_of(self, digest: str) -> list[str]:
-        return [f"{r['name']}:{r['tag']}" for r in self.db.query(
+        return [f"{r['name']}:{r['tag']}" for r in self._query(
             "SELECT name, tag FROM refs WHERE digest = ? ORDER BY name, tag", [digest])]
 
     def history(self, ref: Ref) -> list[dict[str, Any]]:
-        return list(self.db.query(
+        return self._query(
             "SELECT seq, old, new, time, message, user FROM ref_history WHERE name = ? AND tag = ? ORDER BY seq",
-            [ref.name, ref.tag]))
+            [ref.name, ref.tag])
 
     def manifest_json(self, digest: str) -> str | None:
-        rows = list(self.db.query("SELECT json FROM manifests WHERE digest = ?", [digest]))
+        rows = self._query("SELECT json FROM manifests WHERE digest = ?", [digest])
         return rows[0]["json"] if rows else None
 
     def digests_with_prefix(self, prefix: str) -> list[str]:
-        return [r["digest"] for r in self.db.query(
+        return [r["digest"] for r in self._query(
             "SELECT digest FROM manifests WHERE digest LIKE ? LIMIT 3", [prefix + "%"])]
 
     def all_manifest_digests(self) -> set[str]:
-        return {r["digest"] for r in self.db.query("SELECT digest FROM manifests")}
+        return {r["digest"] for r in self._query("SELECT digest FROM manifests")}
 
     def all_refs(self) -> dict[tuple[str, str], str]:
-        return {(r["name"], r["tag"]): r["digest"] for r in self.db.query("SELECT name, tag, digest FROM refs")}
+        return {(r["name"], r["tag"]): r["digest"] for r in self._query("SELECT name, tag, digest FROM refs")}
 
     def history_count(self) -> int:
-        return int(next(iter(self.db.query("SELECT count(*) AS n FROM ref_history")))["n"])
+        return int(self._query("SELECT count(*) AS n FROM ref_history")[0]["n"])
