@@ -27,8 +27,34 @@ def combine(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def subtract(finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``finetuned - base`` computed in float64 (exact for every float dtype up to fp32)."""
-    return finetuned.to(torch.float64) - base.to(torch.float64)
+    """``finetuned - base`` in fp32 (fp64 for fp64 inputs): IEEE subtraction is correctly rounded."""
+    acc = torch.promote_types(_acc_dtype(finetuned.dtype), _acc_dtype(base.dtype))
+    return finetuned.to(acc) - base.to(acc)
+
+
+def diff_with_pins(
+    finetuned: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 22
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The delta ``finetuned - base`` stored as ``dtype``, and the pins that make it exact.
+
+    Works through the flattened tensors ``chunk`` elements at a time, so the
+    fp32 temporaries stay small whatever the tensor's size (a 128k-token
+    embedding included).
+    """
+    a, b = finetuned.reshape(-1), base.reshape(-1)
+    out = torch.empty(a.numel(), dtype=dtype)
+    idx_parts, val_parts = [], []
+    for start in range(0, a.numel(), chunk):
+        sl = slice(start, start + chunk)
+        d = subtract(a[sl], b[sl]).to(dtype)
+        out[sl] = d
+        i, v = find_pins(b[sl], d, a[sl])
+        if i.numel():
+            idx_parts.append(i + start)
+            val_parts.append(v)
+    idx = torch.cat(idx_parts) if idx_parts else torch.empty(0, dtype=torch.int64)
+    vals = torch.cat(val_parts) if val_parts else torch.empty(0, dtype=finetuned.dtype)
+    return out.reshape(finetuned.shape), idx, vals
 
 
 def find_pins(base: torch.Tensor, delta: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

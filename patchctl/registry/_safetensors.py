@@ -186,14 +186,14 @@ def bytes_to_tensor(buf: bytes | bytearray | memoryview, dtype: str, shape: tupl
     return torch.frombuffer(buf, dtype=td).reshape(shape)
 
 
-def tensor_to_bytes(t: torch.Tensor) -> bytes:
-    """The little-endian C-order bytes of a CPU tensor (what safetensors stores)."""
+def tensor_to_bytes(t: torch.Tensor) -> memoryview:
+    """The little-endian C-order bytes of a CPU tensor (what safetensors stores), without a copy."""
     import torch
 
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
-        return b""
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def data_order(entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[tuple[str, str, tuple[int, ...]]]:

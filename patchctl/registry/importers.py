@@ -204,7 +204,7 @@ def import_checkpoint(src: Path, base: Checkpoint, dtype: str | None = None) -> 
     def gen() -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
         import torch
 
-        from ..patches.apply import find_pins, subtract
+        from ..patches.apply import diff_with_pins
 
         for n in ft.names():
             a, b = ft.read(n), base.read(n)
@@ -214,8 +214,8 @@ def import_checkpoint(src: Path, base: Checkpoint, dtype: str | None = None) -> 
                 continue
             if torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)):
                 continue
-            d = subtract(a, b).to(torch_dtype(dtype) if dtype else a.dtype)
-            idx, vals = find_pins(b, d, a)
+            d, idx, vals = diff_with_pins(a, b, torch_dtype(dtype) if dtype else a.dtype)
+            del a, b
             yield n, d, ((idx, vals) if idx.numel() else None)
 
     cfg = base.config()

@@ -194,13 +194,16 @@ class Store:
             w.write(data)
             return w.commit(digest)
 
-    def read_blob(self, digest: str) -> bytes:
+    def read_blob(self, digest: str) -> bytearray:
         return self._read("objects", digest)
 
-    def _read(self, kind: str, digest: str) -> bytes:
+    def _read(self, kind: str, digest: str) -> bytearray:
+        """The verified bytes (a bytearray: tensors can wrap it without a copy)."""
         p = self._path(kind, digest)
         try:
-            data = p.read_bytes()
+            with open(p, "rb") as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(data)
         except FileNotFoundError:
             raise NotFound(f"{kind[:-1]} {digest} is not in the registry") from None
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
@@ -216,7 +219,7 @@ class Store:
             return w.commit()
 
     def read_manifest_bytes(self, digest: str) -> bytes:
-        return self._read("manifests", digest)
+        return bytes(self._read("manifests", digest))
 
     def iter_digests(self, kind: str) -> Iterator[str]:
         base = self.root / kind / "sha256"
