@@ -223,6 +223,7 @@ def test_cache_key_and_cached(tmp_path, small_task, monkeypatch):
     monkeypatch.setitem(T.TRAINERS, "full", fake_train)
     p = T.cached("full", "fortunes", tmp_path, steps=2)
     assert p.is_dir() and (p / "model.safetensors").is_file()
+    assert p.stat().st_mode & 0o700 == 0o700 and p.stat().st_mode & 0o055  # not mkdtemp's 0700
     assert T.cached("full", "fortunes", tmp_path, steps=2) == p and len(calls) == 1
     meta = json.loads((tmp_path / f"{p.name}.json").read_text())
     assert meta["params"] == {"steps": 2}

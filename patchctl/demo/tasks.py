@@ -428,6 +428,9 @@ def cached(kind: str, task: str, out_root: str | os.PathLike[str], **params: Any
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; give it normal permissions
     try:
         t0 = time.perf_counter()
         TRAINERS[kind](task, tmp, **params)
