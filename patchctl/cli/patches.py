@@ -36,6 +36,7 @@ def push(
     dtype: Annotated[str | None, typer.Option(help="Storage dtype of an imported diff (default: the fine-tune's).")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow .bin/.pt inputs, loaded with torch.load(weights_only=True).")] = False,
     no_latest: Annotated[bool, typer.Option("--no-latest", help="Do not move NAME:latest.")] = False,
+    eval_suites: Annotated[list[str] | None, typer.Option("--eval", help="Eval suite that judges this patch (repeatable).")] = None,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -48,7 +49,7 @@ def push(
         metadata[k] = v
     with open_registry(registry) as reg:
         digest = reg.push(src, ref, base=base, base_name=base_name, message=message, metadata=metadata,
-                          dtype=dtype, trust_pickle=trust_pickle, move_latest=not no_latest)
+                          dtype=dtype, trust_pickle=trust_pickle, move_latest=not no_latest, evals=eval_suites)
         info = reg.show(digest)
     if json_out:
         emit_json({"digest": digest, "refs": info["refs"], "kind": info["kind"], "stored_bytes": info["stored_bytes"]})
@@ -92,13 +93,25 @@ def show(
     console.print(f"tensors   {len(info['tensors'])}   params {human_count(info['num_params'])}   "
                   f"stored {human_bytes(info['stored_bytes'])}")
     if info["params"]:
-        console.print("params    " + json.dumps(info["params"], sort_keys=True)[:400])
+        p = info["params"]
+        if info["kind"] == "lora":
+            keys = ("r", "lora_alpha", "target_modules", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
+            p = {k: p[k] for k in keys if p.get(k) not in (None, {}, False)}
+        console.print("params    " + json.dumps(p, sort_keys=True)[:400])
     lin = info["lineage"]
     if lin["parents"] or lin["recipe"]:
         console.print("parents   " + (", ".join(short(p) for p in lin["parents"]) or "-"))
         console.print("recipe    " + json.dumps(lin["recipe"], sort_keys=True))
     if info["metadata"]:
         console.print("metadata  " + json.dumps(info["metadata"], sort_keys=True))
+    if info.get("suites"):
+        console.print("suites    " + ", ".join(short(s) for s in info["suites"]))
+    for v in info.get("validations", []):
+        if v.get("type") == "merge-validation":
+            console.print(f"validated {v['verdict']} (gate {v['gate']}, min normalized "
+                          f"{v['min_normalized'] if v['min_normalized'] is None else round(v['min_normalized'], 3)}, {v['device']})")
+        elif "metrics" in v:
+            console.print(f"scored    suite {short(v['suite'])} {v['split']}: {v['metrics']['score']:.4f} ({v['device']})")
     if tensors:
         t = Table("TENSOR", "DTYPE", "SHAPE", "ENCODING", "SIZE")
         for name, e in sorted(info["tensors"].items()):

@@ -2,7 +2,7 @@
 
 ```
 {"schema": 1,
- "kind": "lora" | "diff" | "sparse",
+ "kind": "lora" | "diff" | "sparse" | "suite",   # suite: an eval suite (registry/suites.py)
  "base": {"name": str, "revision": str | null, "fingerprint": "sha256:..."},
  "tensors": {NAME: {"digest": "sha256:...", "dtype": "float32", "shape": [..],
                     "encoding": "raw" | "sparse-v1", "size": BYTES,
@@ -31,7 +31,8 @@ from ._safetensors import ITEMSIZE
 from .names import is_digest
 
 SCHEMA_VERSION = 1
-KINDS = ("lora", "diff", "sparse")
+KINDS = ("lora", "diff", "sparse", "suite")
+PATCH_KINDS = ("lora", "diff", "sparse")
 ENCODINGS = ("raw", "sparse-v1")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 

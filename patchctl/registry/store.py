@@ -5,6 +5,8 @@ config.json                    {"format": "patchctl-registry", "version": 1}
 objects/sha256/ab/cdef...      tensor blobs (raw bytes or an encoding), write-once
 manifests/sha256/ab/cdef...    manifests (canonical JSON), write-once
 refs/<name>/@<tag>             the ref's log: one JSON line per move; the last line wins
+records/<hex>.jsonl            attached eval suites and validation records (records.py)
+bases.json                     fingerprint -> local base folder (this machine only)
 index.sqlite                   the metadata index (a cache; rebuilt from the above)
 tmp/                           in-flight writes; safe to delete when nothing runs
 locks/                         flock files
@@ -146,7 +148,7 @@ class Store:
             tmp = path / "tmp" / "config.json"
             tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION}) + "\n")
             os.replace(tmp, cfg)
-        for sub in ("objects/sha256", "manifests/sha256", "refs", "tmp", "locks"):
+        for sub in ("objects/sha256", "manifests/sha256", "refs", "records", "tmp", "locks"):
             (path / sub).mkdir(parents=True, exist_ok=True)
         return cls(path)
 
@@ -287,18 +289,27 @@ class Store:
                 message=message,
                 user=_user(),
             )
-            p.parent.mkdir(parents=True, exist_ok=True)
             line = canonical.dumps(entry.to_json()) + b"\n"
-            fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                # a previous torn line would glue onto ours: start on a fresh line
-                if os.fstat(fd).st_size and not p.read_bytes().endswith(b"\n"):
-                    line = b"\n" + line
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._append(p, line)
             return entry
+
+    def _append(self, p: Path, line: bytes) -> None:
+        """Append one line with O_APPEND and fsync (caller holds refs.lock)."""
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # a previous torn line would glue onto ours: start on a fresh line
+            if os.fstat(fd).st_size and not p.read_bytes().endswith(b"\n"):
+                line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def append_line(self, p: Path, line: bytes) -> None:
+        """Append a line to a log file in the registry, serialized with ref moves."""
+        with self._flock("refs.lock", fcntl.LOCK_EX):
+            self._append(p, line)
 
     def iter_refs(self) -> Iterator[Ref]:
         base = self.root / "refs"
