@@ -7,7 +7,10 @@ import sys
 import typer
 
 from ..errors import PatchctlError
-from . import admin, patches
+from . import admin, evals, patches
+from . import merge as merge_cli
+from . import port as port_cli
+from . import remote as remote_cli
 
 app = typer.Typer(
     name="patchctl",
@@ -18,6 +21,10 @@ app = typer.Typer(
 )
 app.add_typer(admin.app)
 app.add_typer(patches.app)
+app.add_typer(evals.app)
+app.add_typer(merge_cli.app)
+app.add_typer(port_cli.app)
+app.add_typer(remote_cli.app)
 
 
 def main(argv: list[str] | None = None) -> int:

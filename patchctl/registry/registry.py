@@ -22,7 +22,9 @@ from .names import DIGEST_RE, Ref, is_digest, parse_ref
 from .store import Store
 
 if TYPE_CHECKING:
+
     from .checkpoint import Checkpoint
+    from .merging import MergeResult
     from .patchview import PatchView
 
 Progress = Callable[[int, int], None] | None
@@ -123,6 +125,7 @@ class Registry:
         dtype: str | None = None,
         trust_pickle: bool = False,
         move_latest: bool = True,
+        evals: list[str] | None = None,
     ) -> str:
         """Import a PEFT folder, a fine-tuned checkpoint (with ``base``) or a diff file.
 
@@ -133,6 +136,7 @@ class Registry:
         from .checkpoint import Checkpoint
 
         parse_ref(ref)  # reject a bad name before any work
+        suites = [self.resolve(e) for e in evals or []]
         srcp = Path(src)
         kind = importers.detect(srcp)
         base_ckpt = Checkpoint(base) if base is not None else None
@@ -159,16 +163,28 @@ class Registry:
                 check_against_base(PatchView(self.store, m0), base_ckpt)
             for name, t, pins in imp.tensors:
                 tensors[name] = self._write_tensor(name, t, pins)
+            base_doc = _base_doc(base_ckpt, base_name, imp.base_hint)
+            self.remember_base(base_doc["fingerprint"], base_ckpt.path)
             m = Manifest(
                 kind=imp.kind,
-                base=_base_doc(base_ckpt, base_name, imp.base_hint),
+                base=base_doc,
                 tensors=tensors,
                 params=imp.params,
                 parents=(),
                 recipe=imp.recipe,
                 metadata=metadata or {},
             )
-            return self.commit(m, ref, message or f"push {srcp.name}", move_latest)
+            if suites:
+                from . import records
+
+                for sd in suites:
+                    sm = self.manifest(sd)
+                    if sm.kind != "suite" or sm.fingerprint != m.fingerprint:
+                        raise BaseMismatch(f"eval suite {sd[:19]}… is not a suite for this patch's base")
+            digest = self.commit(m, ref, message or f"push {srcp.name}", move_latest)
+            for sd in suites:
+                records.attach(self.store, digest, sd, "target")
+            return digest
 
     # -- reading ---------------------------------------------------------------
     def ls(self) -> list[dict[str, Any]]:
@@ -184,6 +200,10 @@ class Registry:
         doc["refs"] = self.index.tags_of(digest)
         doc["stored_bytes"] = m.stored_bytes
         doc["num_params"] = m.num_params
+        from . import records
+
+        doc["suites"] = records.suites(self.store, digest)
+        doc["validations"] = [{"record": k, **v} for k, v in records.validations(self.store, digest)]
         return doc
 
     def log(self, ref: str) -> dict[str, Any]:
@@ -220,6 +240,36 @@ class Registry:
         self._move(r, None, message or "rm")
         return digest
 
+    # -- remotes (remotes.py) -------------------------------------------------------
+    def pull(self, ref: str, remote: str | None = None, *, progress: Progress = None,
+             workers: int = 4) -> dict[str, Any]:
+        """Pull ``REMOTE/NAME[:TAG]`` (or ``NAME[:TAG]`` from ``remote``, a name or URL); a summary."""
+        from . import remotes
+
+        return remotes.pull(self, ref, remote, progress=progress, workers=workers)
+
+    def publish(self, ref: str, remote: str, *, progress: Progress = None) -> dict[str, Any]:
+        """Copy the local ``NAME[:TAG]`` to a registry-folder or ``hf://`` remote; a summary."""
+        from . import remotes
+
+        return remotes.publish(self, ref, remote, progress=progress)
+
+    def remotes(self) -> list[dict[str, Any]]:
+        """The configured remotes (``remotes.json``)."""
+        from . import remotes
+
+        return [r.to_json() for _, r in sorted(remotes.load_remotes(self.store).items())]
+
+    def add_remote(self, name: str, url: str, token_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        from . import remotes
+
+        return remotes.add_remote(self.store, name, url, token_file).to_json()
+
+    def remove_remote(self, name: str) -> dict[str, Any]:
+        from . import remotes
+
+        return remotes.remove_remote(self.store, name).to_json()
+
     # -- maintenance ---------------------------------------------------------------
     def _reachable(self, include_history: bool) -> tuple[set[str], set[str]]:
         manifests: set[str] = set()
@@ -230,12 +280,28 @@ class Registry:
             t = self.store.ref_target(r)
             if t:
                 manifests.add(t)
+        from . import records
+
         blobs: set[str] = set()
+        fingerprints: set[str] = set()
+        subjects = set(manifests)
         for d in list(manifests):
             try:
-                blobs.update(manifest_mod.parse(self.store.read_manifest_bytes(d)).blob_digests())
+                m = manifest_mod.parse(self.store.read_manifest_bytes(d))
             except NotFound:
                 manifests.discard(d)
+                continue
+            blobs.update(m.blob_digests())
+            fingerprints.add(m.fingerprint)
+        subjects |= {"base:" + f for f in fingerprints}
+        # suites and validation records that kept patches (and their bases) refer to
+        for subj in subjects:
+            for e in records.read(self.store, subj):
+                if e.get("type") == "suite" and e["suite"] not in manifests and self.store.has_manifest(e["suite"]):
+                    manifests.add(e["suite"])
+                    blobs.update(manifest_mod.parse(self.store.read_manifest_bytes(e["suite"])).blob_digests())
+                elif e.get("type") == "validation":
+                    blobs.add(e["record"])
         return manifests, blobs
 
     def gc(self, dry_run: bool = False, prune_history: bool = False) -> dict[str, Any]:
@@ -352,6 +418,164 @@ class Registry:
         ckpt = Checkpoint(base)
         self.check_base(view.m, ckpt)
         return apply_to_base(view, ckpt, Path(out), progress)
+
+    # -- bases known on this machine ---------------------------------------------------
+    def remember_base(self, fingerprint: str, path: str | os.PathLike[str]) -> None:
+        """Record where base ``fingerprint`` lives locally (``bases.json``; not part of any patch)."""
+        import json
+
+        f = self.path / "bases.json"
+        try:
+            known = json.loads(f.read_text()) if f.is_file() else {}
+        except ValueError:
+            known = {}
+        p = str(Path(path).expanduser().resolve())
+        if known.get(fingerprint) == p:
+            return
+        known[fingerprint] = p
+        tmp = self.path / "tmp" / f"bases.json.{os.getpid()}"
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, f)
+
+    def base_path(self, fingerprint: str) -> Path | None:
+        """The local folder of a base seen before (by push or eval push), if it still exists."""
+        import json
+
+        f = self.path / "bases.json"
+        try:
+            p = json.loads(f.read_text()).get(fingerprint) if f.is_file() else None
+        except ValueError:
+            return None
+        return Path(p) if p and Path(p).is_dir() else None
+
+    # -- eval suites and validation ---------------------------------------------------
+    def eval_push(self, path: str | os.PathLike[str], ref: str, *, task: str, base: str | os.PathLike[str],
+                  labels: list[str] | None = None, prompts: list[str] | None = None,
+                  head: str | os.PathLike[str] | None = None, max_len: int = 128,
+                  control: bool = False, message: str = "") -> str:
+        """Store a JSONL eval suite for ``base``; ``control`` declares it the base's control suite."""
+        from . import records
+        from .checkpoint import Checkpoint
+        from .suites import push_suite
+
+        digest = push_suite(self, path, ref, task=task, base=base, labels=labels, prompts=prompts,
+                            head=head, max_len=max_len, message=message)
+        fp = Checkpoint(base).fingerprint()
+        self.remember_base(fp, base)
+        if control:
+            records.attach(self.store, "base:" + fp, digest, "control")
+        return digest
+
+    def eval_attach(self, ref: str, suite: str) -> bool:
+        """Declare that patch ``ref`` is judged by ``suite`` (a target suite)."""
+        from . import records
+
+        d, s = self.resolve(ref), self.resolve(suite)
+        pm, sm = self.manifest(d), self.manifest(s)
+        if sm.kind != "suite":
+            raise InvalidArgument(f"{suite} is not an eval suite")
+        if pm.kind == "suite":
+            raise InvalidArgument(f"{ref} is an eval suite, not a patch")
+        if pm.fingerprint != sm.fingerprint:
+            raise BaseMismatch(f"suite {suite} is for another base than {ref}")
+        return records.attach(self.store, d, s, "target")
+
+    def validate(self, refs: list[str], *, base: str | os.PathLike[str] | None = None,
+                 suites: list[str] | None = None, split: str = "test", device: str | None = None,
+                 batch_size: int | None = None) -> list[dict[str, Any]]:
+        """Compose base + ``refs`` and score it on their suites; records are stored with the patches."""
+        from .validation import validate
+
+        return validate(self, refs, base=base, suites=suites, split=split, device=device, batch_size=batch_size)
+
+    def records(self, ref: str) -> dict[str, Any]:
+        """A patch's attached suites and validation records."""
+        from . import records
+
+        d = self.resolve(ref)
+        return {"suites": records.suites(self.store, d),
+                "validations": [{"record": k, **v} for k, v in records.validations(self.store, d)]}
+
+    # -- merge ---------------------------------------------------------------------
+    def merge(
+        self,
+        inputs: list[str] | tuple[str, ...],
+        ref: str | None = None,
+        *,
+        method: str = "task_arithmetic",
+        weights: list[float] | tuple[float, ...] | None = None,
+        params: dict[str, Any] | None = None,
+        overrides: list[tuple[str, dict[str, Any]]] | None = None,
+        lines: str | float | None = None,
+        lines_beta: float | None = None,
+        as_lora: str | None = None,
+        rank: int | None = None,
+        dtype: str | None = None,
+        device: str = "cpu",
+        seed: int = 0,
+        apply_to: str | os.PathLike[str] | None = None,
+        base: str | os.PathLike[str] | None = None,
+        message: str = "",
+        metadata: dict[str, Any] | None = None,
+        progress: Progress = None,
+        validate: bool = True,
+        gate: float = 0.9,
+        eval_device: str | None = None,
+    ) -> MergeResult:
+        """Merge patches on one base into a new ``diff`` (or LoRA) patch, streaming tensor by tensor.
+
+        ``method`` is a row of :data:`patchctl.patches.merge.METHODS`, with
+        one weight per input (default 1 each) and its ``params`` (``density``,
+        ``lambda``, ``gamma``); ``overrides`` are ``(regex, params)`` rules per
+        tensor. ``lines`` (``"auto"`` or α) and ``lines_beta`` scale the merged
+        delta per layer (LiNeS). ``as_lora="cat"`` (LoRA inputs, linear methods)
+        or ``"svd"`` with ``rank`` store a PEFT LoRA instead of a diff.
+        ``apply_to`` with ``base`` also writes the merged full model. Every
+        problem is reported before any work; nothing is written on error. The
+        same inputs and recipe give the same digest. See
+        :mod:`patchctl.registry.merging`.
+
+        Unless ``validate`` is false, the merge is then validated
+        (:func:`patchctl.registry.validation.validate_merge`): each constituent's
+        eval suites score the merged model against the constituent alone, the
+        base's control suites against the base. A merge whose lowest normalized
+        score is under ``gate`` is kept but marked ``fail`` and moves no ref.
+        """
+        from dataclasses import replace
+
+        from . import records
+        from .merging import merge
+
+        if ref is not None:
+            parse_ref(ref)
+
+        res = merge(self, inputs, None, method=method, weights=weights, params=params,
+                    overrides=overrides, lines=lines, lines_beta=lines_beta, as_lora=as_lora, rank=rank,
+                    dtype=dtype, device=device, seed=seed, apply_to=apply_to, base=base, message=message,
+                    metadata=metadata, progress=progress)
+        constituents = list(res.manifest.parents)
+        fp = res.manifest.fingerprint
+        has_suites = any(records.suites(self.store, c, "target") for c in constituents) or bool(
+            records.suites(self.store, "base:" + fp, "control"))
+        if validate and has_suites:
+            from .validation import validate_merge
+
+            validation = validate_merge(self, res.digest, constituents, base=base, gate=gate,
+                                        device=eval_device, batch_size=None)
+        else:
+            why = "--no-validate" if not validate else "no eval suites attached to the inputs or the base"
+            validation = {"type": "merge-validation", "merged": res.digest, "constituents": constituents,
+                          "gate": gate, "verdict": "unvalidated", "reason": why, "rows": [],
+                          "min_normalized": None, "device": None}
+            validation["record"] = records.add_validation(self.store, res.digest, validation)
+        moved = False
+        if ref is not None and validation["verdict"] != "fail":
+            r = parse_ref(ref)
+            self._move(r, res.digest, res.message)
+            if r.tag != "latest":
+                self._move(Ref(r.name, "latest"), res.digest, res.message)
+            moved = True
+        return replace(res, validation=validation, moved=moved)
 
 
 def _base_doc(base: Checkpoint, base_name: str | None, hint: str | None) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""The ``merge`` command: combine patches on one base (task arithmetic, TIES, DARE, LiNeS...)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ._common import JsonOpt, Progress, RegistryOpt, console, emit_json, human_bytes, open_registry
+
+app = typer.Typer()
+
+
+@app.command()
+def merge(
+    as_ref: Annotated[str, typer.Option("--as", help="NAME[:TAG] for the merged patch.")],
+    inputs: Annotated[list[str] | None, typer.Argument(help="Patches to merge (NAME:TAG or digest), all on one base.")] = None,
+    method: Annotated[str | None, typer.Option(help="task_arithmetic | linear | ties | dare_linear | dare_ties | magnitude_prune | breadcrumbs (default task_arithmetic).")] = None,
+    weights: Annotated[str | None, typer.Option(help="One weight per patch, comma-separated (default 1 each).")] = None,
+    density: Annotated[float | None, typer.Option(help="Fraction of entries kept (ties, dare_*, magnitude_prune, breadcrumbs).")] = None,
+    lam: Annotated[float | None, typer.Option("--lambda", help="λ: scale of the merged delta.")] = None,
+    gamma: Annotated[float | None, typer.Option(help="Breadcrumbs: fraction of top-magnitude outliers dropped.")] = None,
+    lines: Annotated[str | None, typer.Option(help="LiNeS layer scaling: 'auto' or ALPHA.")] = None,
+    lines_beta: Annotated[float | None, typer.Option(help="LiNeS β (default 1 - α: the last block keeps its full update).")] = None,
+    override: Annotated[list[str] | None, typer.Option("--override", help="Per-tensor parameters 'REGEX:key=val,key=val' (repeatable; later rules win).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Output dtype (default: float32 for LoRA inputs, else the inputs' common dtype).")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "cpu",
+    seed: Annotated[int | None, typer.Option(help="Seed of DARE's random drops (default 0).")] = None,
+    as_lora: Annotated[str | None, typer.Option(help="Store a LoRA: 'cat' (exact, LoRA inputs, linear methods) or 'svd' (with --rank).")] = None,
+    rank: Annotated[int | None, typer.Option(help="Rank of the --as-lora svd factors.")] = None,
+    apply: Annotated[Path | None, typer.Option("--apply", help="Also write base + merged patch as a full model folder here (needs --base).")] = None,
+    base: Annotated[Path | None, typer.Option(help="Base model folder for --apply.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML/JSON file with the same settings (inputs, method, weights, params, overrides, lines, lines_beta, as_lora, rank, dtype, seed); flags override it.")] = None,
+    message: Annotated[str, typer.Option("--message", "-m", help="Message kept in the ref history.")] = "",
+    gate: Annotated[float, typer.Option(help="Validation gate: lowest normalized score a merge needs to move its tag.")] = 0.9,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Record the merge as unvalidated instead of running its suites.")] = False,
+    eval_device: Annotated[str | None, typer.Option(help="Device for validation (default: cuda when present, else cpu).")] = None,
+    registry: RegistryOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge patches on one base into a new patch (diff, or LoRA with --as-lora)."""
+    from ..registry.merging import parse_override, parse_weights, read_recipe
+
+    spec: dict[str, Any] = read_recipe(recipe) if recipe is not None else {}
+    params: dict[str, Any] = dict(spec.pop("params", None) or {})
+    for key, value in (("density", density), ("lambda", lam), ("gamma", gamma)):
+        if value is not None:
+            if key == "lambda":
+                params.pop("lam", None)
+            params[key] = value
+    flags: dict[str, Any] = {
+        "inputs": inputs or None,
+        "method": method,
+        "weights": parse_weights(weights) if weights is not None else None,
+        "overrides": [parse_override(o) for o in override] if override else None,
+        "lines": lines,
+        "lines_beta": lines_beta,
+        "as_lora": as_lora,
+        "rank": rank,
+        "dtype": dtype,
+        "seed": seed,
+    }
+    spec.update({k: v for k, v in flags.items() if v is not None})
+    ins = spec.pop("inputs", None)
+    if not ins:
+        raise typer.BadParameter("give the patches to merge (or a --recipe with inputs)", param_hint="INPUTS")
+    spec.setdefault("method", "task_arithmetic")
+    with open_registry(registry) as reg, Progress("merge", not json_out) as prog:
+        res = reg.merge(ins, as_ref, params=params, device=device, apply_to=apply, base=base,
+                        message=message, progress=prog, validate=not no_validate, gate=gate,
+                        eval_device=eval_device, **spec)
+    if json_out:
+        emit_json({"digest": res.digest, "ref": as_ref, "kind": res.manifest.kind, "device": res.device,
+                   "recipe": res.recipe, "parents": list(res.manifest.parents), "rel_error": res.rel_error,
+                   "tensor_rel_errors": res.tensor_errors or None,
+                   "applied": str(res.applied) if res.applied else None,
+                   "validation": res.validation, "moved": res.moved})
+        _exit_on_failed_gate(res)
+        return
+    m = res.manifest
+    console.print(f"merged [bold]{as_ref}[/] {res.digest}  ({m.kind}, {len(m.tensors)} tensors, "
+                  f"{human_bytes(m.stored_bytes)}, on {res.device})", soft_wrap=True)
+    console.print("recipe " + json.dumps(res.recipe, sort_keys=True), soft_wrap=True, markup=False, highlight=False)
+    if res.rel_error is not None:
+        worst = max(res.tensor_errors.items(), key=lambda kv: kv[1], default=None)
+        tail = f"; worst {worst[0]} {worst[1]:.4g}" if worst else ""
+        console.print(f"svd rank {res.recipe['output']['rank']}: relative error {res.rel_error:.4g}{tail}",
+                      soft_wrap=True, markup=False)
+    if res.applied is not None:
+        console.print(f"wrote {res.applied}")
+    v = res.validation or {}
+    if v.get("rows"):
+        from .evals import render_merge_validation
+
+        render_merge_validation(v)
+    elif v:
+        console.print(f"verdict: [yellow]{v['verdict']}[/] ({v.get('reason', '')})")
+    if not res.moved:
+        console.print(f"[red]{as_ref} was not moved[/]: the merge failed its gate; it is kept as {res.digest}")
+    _exit_on_failed_gate(res)
+
+
+def _exit_on_failed_gate(res: Any) -> None:
+    if res.validation and res.validation.get("verdict") == "fail":
+        raise typer.Exit(3)

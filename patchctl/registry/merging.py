@@ -1,0 +1,770 @@
+"""Merging stored patches: the streaming engine behind ``Registry.merge`` and ``patchctl merge``.
+
+The math lives in :mod:`patchctl.patches.merge` (the methods),
+:mod:`patchctl.patches.lines` (LiNeS) and :mod:`patchctl.patches.lora`; this
+module plans a merge, checks it, and streams it into the store.
+
+**Inputs.** Any mix of ``lora``, ``diff`` and ``sparse`` patches recorded for
+one base fingerprint. Every input is read through :class:`PatchView`, so a
+LoRA module contributes its ``ΔW = B @ A · scaling`` and a sparse tensor its
+dense decoding. LoRA adapters that *replace* tensors (``modules_to_save``,
+trained biases) are refused: a replacement is not a delta and cannot be merged.
+
+**Targets.** The merged patch covers the union of the inputs' targets (base
+tensor names). A target that an input does not change contributes a **zero
+delta** from that input (so TIES/DARE see a zero there, and a ``linear``
+average divides by every weight). A LoRA target that is not spelled like a
+diff input's target is matched to the one diff target it is a dot-suffix of,
+or that is a dot-suffix of it (``encoder.x.weight`` ↔ ``bert.encoder.x.weight``),
+as :meth:`Checkpoint.resolve` does at apply time.
+
+**Checks first.** Before any tensor is read, :func:`plan` checks everything
+it can — bases, targets and shapes (``PatchView.shape_of``), the method and
+its parameters (a dry run of the method on a 2-element tensor for every
+distinct per-tensor parameter set), weights, LiNeS, output, dtype, device,
+the ``--apply`` base — and reports every problem at once in one message, of
+the most specific class among them (BaseMismatch, ShapeMismatch,
+DeviceUnavailable, UnsupportedPatch, InvalidArgument). A failed check writes
+nothing.
+
+**Streaming.** Target by target (sorted by name): each input's delta is loaded,
+merged in float32, optionally LiNeS-scaled, cast to the output dtype, written
+as a blob, and dropped; peak memory is one target's deltas. LiNeS ``auto``
+needs the model-wide L1 norms first, so it makes one more pass that merges
+each tensor, accumulates :func:`~patchctl.patches.lines.l1_norms` and
+discards it. The manifest is committed at the end, under the registry's
+writing lock.
+
+**Outputs.** A ``diff`` patch (default), or a PEFT-format ``lora`` patch:
+
+- ``as_lora="cat"``: exact rank concatenation (:func:`cat_lora`) — only when
+  every input is LoRA and the method is linear in its inputs
+  (``task_arithmetic``, ``linear``). Module rank = sum of the inputs' ranks.
+- ``as_lora="svd"``, ``rank=r``: the merged ΔW re-factored by
+  :func:`svd_lora`. Only 2-D ``*.weight`` targets can be LoRA modules; other
+  targets (biases, norms) are left out, listed under ``dropped`` and counted
+  with relative error 1. The per-tensor and overall relative Frobenius
+  errors (``sqrt(Σ tail²) / sqrt(Σ ‖ΔW‖²)`` over all targets) are recorded in
+  the manifest's ``metadata["svd"]`` and returned. A 2-D target is an
+  embedding (``lora_embedding_A/B``) when a LoRA input has it as one, else
+  when its module name matches :data:`EMBEDDING_RE`.
+
+LoRA outputs use scaling 1: ``lora_alpha = r``, and modules whose rank is
+not ``r`` get ``rank_pattern``/``alpha_pattern`` entries (escaped full module
+names). ``fan_in_fan_out`` is that of the LoRA inputs (they must agree).
+
+**LiNeS** (``lines="auto"`` or a number α, ``lines_beta`` β) scales each
+merged tensor by :func:`~patchctl.patches.lines.lines_scale` after the
+method; ``L`` is :func:`~patchctl.patches.lines.num_blocks` over the union of
+the targets. β defaults to ``1 - α`` (the last block keeps its full merged
+update). The recipe records the requested α, β, the α used and ``L``.
+
+**dtype.** ``dtype`` if given; else float32 when every input is LoRA; else
+the promotion of every stored tensor dtype of the inputs (bf16 + fp16 →
+float32). The math is float32 whatever the dtype.
+
+**Determinism.** The recipe holds no paths or times (the ref history message
+does); numbers are recorded as floats; DARE is seeded per tensor name; so
+the same inputs and recipe give the same manifest digest, on the CPU. (A
+merge on ``cuda`` may differ in the last bits; the device is named in the
+history message.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    BaseMismatch,
+    DeviceUnavailable,
+    InvalidArgument,
+    NotFound,
+    PatchctlError,
+    ShapeMismatch,
+    UnsupportedPatch,
+)
+from ._safetensors import FLOAT_DTYPES
+from .manifest import Manifest, TensorEntry
+from .patchview import PEFT_PREFIX, Change, LoraModule, PatchView, lora_modules
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+
+    from .registry import Registry
+
+Progress = Callable[[int, int], None] | None
+
+LINEAR_METHODS = ("task_arithmetic", "linear")
+AS_LORA = ("cat", "svd")
+EMBEDDING_RE = re.compile(r"(?:^|\.)(?:[^.]*embed[^.]*|wte|wpe|shared)$", re.IGNORECASE)
+RECIPE_KEYS = ("inputs", "method", "weights", "params", "overrides", "lines", "lines_beta",
+               "as_lora", "rank", "dtype", "seed")
+# the most specific class wins when a plan has problems of several kinds
+_SEVERITY: tuple[type[PatchctlError], ...] = (
+    NotFound, BaseMismatch, ShapeMismatch, DeviceUnavailable, UnsupportedPatch, InvalidArgument,
+)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :meth:`Registry.merge` made."""
+
+    digest: str
+    manifest: Manifest
+    device: str
+    rel_error: float | None = None  # as_lora="svd": overall relative Frobenius error
+    tensor_errors: dict[str, float] = field(default_factory=dict)  # svd: per target
+    applied: Path | None = None  # apply_to: the merged full model folder
+    message: str = ""  # the ref-history message
+    validation: dict[str, Any] | None = None  # set by Registry.merge: the merge's validation record
+    moved: bool = False  # whether the ref was moved to the new patch
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return dict(self.manifest.recipe or {})
+
+
+@dataclass
+class _Input:
+    ref: str
+    digest: str
+    view: PatchView
+    changes: dict[str, Change]  # target -> change
+    lora: dict[str, LoraModule]  # manifest key of A -> module (LoRA inputs)
+
+
+@dataclass
+class _Plan:
+    inputs: list[_Input]
+    targets: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    method: str
+    weights: list[float]
+    params: dict[str, Any]  # method defaults overlaid with the user's (key "lam")
+    overrides: list[tuple[str, dict[str, Any]]]
+    per_tensor: dict[str, dict[str, Any]]
+    lines: str | float | None
+    lines_beta: float | None
+    num_blocks: int
+    as_lora: str | None
+    rank: int | None
+    dtype: str
+    seed: int
+    device: str
+    fan_in_fan_out: bool
+    base: Any  # Checkpoint | None
+
+
+# -- parsing helpers shared by the CLI and recipe files --------------------------------
+def _param_key(key: str) -> str:
+    return "lam" if key == "lambda" else key
+
+
+def _shown_key(key: str) -> str:
+    return "lambda" if key == "lam" else key
+
+
+def parse_weights(text: str) -> list[float]:
+    """``"0.5,0.5"`` → ``[0.5, 0.5]``."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise InvalidArgument(f"weights {text!r}: expected comma-separated numbers, e.g. 0.5,0.5") from None
+
+
+def parse_override(text: str) -> tuple[str, dict[str, float]]:
+    """``"REGEX:key=val,key=val"`` → ``(REGEX, {key: val})`` (split at the last ``:``)."""
+    pattern, sep, body = text.rpartition(":")
+    if not sep or not pattern or not body:
+        raise InvalidArgument(f"override {text!r}: expected REGEX:key=value[,key=value...]")
+    params: dict[str, float] = {}
+    for kv in body.split(","):
+        k, eq, v = kv.partition("=")
+        try:
+            params[k.strip()] = float(v)
+        except ValueError:
+            raise InvalidArgument(f"override {text!r}: {kv!r} is not key=number") from None
+        if not eq or not k.strip():
+            raise InvalidArgument(f"override {text!r}: {kv!r} is not key=number")
+    return pattern, params
+
+
+def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A recipe file (YAML or JSON) as keyword arguments of :meth:`Registry.merge`.
+
+    Keys: ``inputs`` (list of refs), ``method``, ``weights`` (list or
+    ``"0.5,0.5"``), ``params`` (``density``, ``lambda``, ``gamma``),
+    ``overrides`` (list of ``"REGEX:key=val,..."`` or ``{pattern, params}``),
+    ``lines`` (``auto`` or α), ``lines_beta``, ``as_lora``, ``rank``,
+    ``dtype``, ``seed``. Values are checked by the merge itself.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise InvalidArgument(f"recipe {str(p)!r}: cannot read it: {e.strerror}") from None
+    try:
+        import yaml
+
+        doc = yaml.safe_load(text)
+    except ImportError:  # pragma: no cover - pyyaml missing: JSON recipes still work
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise InvalidArgument(f"recipe {str(p)!r}: YAML needs pyyaml (pip install pyyaml); or write it as JSON") from None
+    except Exception as e:  # noqa: BLE001 - any YAML syntax error is bad input
+        raise InvalidArgument(f"recipe {str(p)!r}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"recipe {str(p)!r}: expected a mapping with keys {', '.join(RECIPE_KEYS)}")
+    unknown = sorted(set(doc) - set(RECIPE_KEYS))
+    if unknown:
+        raise InvalidArgument(f"recipe {str(p)!r}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(RECIPE_KEYS)}")
+    out = dict(doc)
+    if isinstance(out.get("inputs"), str):
+        out["inputs"] = [out["inputs"]]
+    if isinstance(out.get("weights"), str):
+        out["weights"] = parse_weights(out["weights"])
+    if out.get("overrides") is not None:
+        if not isinstance(out["overrides"], list):
+            raise InvalidArgument(f"recipe {str(p)!r}: overrides must be a list")
+        rules = []
+        for o in out["overrides"]:
+            if isinstance(o, str):
+                rules.append(parse_override(o))
+            elif isinstance(o, dict) and set(o) == {"pattern", "params"} and isinstance(o["params"], dict):
+                rules.append((o["pattern"], o["params"]))
+            else:
+                raise InvalidArgument(f"recipe {str(p)!r}: override {o!r}: expected 'REGEX:key=val' or {{pattern, params}}")
+        out["overrides"] = rules
+    return out
+
+
+# -- planning: every check before any work ------------------------------------------
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[tuple[type[PatchctlError], str]] = []
+
+    def add(self, cls: type[PatchctlError], msg: str) -> None:
+        self.items.append((cls, msg))
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        classes = [k for k, _ in self.items]
+        cls = next((c for c in _SEVERITY if c in classes), classes[0])
+        msgs = [m.replace("\n", " ") for _, m in self.items]
+        prefix = "cannot merge: " if len(msgs) == 1 else f"cannot merge ({len(msgs)} problems): "
+        raise cls(prefix + "; ".join(msgs))
+
+
+def _resolve_device(device: str, problems: _Problems) -> str:
+    import torch
+
+    if device == "cpu":
+        return "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if re.fullmatch(r"cuda(:\d+)?", device or ""):
+        if not torch.cuda.is_available():
+            problems.add(DeviceUnavailable, f"device {device!r} was asked for but no CUDA device is present; use --device cpu")
+        elif ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            problems.add(DeviceUnavailable, f"device {device!r} was asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return device
+    problems.add(InvalidArgument, f"unknown device {device!r}: choose cpu, cuda, cuda:N or auto")
+    return "cpu"
+
+
+def _unify(inputs: list[_Input]) -> None:
+    """Rename LoRA targets onto the diff inputs' spelling where it differs by a prefix."""
+    names = {t for i in inputs if i.view.m.kind != "lora" for t in i.changes}
+    for inp in inputs:
+        if inp.view.m.kind != "lora" or not names:
+            continue
+        renamed: dict[str, Change] = {}
+        for t, c in inp.changes.items():
+            if t not in names:
+                hits = [n for n in names if n.endswith("." + t) or t.endswith("." + n)]
+                t = hits[0] if len(hits) == 1 else t
+            renamed[t] = c
+        inp.changes = renamed
+
+
+def _common_dtype(inputs: list[_Input]) -> str:
+    """float32 for LoRA-only inputs; else the promotion of every stored tensor dtype."""
+    import torch
+
+    if all(i.view.m.kind == "lora" for i in inputs):
+        return "float32"
+    dt: torch.dtype | None = None
+    for i in inputs:
+        for e in i.view.m.tensors.values():
+            d = getattr(torch, e.dtype)
+            if d.is_floating_point:
+                dt = d if dt is None else torch.promote_types(dt, d)
+    return str(dt or torch.float32).removeprefix("torch.")
+
+
+def _finite(value: Any, what: str, problems: _Problems) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        problems.add(InvalidArgument, f"{what} must be a finite number, got {value!r}")
+        return None
+    return float(value)
+
+
+def plan(
+    reg: Registry,
+    inputs: Sequence[str],
+    *,
+    method: str,
+    weights: Sequence[float] | None,
+    params: Mapping[str, Any] | None,
+    overrides: Sequence[tuple[str, Mapping[str, Any]]] | None,
+    lines: str | float | None,
+    lines_beta: float | None,
+    as_lora: str | None,
+    rank: int | None,
+    dtype: str | None,
+    device: str,
+    seed: int,
+    apply_to: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
+) -> _Plan:
+    """Resolve and check a merge; every problem is reported at once, nothing is written."""
+    import torch
+
+    from ..patches import lines as lines_mod
+    from ..patches import merge as merge_mod
+
+    problems = _Problems()
+    if isinstance(inputs, str) or not inputs:
+        raise InvalidArgument("cannot merge: give at least one patch (NAME:TAG or digest)")
+    digests: list[str] = []
+    for ref in inputs:
+        try:
+            digests.append(reg.resolve(ref))
+        except PatchctlError as e:
+            problems.add(type(e), str(e))
+    if problems.items:
+        problems.raise_if_any()
+    loaded: list[_Input] = []
+    for ref, digest in zip(inputs, digests, strict=True):
+        view = PatchView(reg.store, reg.manifest(digest))
+        mods = lora_modules(view.m)[0] if view.m.kind == "lora" else {}
+        changes = view.changes()
+        replaced = [c.target for c in changes if c.op != "add"]
+        if replaced:
+            problems.add(UnsupportedPatch, f"{ref} replaces whole tensors ({', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}: "
+                         "modules_to_save or trained biases), which a merge of deltas cannot combine")
+        loaded.append(_Input(ref, digest, view, {c.target: c for c in changes if c.op == "add"},
+                             {m.a: m for m in mods.values()}))
+    n = len(loaded)
+
+    # bases
+    first = loaded[0]
+    for i in loaded[1:]:
+        if i.view.m.fingerprint != first.view.m.fingerprint:
+            problems.add(BaseMismatch, f"{i.ref} is for base {i.view.m.base.get('name')!r} ({i.view.m.fingerprint[:19]}…) "
+                         f"but {first.ref} is for base {first.view.m.base.get('name')!r} ({first.view.m.fingerprint[:19]}…); "
+                         "merge patches of one base (`patchctl port` moves a patch to another)")
+    one_base = not problems.items or not any(c is BaseMismatch for c, _ in problems.items)
+    # targets and shapes
+    _unify(loaded)
+    seen: dict[str, dict[tuple[int, ...], list[str]]] = {}
+    for i in loaded:
+        for t, c in i.changes.items():
+            seen.setdefault(t, {}).setdefault(tuple(i.view.shape_of(c)), []).append(i.ref)
+    bad_shapes = [f"{t}: " + " vs ".join(f"{list(s)} in {', '.join(r)}" for s, r in seen[t].items())
+                  for t in sorted(seen) if len(seen[t]) > 1]
+    if bad_shapes and one_base:  # on different bases the shapes say nothing more
+        more = f" (and {len(bad_shapes) - 5} more)" if len(bad_shapes) > 5 else ""
+        problems.add(ShapeMismatch, "shapes differ: " + "; ".join(bad_shapes[:5]) + more)
+    shapes = {t: next(iter(seen[t])) for t in sorted(seen)}
+    targets = sorted(shapes)
+
+    # method, weights, parameters
+    row = None
+    try:
+        row = merge_mod.get_method(method)
+        row.check_inputs(n)
+    except InvalidArgument as e:
+        problems.add(InvalidArgument, str(e))
+        row = None
+    ws: list[Any] = [1.0] * n if weights is None else list(weights)
+    ok = True
+    if len(ws) != n:
+        problems.add(InvalidArgument, f"{len(ws)} weight(s) for {n} patch(es); give one weight per patch")
+        ok = False
+    ok &= None not in [_finite(w, f"weight {k + 1}", problems) for k, w in enumerate(ws)]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        problems.add(InvalidArgument, f"seed must be an integer, got {seed!r}")
+        ok = False
+    user_params = {_param_key(str(k)): v for k, v in (params or {}).items()}
+    rules: list[tuple[str, dict[str, Any]]] = []
+    for pat, ps in overrides or []:
+        if not isinstance(pat, str) or not isinstance(ps, Mapping):
+            problems.add(InvalidArgument, f"override ({pat!r}, {ps!r}): expected (REGEX, {{key: value}})")
+            ok = False
+            continue
+        rules.append((pat, {_param_key(str(k)): v for k, v in ps.items()}))
+    resolved: dict[str, Any] = {}
+    per_tensor: dict[str, dict[str, Any]] = {}
+    if row is not None:
+        known = ", ".join(_shown_key(k) for k in sorted(row.params)) or "none"
+        for k in user_params:
+            if k not in row.params:
+                problems.add(InvalidArgument, f"merge method {method!r} has no parameter {_shown_key(k)!r} (its parameters: {known})")
+                ok = False
+        for pat, ps in rules:
+            for k in ps:
+                if k not in row.params:
+                    problems.add(InvalidArgument, f"override {pat!r} sets {_shown_key(k)!r}, which {method!r} does not have (its parameters: {known})")
+                    ok = False
+        resolved = {k: user_params.get(k, v) for k, v in row.params.items()}
+        if ok:
+            try:
+                per_tensor = {t: merge_mod.resolve_params(t, resolved, rules) for t in targets}
+            except InvalidArgument as e:
+                problems.add(InvalidArgument, str(e))
+                ok = False
+        if ok:  # dry run: the method's own checks, once per distinct parameter set
+            tried: set[str] = set()
+            for tname in [None, *targets]:
+                prm = resolved if tname is None else per_tensor[tname]
+                key = json.dumps(prm, sort_keys=True, default=repr)
+                if key in tried:
+                    continue
+                tried.add(key)
+                try:
+                    merge_mod.merge_tensor(method, [torch.zeros(2)] * n, ws, generator_seed=seed, name=tname or "-", params=prm)
+                except PatchctlError as e:
+                    where = "" if tname is None else f" (parameters for {tname}, set by an override)"
+                    problems.add(InvalidArgument, f"{e}{where}")
+
+    # LiNeS
+    lines_v: str | float | None = None
+    if lines is not None:
+        if lines == "auto":
+            lines_v = "auto"
+        else:
+            try:
+                lines_v = _finite(float(lines), "LiNeS alpha", problems)
+            except (TypeError, ValueError):
+                problems.add(InvalidArgument, f"LiNeS alpha must be 'auto' or a number, got {lines!r}")
+    beta = None
+    if lines_beta is not None:
+        if lines is None:
+            problems.add(InvalidArgument, "lines_beta is set but lines is not; pass lines='auto' or an alpha too")
+        beta = _finite(lines_beta, "LiNeS beta", problems)
+
+    # output
+    fifo_values = {bool(i.view.m.params.get("fan_in_fan_out", False)) for i in loaded if i.view.m.kind == "lora"}
+    fifo = fifo_values == {True}
+    if as_lora is not None and as_lora not in AS_LORA:
+        problems.add(InvalidArgument, f"unknown LoRA output {as_lora!r}: choose cat or svd")
+    if as_lora == "cat":
+        not_lora = [f"{i.ref} is a {i.view.m.kind}" for i in loaded if i.view.m.kind != "lora"]
+        if not_lora:
+            problems.add(InvalidArgument, f"--as-lora cat needs LoRA inputs only ({'; '.join(not_lora)}); use --as-lora svd --rank R")
+        if method not in LINEAR_METHODS:
+            problems.add(InvalidArgument, f"--as-lora cat is exact only for methods linear in their inputs ({', '.join(LINEAR_METHODS)}), "
+                         f"not {method!r}; use --as-lora svd --rank R or a diff output")
+        if rank is not None:
+            problems.add(InvalidArgument, "--rank is for --as-lora svd; cat keeps the sum of the inputs' ranks")
+    if as_lora == "svd" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        problems.add(InvalidArgument, f"--as-lora svd needs --rank R, an integer >= 1 (got {rank!r})")
+    if as_lora is None and rank is not None:
+        problems.add(InvalidArgument, "--rank needs --as-lora svd")
+    if as_lora is not None and len(fifo_values) > 1:
+        problems.add(InvalidArgument, "the LoRA inputs disagree on fan_in_fan_out; a LoRA output needs one layout")
+
+    # dtype, device, base
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        problems.add(InvalidArgument, f"unknown dtype {dtype!r}: choose one of {', '.join(sorted(FLOAT_DTYPES))}")
+    out_dtype = dtype if dtype in FLOAT_DTYPES else _common_dtype(loaded)
+    dev = _resolve_device(device, problems)
+    ckpt = None
+    if apply_to is not None or base is not None:
+        if apply_to is None or base is None:
+            problems.add(InvalidArgument, "apply_to and base go together: --apply OUT --base BASE_DIR")
+        else:
+            ckpt = _check_apply(loaded, Path(apply_to), base, problems)
+    problems.raise_if_any()
+    return _Plan(loaded, targets, shapes, method, [float(w) for w in ws], resolved, rules, per_tensor,
+                 lines_v, beta, lines_mod.num_blocks(targets), as_lora, rank, out_dtype, seed, dev, fifo, ckpt)
+
+
+def _check_apply(loaded: list[_Input], out: Path, base: str | os.PathLike[str], problems: _Problems) -> Any:
+    from .checkpoint import Checkpoint
+    from .patchview import check_against_base
+
+    if out.exists():
+        problems.add(InvalidArgument, f"{out} already exists; choose another --apply path or remove it first")
+    try:
+        ckpt = Checkpoint(base)
+    except PatchctlError as e:
+        problems.add(InvalidArgument, f"--base: {e}")
+        return None
+    fp = ckpt.fingerprint()
+    if fp != loaded[0].view.m.fingerprint:
+        problems.add(BaseMismatch, f"--base {ckpt.path} has fingerprint {fp[:19]}… but the patches are for "
+                     f"{loaded[0].view.m.fingerprint[:19]}…")
+        return None
+    for i in loaded:
+        try:
+            check_against_base(i.view, ckpt)
+        except ShapeMismatch as e:
+            problems.add(ShapeMismatch, f"{i.ref}: {e}")
+    return ckpt
+
+
+# -- the work -------------------------------------------------------------------------
+def _deltas(p: _Plan, target: str) -> list[torch.Tensor]:
+    import torch
+
+    out = []
+    for i in p.inputs:
+        c = i.changes.get(target)
+        if c is None:
+            out.append(torch.zeros(p.shapes[target], dtype=torch.float32, device=p.device))
+        else:
+            out.append(i.view.value(c, p.device).to(torch.float32))
+    return out
+
+
+def _merged(p: _Plan, target: str, deltas: list[torch.Tensor]) -> torch.Tensor:
+    from ..patches.merge import merge_tensor
+
+    return merge_tensor(p.method, deltas, p.weights, generator_seed=p.seed, name=target, params=p.per_tensor[target])
+
+
+def _lines_alpha(p: _Plan, progress: Progress, done: list[int], total: int) -> float | None:
+    """α for LiNeS: the given number, or (auto) a first streaming pass over the L1 norms."""
+    from ..patches.lines import default_alpha, l1_norms
+
+    if p.lines is None:
+        return None
+    if p.lines != "auto":
+        return float(p.lines)
+    sum_l1 = merged_l1 = 0.0
+    for t in p.targets:
+        deltas = _deltas(p, t)
+        a, b = l1_norms(deltas, _merged(p, t, deltas))
+        sum_l1 += a
+        merged_l1 += b
+        del deltas
+        _tick(p, t, progress, done, total)
+    return default_alpha(sum_l1, merged_l1, len(p.inputs))
+
+
+def _tick(p: _Plan, t: str, progress: Progress, done: list[int], total: int) -> None:
+    done[0] += math.prod(p.shapes[t]) * 4
+    if progress:
+        progress(done[0], total)
+
+
+def _is_embedding(p: _Plan, target: str) -> bool:
+    for i in p.inputs:
+        c = i.changes.get(target)
+        if c is not None and i.lora:
+            return i.lora[c.sources[0]].embedding
+    return EMBEDDING_RE.search(target.removesuffix(".weight")) is not None
+
+
+def _lora_keys(module: str, embedding: bool) -> tuple[str, str]:
+    if embedding:
+        return f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B"
+    return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+
+
+def _cat_factors(p: _Plan, target: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact rank concatenation of the inputs' factors for ``target`` (× the LiNeS scale)."""
+    from ..patches.lora import cat_lora, lora_scaling, pattern_value
+
+    lam = float(p.per_tensor[target].get("lam", 1.0))
+    norm = math.fsum(p.weights) if p.method == "linear" else 1.0
+    factors = []
+    for i, w in zip(p.inputs, p.weights, strict=True):
+        c = i.changes.get(target)
+        if c is None:
+            continue
+        mod = i.lora[c.sources[0]]
+        a, b = i.view.tensor(mod.a, p.device), i.view.tensor(mod.b, p.device)
+        r = int(a.shape[0])
+        prm = i.view.m.params  # the scaling exactly as PatchView.value computes it
+        alpha = pattern_value(mod.module, prm.get("alpha_pattern") or {}, prm.get("lora_alpha", r))
+        s = lora_scaling(r, float(alpha), bool(prm.get("use_rslora", False)))
+        factors.append((a, b, s, w / norm * lam * scale))
+    return cat_lora(factors)
+
+
+def _peft_params(p: _Plan, ranks: dict[str, int], base_name: str) -> dict[str, Any]:
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k)) if counts else (p.rank or 1)
+    pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": r,
+        "lora_alpha": r,  # scaling 1; per-module alpha = rank below
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks),
+        "base_model_name_or_path": base_name,
+        "fan_in_fan_out": p.fan_in_fan_out,
+        "use_rslora": False,
+        "use_dora": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def _recipe(p: _Plan, alpha: float | None, beta: float) -> dict[str, Any]:
+    def shown(d: Mapping[str, Any]) -> dict[str, Any]:
+        return {_shown_key(k): float(v) for k, v in d.items()}
+
+    output: dict[str, Any] = {"kind": "diff"} if p.as_lora is None else {"kind": "lora", "as_lora": p.as_lora}
+    if p.as_lora == "svd":
+        output["rank"] = p.rank
+    lines = None
+    if p.lines is not None:
+        lines = {"alpha": p.lines, "beta": beta, "resolved_alpha": alpha, "num_blocks": p.num_blocks}
+    return {
+        "op": "merge",
+        "method": p.method,
+        "weights": p.weights,
+        "params": shown(p.params),
+        "overrides": [{"pattern": pat, "params": shown(ps)} for pat, ps in p.overrides],
+        "lines": lines,
+        "output": output,
+        "dtype": p.dtype,
+        "seed": p.seed,
+    }
+
+
+def merge(
+    reg: Registry,
+    inputs: Sequence[str],
+    ref: str | None = None,
+    *,
+    method: str = "task_arithmetic",
+    weights: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
+    overrides: Sequence[tuple[str, Mapping[str, Any]]] | None = None,
+    lines: str | float | None = None,
+    lines_beta: float | None = None,
+    as_lora: str | None = None,
+    rank: int | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    apply_to: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    message: str = "",
+    metadata: dict[str, Any] | None = None,
+    progress: Progress = None,
+) -> MergeResult:
+    """Plan, check, then stream the merge into the store; see the module docstring."""
+    import torch
+
+    from ..patches.lines import lines_scale, single_patch_beta
+    from ..patches.lora import svd_lora
+    from .names import parse_ref
+
+    if ref is not None:
+        parse_ref(ref)
+    p = plan(reg, inputs, method=method, weights=weights, params=params, overrides=overrides, lines=lines,
+             lines_beta=lines_beta, as_lora=as_lora, rank=rank, dtype=dtype, device=device, seed=seed,
+             apply_to=apply_to, base=base)
+    out_dtype = getattr(torch, p.dtype)
+    passes = 2 if p.lines == "auto" else 1
+    total = passes * sum(math.prod(s) * 4 for s in p.shapes.values())
+    done = [0]
+    tensors: dict[str, TensorEntry] = {}
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    dropped: list[str] = []
+    tail_sq = total_sq = 0.0
+    with reg.store.writing():
+        alpha = _lines_alpha(p, progress, done, total)
+        beta = p.lines_beta if p.lines_beta is not None else (single_patch_beta(alpha) if alpha is not None else 0.0)
+        for t in p.targets:
+            scale = lines_scale(t, p.num_blocks, alpha, beta) if alpha is not None else 1.0
+            module = t.removesuffix(".weight")
+            if p.as_lora == "cat":
+                a, b = _cat_factors(p, t, scale)
+                ka, kb = _lora_keys(module, _is_embedding(p, t))
+                tensors[ka] = reg._write_tensor(ka, a.to(out_dtype).cpu().contiguous())
+                tensors[kb] = reg._write_tensor(kb, b.to(out_dtype).cpu().contiguous())
+                ranks[module] = int(a.shape[0])
+                del a, b
+                _tick(p, t, progress, done, total)
+                continue
+            deltas = _deltas(p, t)
+            merged = _merged(p, t, deltas)
+            del deltas
+            if alpha is not None:
+                merged = merged * scale
+            if p.as_lora == "svd":
+                sq = float(merged.square().sum(dtype=torch.float64))
+                total_sq += sq
+                if merged.dim() != 2 or not t.endswith(".weight"):
+                    dropped.append(t)
+                    errors[t] = 1.0 if sq > 0 else 0.0
+                    tail_sq += sq
+                else:
+                    emb = _is_embedding(p, t)
+                    mat = merged.T if (emb or p.fan_in_fan_out) else merged
+                    a, b, err = svd_lora(mat, int(p.rank or 0), seed=p.seed)
+                    errors[t] = err
+                    tail_sq += err * err * sq
+                    ka, kb = _lora_keys(module, emb)
+                    tensors[ka] = reg._write_tensor(ka, a.to(out_dtype).cpu().contiguous())
+                    tensors[kb] = reg._write_tensor(kb, b.to(out_dtype).cpu().contiguous())
+                    ranks[module] = int(p.rank or 0)
+            else:
+                tensors[t] = reg._write_tensor(t, merged.to(out_dtype).cpu().contiguous())
+            del merged
+            _tick(p, t, progress, done, total)
+        first = p.inputs[0].view.m
+        meta = dict(metadata or {})
+        rel_error = None
+        if p.as_lora == "svd":
+            rel_error = math.sqrt(tail_sq / total_sq) if total_sq > 0 else 0.0
+            meta["svd"] = {"rank": p.rank, "rel_error": rel_error, "tensor_rel_errors": errors, "dropped": dropped}
+        m = Manifest(
+            kind="diff" if p.as_lora is None else "lora",
+            base=dict(first.base),
+            tensors=tensors,
+            params={} if p.as_lora is None else _peft_params(p, ranks, str(first.base.get("name") or "")),
+            parents=tuple(i.digest for i in p.inputs),
+            recipe=_recipe(p, alpha, beta),
+            metadata=meta,
+        )
+        msg = message or f"merge {p.method} of {', '.join(i.ref for i in p.inputs)} on {p.device}"
+        if apply_to is not None:
+            msg += f"; applied to {Path(apply_to).resolve()}"
+        digest = reg.commit(m, ref, msg)
+    applied = None
+    if apply_to is not None and base is not None:
+        applied = reg.apply(digest, base, apply_to, progress)
+    return MergeResult(digest, m, p.device, rel_error, errors if p.as_lora == "svd" else {}, applied, msg,
+                       moved=ref is not None)
+
+
+__all__ = ["AS_LORA", "EMBEDDING_RE", "LINEAR_METHODS", "MergeResult", "merge", "parse_override",
+           "parse_weights", "plan", "read_recipe"]
