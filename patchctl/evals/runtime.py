@@ -108,7 +108,9 @@ def load_model(
     None: on CUDA the evaluators add bf16 autocast themselves). Raises
     :class:`InvalidCheckpoint` if the folder has no config or tokenizer."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # patchctl draws its own progress; keep stderr to errors
     path = os.fspath(base_dir)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise InvalidCheckpoint(f"{path!r} has no config.json; give a Hugging Face model folder")

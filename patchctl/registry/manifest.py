@@ -103,7 +103,8 @@ class Manifest:
 
     @property
     def num_params(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
+        """Parameters the patch carries (0 for an eval suite, whose tensors are data)."""
+        return 0 if self.kind == "suite" else sum(t.numel for t in self.tensors.values())
 
     @property
     def stored_bytes(self) -> int:

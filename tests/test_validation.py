@@ -1,0 +1,153 @@
+"""Validation of merges: eval suites in the registry, records, the gate — on the real MiniLM.
+
+Two real (short) full fine-tunes of all-MiniLM-L6-v2 on the demo tasks, suites on
+small slices of their validation/test splits.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from patchctl import Registry
+from patchctl.errors import BaseMismatch, InvalidArgument, InvalidPatch
+
+from .conftest import snapshot
+
+N_TEST = 90
+
+
+def _suite_file(tmp_path, task_name):
+    from patchctl.demo import tasks
+
+    task = tasks.load_task(task_name)
+    path = tmp_path / f"{task_name}.jsonl"
+    with open(path, "w") as f:
+        for split, n in (("validation", 30), ("test", N_TEST)):
+            texts, labels = task.split(split)
+            for t, y in list(zip(texts, labels, strict=True))[:n]:
+                f.write(json.dumps({"text": t, "label": task.label_names[y], "split": split}) + "\n")
+    return path, list(task.label_names), list(task.prompts)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two real 20-step full fine-tunes (cached across the module)."""
+    from patchctl.demo import tasks
+
+    root = tmp_path_factory.mktemp("ft")
+    return {t: tasks.train_full(tasks.load_task(t).subset(160), root / t, steps=20) for t in ("wordnet", "fortunes")}
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory, trained, minilm_dir):
+    tmp = tmp_path_factory.mktemp("val")
+    reg_path = tmp / "reg"
+    with Registry(reg_path) as reg:
+        for t in ("wordnet", "fortunes"):
+            path, labels, prompts = _suite_file(tmp, t)
+            reg.eval_push(path, f"evals/{t}:v1", task="classification", base=minilm_dir, labels=labels,
+                          prompts=prompts, max_len=48)
+            reg.push(trained[t], f"{t}:v1", base=minilm_dir, evals=[f"evals/{t}:v1"])
+    return reg_path, tmp
+
+
+def test_merge_validates_automatically_and_records_normalized_scores(filled):
+    reg_path, _ = filled
+    with Registry(reg_path) as reg:
+        res = reg.merge(["wordnet:v1", "fortunes:v1"], "ta:v1", gate=0.5)
+        v = res.validation
+        assert v["verdict"] == "pass" and res.moved and reg.resolve("ta:v1") == res.digest
+        assert {r["suite"] for r in v["rows"]} == {reg.resolve("evals/wordnet:v1"), reg.resolve("evals/fortunes:v1")}
+        for r in v["rows"]:
+            assert r["normalized"] == pytest.approx(r["merged"] / r["alone"])
+            assert r["role"] == "target"
+        shown = reg.show("ta:v1")["validations"]
+        assert shown[-1]["verdict"] == "pass" and shown[-1]["device"] == "cpu"
+
+
+def test_bad_merge_fails_the_gate_and_moves_no_tag(filled):
+    reg_path, _ = filled
+    with Registry(reg_path) as reg:
+        res = reg.merge(["wordnet:v1", "fortunes:v1"], "bad:v1", params={"lambda": 5.0})
+        assert res.validation["verdict"] == "fail" and not res.moved
+        assert res.validation["min_normalized"] < 0.9
+        assert reg.store.ref_target(__import__("patchctl.registry.names", fromlist=["x"]).parse_ref("bad:v1")) is None
+        assert reg.show(res.digest)["validations"][-1]["verdict"] == "fail"  # kept, marked failed
+
+
+def test_cli_merge_exit_code_on_failed_gate(filled, capsys):
+    from patchctl.cli.main import main
+
+    reg_path, _ = filled
+    code = main(["merge", "wordnet:v1", "fortunes:v1", "--lambda", "5", "--as", "bad2:v1", "--registry", str(reg_path)])
+    out = capsys.readouterr().out
+    assert code == 3 and "verdict: fail" in out and "was not moved" in out
+
+
+def test_same_validation_twice_gives_identical_numbers(filled):
+    reg_path, _ = filled
+    with Registry(reg_path) as reg:
+        a = reg.validate(["wordnet:v1"])
+        b = reg.validate(["wordnet:v1"])
+        assert [r["metrics"] for r in a] == [r["metrics"] for r in b]
+        assert a[0]["metrics"]["n"] == N_TEST and a[0]["device"] == "cpu"
+
+
+def test_no_validate_records_unvalidated_and_moves_tag(filled):
+    reg_path, _ = filled
+    with Registry(reg_path) as reg:
+        res = reg.merge(["wordnet:v1", "fortunes:v1"], "nv:v1", params={"lambda": 5.0}, validate=False)
+        assert res.validation["verdict"] == "unvalidated" and res.moved
+
+
+def test_records_survive_index_loss_and_gc(filled):
+    reg_path, _ = filled
+    with Registry(reg_path) as reg:
+        before = reg.show("ta:v1")
+    for p in reg_path.glob("index.sqlite*"):
+        p.unlink()
+    with Registry(reg_path) as reg:
+        reg.gc(prune_history=True)
+        after = reg.show("ta:v1")
+        assert after["validations"] == before["validations"] and after["suites"] == before["suites"]
+        assert reg.fsck()["ok"]
+
+
+def test_malformed_jsonl_names_the_line(filled, minilm_dir):
+    reg_path, tmp = filled
+    bad = tmp / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 0\n')
+    before = snapshot(reg_path)
+    with Registry(reg_path) as reg, pytest.raises(InvalidPatch, match="line 2: invalid JSON"):
+        reg.eval_push(bad, "evals/bad:v1", task="classification", base=minilm_dir, prompts=["x"])
+    assert snapshot(reg_path) == before
+
+
+def test_unknown_task_type(filled, minilm_dir):
+    reg_path, tmp = filled
+    with Registry(reg_path) as reg, pytest.raises(InvalidArgument, match="unknown task type 'regression'"):
+        reg.eval_push(tmp / "wordnet.jsonl", "evals/x:v1", task="regression", base=minilm_dir)
+
+
+def test_suite_for_another_base_is_refused(filled, models):
+    reg_path, tmp = filled
+    with Registry(reg_path) as reg:
+        (tmp / "lm.jsonl").write_text('{"text": "hello"}\n')
+        reg.eval_push(tmp / "lm.jsonl", "evals/tiny:v1", task="lm-loss", base=models.base)
+        with pytest.raises(BaseMismatch, match="another base"):
+            reg.eval_attach("wordnet:v1", "evals/tiny:v1")
+        with pytest.raises(BaseMismatch, match="another base"):
+            reg.validate(["wordnet:v1"], suites=["evals/tiny:v1"])
+
+
+def test_custom_evaluator_that_fails_to_import(filled, minilm_dir):
+    reg_path, tmp = filled
+    (tmp / "c.jsonl").write_text('{"x": 1}\n')
+    with Registry(reg_path) as reg:
+        reg.eval_push(tmp / "c.jsonl", "evals/custom:v1", task="python:no_such_module_xyz:score", base=minilm_dir)
+        n = len(reg.show("wordnet:v1")["validations"])
+        with pytest.raises(InvalidArgument, match="no_such_module_xyz"):
+            reg.validate(["wordnet:v1"], suites=["evals/custom:v1"])
+        assert len(reg.show("wordnet:v1")["validations"]) == n  # no half-written record
