@@ -11,6 +11,7 @@ what comes back out scores the same as what went in.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -37,6 +38,28 @@ def sh(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str
     return p
 
 
+def write_suite(work: Path, task_name: str) -> tuple[Path, Path, Path]:
+    """The task's validation and test splits as a suite JSONL, with its labels and prompts."""
+    task = tasks.load_task(task_name)
+    data = work / f"{task_name}-suite.jsonl"
+    with open(data, "w") as f:
+        for split in ("validation", "test"):
+            texts, labels = task.split(split)
+            for t, y in zip(texts, labels, strict=True):
+                f.write(json.dumps({"text": t, "label": task.label_names[y], "split": split}) + "\n")
+    (work / f"{task_name}-labels.json").write_text(json.dumps(list(task.label_names)))
+    (work / f"{task_name}-prompts.json").write_text(json.dumps(list(task.prompts)))
+    return data, work / f"{task_name}-labels.json", work / f"{task_name}-prompts.json"
+
+
+def _suite_name(digest: str, v: dict) -> str:
+    """Which demo task a suite digest belongs to (from the constituent order wordnet, fortunes)."""
+    for r in v["rows"]:
+        if r["suite"] == digest and r["constituent"] == v["constituents"][0]:
+            return "wordnet"
+    return "fortunes"
+
+
 def banner(text: str) -> None:
     print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
 
@@ -57,19 +80,23 @@ def main(argv: list[str] | None = None) -> int:
             trained[kind, task] = tasks.cached(kind, task, args.cache, steps=args.steps)
             print(f"  {kind:4s} {task:9s} -> {trained[kind, task]}  ({time.perf_counter() - t0:.1f} s)", flush=True)
 
-    banner("2. Push them into the default registry")
+    work = Path(tempfile.mkdtemp(prefix="patchctl-demo-"))
+    banner("2. Push eval suites and the patches into the default registry")
     home = os.environ.get("PATCHCTL_HOME") or str(Path.home() / ".patchctl")
     print(f"registry: {home}")
+    base_name = "sentence-transformers/all-MiniLM-L6-v2"
     for task in names:
-        sh("push", trained["full", task], f"minilm/{task}-full:v1", "--base", base,
-           "-m", f"full fine-tune on {task}", "--meta", f"task={task}")
-        sh("push", trained["lora", task], f"minilm/{task}-lora:v1", "--base", base,
-           "-m", f"LoRA r=8 on {task}", "--meta", f"task={task}")
+        data, labels, prompts = write_suite(work, task)
+        sh("eval", "push", data, f"minilm/evals-{task}:v1", "--task", "classification", "--base", base,
+           "--labels", labels, "--prompts", prompts, "--max-len", "48")
+        sh("push", trained["full", task], f"minilm/{task}-full:v1", "--base", base, "--base-name", base_name,
+           "-m", f"full fine-tune on {task}", "--meta", f"task={task}", "--eval", f"minilm/evals-{task}:v1")
+        sh("push", trained["lora", task], f"minilm/{task}-lora:v1", "--base", base, "--base-name", base_name,
+           "-m", f"LoRA r=8 on {task}", "--meta", f"task={task}", "--eval", f"minilm/evals-{task}:v1")
     sh("ls")
     sh("show", "minilm/wordnet-lora:v1")
     sh("log", "minilm/wordnet-full:v1")
 
-    work = Path(tempfile.mkdtemp(prefix="patchctl-demo-"))
     banner("3. Export and apply, and check that what comes out scores the same")
     sh("export", "minilm/wordnet-lora:v1", work / "wordnet-lora-peft")
     sh("apply", "minilm/wordnet-full:v1", work / "wordnet-full-applied", "--base", base)
@@ -92,6 +119,32 @@ def main(argv: list[str] | None = None) -> int:
         accs = [tasks.accuracy(model, tok, tasks.load_task(t), "test") for t in names]
         print(f"{label:38s} {accs[0]:8.3f} {accs[1]:9.3f}", flush=True)
     print(f"\nexported and applied models are in {work}")
+
+    banner("4. Merge the two full fine-tunes; every merge is validated on both tasks")
+    merges = [
+        ("task arithmetic", ["--method", "task_arithmetic"], "minilm/merged:ta"),
+        ("TIES (density 0.2, lambda 1.5)", ["--method", "ties", "--density", "0.2", "--lambda", "1.5"], "minilm/merged:ties"),
+        ("TIES + LiNeS (auto alpha, beta 1)", ["--method", "ties", "--density", "0.2", "--lambda", "1.5",
+                                                "--lines", "auto", "--lines-beta", "1.0"], "minilm/merged:ties-lines"),
+    ]
+    results = []
+    for label, flags, ref in merges:
+        print(f"\n--- {label}")
+        p = sh("merge", "minilm/wordnet-full:v1", "minilm/fortunes-full:v1", *flags, "--as", ref, "--json", check=False)
+        results.append((label, ref, json.loads(p.stdout)))
+    print("\n--- a deliberately bad merge (lambda = 5): it fails its gate and moves no tag")
+    p = sh("merge", "minilm/wordnet-full:v1", "minilm/fortunes-full:v1", "--lambda", "5", "--as", "minilm/merged:bad",
+           check=False)
+    print(f"(exit code {p.returncode})")
+    sh("log", "minilm/merged:ties-lines")
+
+    print(f"\n{'merge':38s} {'wordnet':>8s} {'fortunes':>9s} {'mean norm.':>10s} verdict   (test accuracy)")
+    for label, _ref, doc in results:
+        v = doc["validation"]
+        rows = {r["suite"]: r for r in v["rows"]}
+        accs = [rows[s]["merged"] for s in sorted(rows, key=lambda s: 0 if "wordnet" in _suite_name(s, v) else 1)]
+        norm = sum(r["normalized"] for r in v["rows"]) / len(v["rows"])
+        print(f"{label:38s} {accs[0]:8.3f} {accs[1]:9.3f} {norm:10.3f} {v['verdict']}")
     banner("done")
     return 0
 
