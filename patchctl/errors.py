@@ -87,3 +87,15 @@ class DeviceUnavailable(PatchctlError):
     """A device (e.g. ``cuda``) that was asked for but is not present."""
 
     code = "DEVICE_UNAVAILABLE"
+
+
+class RemoteError(PatchctlError):
+    """A remote that cannot be reached or answered unexpectedly."""
+
+    code = "REMOTE_ERROR"
+
+
+class EvaluationFailed(PatchctlError):
+    """A custom evaluator that raised while scoring a model."""
+
+    code = "EVALUATION_FAILED"

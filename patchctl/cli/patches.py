@@ -27,8 +27,8 @@ app = typer.Typer()
 
 @app.command()
 def push(
-    src: Annotated[Path, typer.Argument(help="PEFT adapter folder, fine-tuned model folder, or diff .safetensors file.")],
-    ref: Annotated[str, typer.Argument(help="NAME[:TAG] to store it under (tag defaults to latest).")],
+    src: Annotated[str, typer.Argument(help="PEFT adapter folder, fine-tuned model folder, or diff .safetensors file; with --to, the local NAME[:TAG] to publish.")],
+    ref: Annotated[str | None, typer.Argument(help="NAME[:TAG] to store it under (tag defaults to latest).")] = None,
     base: Annotated[Path | None, typer.Option(help="Base model folder (needed for fine-tunes and diffs; PEFT adapters default to their base_model_name_or_path).")] = None,
     base_name: Annotated[str | None, typer.Option(help="Record the base as NAME@REVISION.")] = None,
     message: Annotated[str, typer.Option("--message", "-m", help="Message kept in the ref history.")] = "",
@@ -37,10 +37,23 @@ def push(
     trust_pickle: Annotated[bool, typer.Option(help="Allow .bin/.pt inputs, loaded with torch.load(weights_only=True).")] = False,
     no_latest: Annotated[bool, typer.Option("--no-latest", help="Do not move NAME:latest.")] = False,
     eval_suites: Annotated[list[str] | None, typer.Option("--eval", help="Eval suite that judges this patch (repeatable).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Publish the local NAME[:TAG] (SRC) to a remote: a name from `patchctl remote ls`, a registry folder or hf://ORG/REPO.")] = None,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Import a patch into the registry."""
+    """Import a patch into the registry (or, with --to, publish one to a remote)."""
+    if to is not None:
+        if ref is not None:
+            raise typer.BadParameter("with --to, give only the NAME[:TAG] to publish")
+        with open_registry(registry) as reg, Progress("push", not json_out) as prog:
+            res = reg.publish(src, to, progress=prog)
+        if json_out:
+            emit_json(res)
+        else:
+            console.print(f"published [bold]{res['ref']}[/] {res['digest']} to {res['remote']}")
+        return
+    if ref is None:
+        raise typer.BadParameter("missing NAME[:TAG] to store SRC under")
     metadata: dict[str, Any] = {}
     for kv in meta or []:
         k, sep, v = kv.partition("=")
