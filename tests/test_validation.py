@@ -151,3 +151,40 @@ def test_custom_evaluator_that_fails_to_import(filled, minilm_dir):
         with pytest.raises(InvalidArgument, match="no_such_module_xyz"):
             reg.validate(["wordnet:v1"], suites=["evals/custom:v1"])
         assert len(reg.show("wordnet:v1")["validations"]) == n  # no half-written record
+
+
+def _registry_with_suites(path, trained, minilm_dir, tmp, test_offset):
+    """A registry whose suites share the validation rows but take their test rows from ``test_offset``."""
+    from patchctl.demo import tasks
+
+    with Registry(path) as reg:
+        for t in ("wordnet", "fortunes"):
+            task = tasks.load_task(t)
+            rows = []
+            vt, vl = task.split("validation")
+            rows += [{"text": x, "label": y, "split": "validation"} for x, y in list(zip(vt, vl, strict=True))[:30]]
+            tt, tl = task.split("test")
+            rows += [{"text": x, "label": y, "split": "test"} for x, y in list(zip(tt, tl, strict=True))[test_offset:test_offset + 40]]
+            f = tmp / f"{t}-{test_offset}.jsonl"
+            f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            reg.eval_push(f, f"evals/{t}:v1", task="classification", base=minilm_dir, prompts=list(task.prompts),
+                          max_len=48)
+            reg.push(trained[t], f"{t}:v1", base=minilm_dir, evals=[f"evals/{t}:v1"])
+
+
+def test_search_choice_ignores_the_test_split_and_is_deterministic(tmp_path, trained, minilm_dir):
+    chosen = []
+    for offset in (0, 100):
+        reg_path = tmp_path / f"reg{offset}"
+        _registry_with_suites(reg_path, trained, minilm_dir, tmp_path, offset)
+        with Registry(reg_path) as reg:
+            res = reg.merge(["wordnet:v1", "fortunes:v1"], "s:v1", search=True, budget=3, gate=0.0)
+            sr = res.recipe["search"]
+            assert sr["split"] == "validation" and sr["evaluations"] <= 3 and len(sr["curve"]) == sr["evaluations"]
+            assert sr["chosen"]["params"]["lambda"] == res.recipe["params"]["lambda"]
+            assert sr["objective_value"] == max(p["objective"] for p in sr["curve"])
+            chosen.append((sr["curve"], res.recipe["params"], res.digest))
+            again = reg.merge(["wordnet:v1", "fortunes:v1"], "s:v2", search=True, budget=3, gate=0.0)
+            assert again.digest == res.digest  # same inputs and search -> same choice and digest
+    # a different test split changes neither the curve nor the choice nor the digest
+    assert chosen[0] == chosen[1]

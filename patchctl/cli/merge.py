@@ -37,6 +37,9 @@ def merge(
     gate: Annotated[float, typer.Option(help="Validation gate: lowest normalized score a merge needs to move its tag.")] = 0.9,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Record the merge as unvalidated instead of running its suites.")] = False,
     eval_device: Annotated[str | None, typer.Option(help="Device for validation (default: cuda when present, else cpu).")] = None,
+    search: Annotated[bool, typer.Option("--search", help="Choose λ (LiNeS β; density for TIES/DARE) on the suites' validation split.")] = False,
+    budget: Annotated[int, typer.Option(help="--search: most candidate merges to evaluate.")] = 12,
+    with_control: Annotated[bool, typer.Option("--with-control", help="--search: weigh the base's control suite in, (2·target + control)/3.")] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -70,7 +73,7 @@ def merge(
     with open_registry(registry) as reg, Progress("merge", not json_out) as prog:
         res = reg.merge(ins, as_ref, params=params, device=device, apply_to=apply, base=base,
                         message=message, progress=prog, validate=not no_validate, gate=gate,
-                        eval_device=eval_device, **spec)
+                        eval_device=eval_device, search=search, budget=budget, with_control=with_control, **spec)
     if json_out:
         emit_json({"digest": res.digest, "ref": as_ref, "kind": res.manifest.kind, "device": res.device,
                    "recipe": res.recipe, "parents": list(res.manifest.parents), "rel_error": res.rel_error,
@@ -82,7 +85,11 @@ def merge(
     m = res.manifest
     console.print(f"merged [bold]{as_ref}[/] {res.digest}  ({m.kind}, {len(m.tensors)} tensors, "
                   f"{human_bytes(m.stored_bytes)}, on {res.device})", soft_wrap=True)
-    console.print("recipe " + json.dumps(res.recipe, sort_keys=True), soft_wrap=True, markup=False, highlight=False)
+    shown = {k: v for k, v in res.recipe.items() if k != "search"}
+    console.print("recipe " + json.dumps(shown, sort_keys=True), soft_wrap=True, markup=False, highlight=False)
+    sr = res.recipe.get("search")
+    if sr:
+        _render_search(sr)
     if res.rel_error is not None:
         worst = max(res.tensor_errors.items(), key=lambda kv: kv[1], default=None)
         tail = f"; worst {worst[0]} {worst[1]:.4g}" if worst else ""
@@ -100,6 +107,21 @@ def merge(
     if not res.moved:
         console.print(f"[red]{as_ref} was not moved[/]: the merge failed its gate; it is kept as {res.digest}")
     _exit_on_failed_gate(res)
+
+
+def _render_search(sr: dict[str, Any]) -> None:
+    """The search curve as a table with a bar per candidate (objective on the validation split)."""
+    from rich.table import Table
+
+    lo = min(p["objective"] for p in sr["curve"])
+    hi = max(p["objective"] for p in sr["curve"])
+    t = Table("COEFFICIENT", "VALUE", "OBJECTIVE (validation)", "", title=f"search: {sr['evaluations']} of budget {sr['budget']}")
+    for p in sr["curve"]:
+        width = 1 + int(30 * (p["objective"] - lo) / (hi - lo)) if hi > lo else 30
+        mark = " ←" if p["objective"] == hi else ""
+        t.add_row(p["coefficient"], f"{p['value']:g}", f"{p['objective']:.4f}", "█" * width + mark)
+    console.print(t)
+    console.print(f"chosen: {sr['chosen']}")
 
 
 def _exit_on_failed_gate(res: Any) -> None:

@@ -114,9 +114,22 @@ def show(
     lin = info["lineage"]
     if lin["parents"] or lin["recipe"]:
         console.print("parents   " + (", ".join(short(p) for p in lin["parents"]) or "-"))
-        console.print("recipe    " + json.dumps(lin["recipe"], sort_keys=True))
-    if info["metadata"]:
-        console.print("metadata  " + json.dumps(info["metadata"], sort_keys=True))
+        recipe = dict(lin["recipe"] or {})
+        sr = recipe.pop("search", None)
+        console.print("recipe    " + json.dumps(recipe, sort_keys=True))
+        if sr:
+            from .merge import _render_search
+
+            _render_search(sr)
+    comp = info["metadata"].get("compression") if info["kind"] == "sparse" else None
+    if comp:
+        from .compress import report_lines
+
+        for line in report_lines(comp):
+            console.print("compress  " + line, soft_wrap=True, markup=False, highlight=False)
+    meta = {k: v for k, v in info["metadata"].items() if not (comp and k == "compression")}
+    if meta:
+        console.print("metadata  " + json.dumps(meta, sort_keys=True))
     if info.get("suites"):
         console.print("suites    " + ", ".join(short(s) for s in info["suites"]))
     for v in info.get("validations", []):
@@ -126,9 +139,16 @@ def show(
         elif "metrics" in v:
             console.print(f"scored    suite {short(v['suite'])} {v['split']}: {v['metrics']['score']:.4f} ({v['device']})")
     if tensors:
-        t = Table("TENSOR", "DTYPE", "SHAPE", "ENCODING", "SIZE")
+        errs = (comp or {}).get("tensors") or {}
+        t = Table("TENSOR", "DTYPE", "SHAPE", "ENCODING", "SIZE", *(["KEPT", "REL.ERR"] if errs else []))
         for name, e in sorted(info["tensors"].items()):
-            t.add_row(name, e["dtype"], "×".join(map(str, e["shape"])), e["encoding"], human_bytes(e["size"]))
+            extra = []
+            if errs:
+                from math import prod
+
+                r, n = errs.get(name), prod(e["shape"])
+                extra = [f"{r['nnz'] / n:.4f}" if r and n else "-", f"{r['rel_error']:.4f}" if r else "-"]
+            t.add_row(name, e["dtype"], "×".join(map(str, e["shape"])), e["encoding"], human_bytes(e["size"]), *extra)
         console.print(t)
 
 

@@ -677,8 +677,13 @@ def merge(
     message: str = "",
     metadata: dict[str, Any] | None = None,
     progress: Progress = None,
+    search: dict[str, Any] | None = None,
 ) -> MergeResult:
-    """Plan, check, then stream the merge into the store; see the module docstring."""
+    """Plan, check, then stream the merge into the store; see the module docstring.
+
+    ``search``: the record of a coefficient search that chose these settings
+    (see :mod:`patchctl.registry.search`); kept in the recipe.
+    """
     import torch
 
     from ..patches.lines import lines_scale, single_patch_beta
@@ -752,7 +757,7 @@ def merge(
             tensors=tensors,
             params={} if p.as_lora is None else _peft_params(p, ranks, str(first.base.get("name") or "")),
             parents=tuple(i.digest for i in p.inputs),
-            recipe=_recipe(p, alpha, beta),
+            recipe=_recipe(p, alpha, beta) if search is None else {**_recipe(p, alpha, beta), "search": search},
             metadata=meta,
         )
         msg = message or f"merge {p.method} of {', '.join(i.ref for i in p.inputs)} on {p.device}"

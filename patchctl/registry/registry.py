@@ -22,10 +22,13 @@ from .names import DIGEST_RE, Ref, is_digest, parse_ref
 from .store import Store
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
 
     from .checkpoint import Checkpoint
+    from .compressing import CompressResult
     from .merging import MergeResult
     from .patchview import PatchView
+    from .porting import PortReport
 
 Progress = Callable[[int, int], None] | None
 
@@ -496,6 +499,44 @@ class Registry:
         return {"suites": records.suites(self.store, d),
                 "validations": [{"record": k, **v} for k, v in records.validations(self.store, d)]}
 
+    # -- compress ------------------------------------------------------------------
+    def compress(
+        self,
+        ref: str,
+        as_ref: str | None = None,
+        *,
+        density: float,
+        mode: str = "ternary",
+        scale: str = "std",
+        kappa: float = 1.0,
+        per_tensor: bool = False,
+        seed: int = 0,
+        values_dtype: str = "float16",
+        lora_delta: bool = False,
+        message: str = "",
+        metadata: dict[str, Any] | None = None,
+        move_latest: bool = True,
+        progress: Progress = None,
+    ) -> CompressResult:
+        """Compress a diff or LoRA patch into a new ``sparse`` patch, streaming tensor by tensor.
+
+        ``mode``: ``ternary`` (ComPEFT: global top-``density`` by magnitude,
+        then ``±α`` with ``α = kappa·std`` or, ``scale="mean"``, the mean kept
+        magnitude per tensor), ``values`` (same selection, values kept in
+        ``values_dtype``) or ``dare`` (random keep with probability
+        ``density``, rescaled, seeded by ``seed``); ``per_tensor`` makes the
+        threshold (and std) per tensor. A LoRA's A/B factors are compressed
+        (``lora_delta``: its ΔW instead). ``as_ref`` defaults to
+        ``NAME:TAG-d<density>``. The manifest records the parent, the recipe
+        and a size/error report (``metadata["compression"]``). Already sparse
+        patches are refused. See :mod:`patchctl.registry.compressing`.
+        """
+        from .compressing import compress
+
+        return compress(self, ref, as_ref, density=density, mode=mode, scale=scale, kappa=kappa,
+                        per_tensor=per_tensor, seed=seed, values_dtype=values_dtype, lora_delta=lora_delta,
+                        message=message, metadata=metadata, move_latest=move_latest, progress=progress)
+
     # -- merge ---------------------------------------------------------------------
     def merge(
         self,
@@ -521,6 +562,9 @@ class Registry:
         validate: bool = True,
         gate: float = 0.9,
         eval_device: str | None = None,
+        search: bool = False,
+        budget: int = 12,
+        with_control: bool = False,
     ) -> MergeResult:
         """Merge patches on one base into a new ``diff`` (or LoRA) patch, streaming tensor by tensor.
 
@@ -540,6 +584,11 @@ class Registry:
         eval suites score the merged model against the constituent alone, the
         base's control suites against the base. A merge whose lowest normalized
         score is under ``gate`` is kept but marked ``fail`` and moves no ref.
+
+        ``search=True`` first chooses λ (or LiNeS β, then the density where the
+        method has one) on the validation split of the inputs' suites, within
+        ``budget`` candidate merges (:mod:`patchctl.registry.search`); the
+        whole curve is kept in the recipe.
         """
         from dataclasses import replace
 
@@ -549,10 +598,20 @@ class Registry:
         if ref is not None:
             parse_ref(ref)
 
+        search_record = None
+        if search:
+            from .search import search_merge
+
+            params, lines_beta, search_record = search_merge(
+                self, list(inputs), method=method, weights=list(weights) if weights else None,
+                params=dict(params or {}), lines=lines, lines_beta=lines_beta, budget=budget,
+                with_control=with_control, base=None, eval_device=eval_device,
+                merge_kwargs={"overrides": overrides, "as_lora": as_lora, "rank": rank, "dtype": dtype,
+                              "device": device, "seed": seed})
         res = merge(self, inputs, None, method=method, weights=weights, params=params,
                     overrides=overrides, lines=lines, lines_beta=lines_beta, as_lora=as_lora, rank=rank,
                     dtype=dtype, device=device, seed=seed, apply_to=apply_to, base=base, message=message,
-                    metadata=metadata, progress=progress)
+                    metadata=metadata, progress=progress, search=search_record)
         constituents = list(res.manifest.parents)
         fp = res.manifest.fingerprint
         has_suites = any(records.suites(self.store, c, "target") for c in constituents) or bool(
@@ -576,6 +635,36 @@ class Registry:
                 self._move(Ref(r.name, "latest"), res.digest, res.message)
             moved = True
         return replace(res, validation=validation, moved=moved)
+
+
+    # -- port ------------------------------------------------------------------------
+    def port(
+        self,
+        ref: str,
+        to: str | os.PathLike[str],
+        *,
+        from_base: str | os.PathLike[str] | None = None,
+        to_name: str | None = None,
+        lam: float = 1.0,
+        maps: Sequence[str] = (),
+        as_ref: str | None = None,
+        dry_run: bool = False,
+        message: str = "",
+        progress: Progress = None,
+    ) -> PortReport:
+        """Re-anchor a patch on another version of its base: delta ``lam·τ`` keyed by ``to``'s names.
+
+        ``from_base`` is the patch's own base (needed to measure drift; default:
+        the folder this registry saw it in, if any); ``maps`` are
+        ``OLD_REGEX=NEW`` renames; ``as_ref`` names the result (default
+        ``NAME:TAG-on-<8 hex of the new fingerprint>``). The diagnostics are
+        computed before anything is written; ``dry_run`` writes nothing. See
+        :mod:`patchctl.registry.porting`.
+        """
+        from .porting import port
+
+        return port(self, ref, to, from_base=from_base, to_name=to_name, lam=lam, maps=maps, as_ref=as_ref,
+                    dry_run=dry_run, message=message, progress=progress)
 
 
 def _base_doc(base: Checkpoint, base_name: str | None, hint: str | None) -> dict[str, Any]:
