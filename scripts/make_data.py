@@ -52,6 +52,20 @@ WORDNET_CLASSES: list[tuple[str, str, str]] = [
 WORDNET_PER_CLASS = {"train": 300, "validation": 100, "test": 150}
 GLOSS_MAX_CHARS = 300
 
+# Control task (general ability, no training data): WordNet verb glosses ->
+# 29 verb.body, 32 verb.communication, 34 verb.consumption, 37 verb.emotion,
+# 38 verb.motion, 39 verb.perception. Used as the base's control suite: a merge
+# of the two task patches should not lose what the base could already do.
+VERB_CLASSES: list[tuple[str, str, str]] = [
+    ("body", "29", "something done with the body"),
+    ("communication", "32", "saying or telling something"),
+    ("consumption", "34", "eating or drinking"),
+    ("emotion", "37", "feeling an emotion"),
+    ("motion", "38", "moving from place to place"),
+    ("perception", "39", "seeing, hearing or sensing"),
+]
+VERB_PER_CLASS = {"train": 0, "validation": 20, "test": 50}
+
 FORTUNE_CLASSES: list[tuple[str, str]] = [
     # (label name == fortune file, class prompt)
     ("computers", "a joke about computers"),
@@ -81,9 +95,9 @@ def _truncate(text: str, limit: int) -> str:
     return cut.rstrip() + "..."
 
 
-def read_wordnet(wordnet_dir: Path = WORDNET_DIR) -> dict[str, list[str]]:
-    """Glosses of noun synsets, grouped by lex_filenum, in file order."""
-    path = wordnet_dir / "data.noun"
+def read_wordnet(wordnet_dir: Path = WORDNET_DIR, pos: str = "noun") -> dict[str, list[str]]:
+    """Glosses of ``pos`` synsets (noun, verb), grouped by lex_filenum, in file order."""
+    path = wordnet_dir / f"data.{pos}"
     if not path.is_file():
         raise DataError(f"{path} not found (install the Debian package wordnet-base)")
     by_lex: dict[str, list[str]] = {}
@@ -191,6 +205,12 @@ def build(
     fo_pools = _drop_ambiguous({n: read_fortunes(n, fortunes_dir) for n in fo_names})
     fo_splits = _split("fortunes", fo_names, fo_pools, FORTUNE_PER_CLASS, seed)
 
+    # Control: WordNet verb glosses -> lexicographer file (no train split).
+    by_lex_v = read_wordnet(wordnet_dir, "verb")
+    vb_names = [n for n, _, _ in VERB_CLASSES]
+    vb_pools = _drop_ambiguous({n: by_lex_v.get(lex, []) for n, lex, _ in VERB_CLASSES})
+    vb_splits = _split("verbs", vb_names, vb_pools, VERB_PER_CLASS, seed)
+
     specs = [
         (
             "wordnet",
@@ -207,6 +227,14 @@ def build(
             [p for _, p in FORTUNE_CLASSES],
             fo_splits,
             FORTUNE_PER_CLASS,
+        ),
+        (
+            "verbs",
+            "WordNet 3.0 verb gloss -> lexicographer file (verb.<label>); control task, no train split",
+            vb_names,
+            [p for _, _, p in VERB_CLASSES],
+            vb_splits,
+            VERB_PER_CLASS,
         ),
     ]
     for name, description, label_names, prompts, splits, per_class in specs:
