@@ -50,6 +50,9 @@ def filled(tmp_path_factory, trained, minilm_dir):
             reg.eval_push(path, f"evals/{t}:v1", task="classification", base=minilm_dir, labels=labels,
                           prompts=prompts, max_len=48)
             reg.push(trained[t], f"{t}:v1", base=minilm_dir, evals=[f"evals/{t}:v1"])
+        path, labels, prompts = _suite_file(tmp, "verbs")  # the base's control suite (forgetting)
+        reg.eval_push(path, "evals/verbs:v1", task="classification", base=minilm_dir, labels=labels,
+                      prompts=prompts, max_len=48, control=True)
     return reg_path, tmp
 
 
@@ -59,10 +62,13 @@ def test_merge_validates_automatically_and_records_normalized_scores(filled):
         res = reg.merge(["wordnet:v1", "fortunes:v1"], "ta:v1", gate=0.5)
         v = res.validation
         assert v["verdict"] == "pass" and res.moved and reg.resolve("ta:v1") == res.digest
-        assert {r["suite"] for r in v["rows"]} == {reg.resolve("evals/wordnet:v1"), reg.resolve("evals/fortunes:v1")}
+        targets = {r["suite"] for r in v["rows"] if r["role"] == "target"}
+        assert targets == {reg.resolve("evals/wordnet:v1"), reg.resolve("evals/fortunes:v1")}
+        control = [r for r in v["rows"] if r["role"] == "control"]
+        assert [r["suite"] for r in control] == [reg.resolve("evals/verbs:v1")]
+        assert control[0]["constituent"] is None  # the base alone is the reference
         for r in v["rows"]:
             assert r["normalized"] == pytest.approx(r["merged"] / r["alone"])
-            assert r["role"] == "target"
         shown = reg.show("ta:v1")["validations"]
         assert shown[-1]["verdict"] == "pass" and shown[-1]["device"] == "cpu"
 

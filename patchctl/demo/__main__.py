@@ -52,16 +52,54 @@ def write_suite(work: Path, task_name: str) -> tuple[Path, Path, Path]:
     return data, work / f"{task_name}-labels.json", work / f"{task_name}-prompts.json"
 
 
-def _suite_name(digest: str, v: dict) -> str:
-    """Which demo task a suite digest belongs to (from the constituent order wordnet, fortunes)."""
-    for r in v["rows"]:
-        if r["suite"] == digest and r["constituent"] == v["constituents"][0]:
-            return "wordnet"
-    return "fortunes"
+def serve_and_pull(work: Path, base: Path) -> None:
+    """`patchctl serve` on loopback; a fresh registry pulls minilm/merged:ta over HTTP and applies it."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    print(f"\n$ patchctl serve --port {port} &", flush=True)
+    server = subprocess.Popen([*RUN, "serve", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        second = work / "second-registry"
+        sh("remote", "add", "team", f"http://127.0.0.1:{port}", "--registry", second)
+        sh("pull", "team/minilm/merged:ta", "--registry", second)
+        sh("pull", "team/minilm/merged:ta", "--registry", second, "--json")  # again: nothing to transfer
+        sh("apply", "minilm/merged:ta", work / "merged-ta-applied", "--base", base, "--registry", second)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def banner(text: str) -> None:
     print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
+
+
+def compress_step() -> None:
+    """Compress both full fine-tunes (ComPEFT ternary, d = 0.1, κ = 4) and score them next to the originals."""
+    banner("5. Compress the full fine-tunes: ComPEFT ternary, density 0.1, alpha = 4 x std; validate them")
+    rows = []
+    for task in ("wordnet", "fortunes"):
+        src, ref = f"minilm/{task}-full:v1", f"minilm/{task}-full:v1-d0.1"
+        sh("compress", src, "--density", "0.1", "--kappa", "4", "--as", ref, "--no-latest", "-m", f"ComPEFT d=0.1 of {task}")
+        sh("eval", "attach", ref, f"minilm/evals-{task}:v1")
+        for r in (src, ref):
+            score = json.loads(sh("validate", r, "--json").stdout)[0]["metrics"]["score"]
+            info = json.loads(subprocess.run([*RUN, "show", r, "--json"], capture_output=True, text=True, check=True).stdout)
+            rows.append((task, r, info["kind"], info["stored_bytes"], score))
+    sh("show", "minilm/wordnet-full:v1-d0.1")
+    print(f"\n{'patch':32s} {'kind':7s} {'stored':>10s} {'smaller':>8s} {'accuracy':>9s} {'vs orig.':>8s}   (own task, test)")
+    for task, r, kind, size, score in rows:
+        orig = next(x for x in rows if x[0] == task)
+        print(f"{r:32s} {kind:7s} {size / 2**20:6.1f} MiB {orig[3] / size:7.1f}x {score:9.3f} {score / orig[4]:8.1%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
            "-m", f"full fine-tune on {task}", "--meta", f"task={task}", "--eval", f"minilm/evals-{task}:v1")
         sh("push", trained["lora", task], f"minilm/{task}-lora:v1", "--base", base, "--base-name", base_name,
            "-m", f"LoRA r=8 on {task}", "--meta", f"task={task}", "--eval", f"minilm/evals-{task}:v1")
+    data, labels, prompts = write_suite(work, "verbs")  # general ability the merges must keep
+    sh("eval", "push", data, "minilm/evals-control:v1", "--task", "classification", "--base", base,
+       "--labels", labels, "--prompts", prompts, "--max-len", "48", "--control")
     sh("ls")
     sh("show", "minilm/wordnet-lora:v1")
     sh("log", "minilm/wordnet-full:v1")
@@ -139,13 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(exit code {p.returncode})")
     sh("log", "minilm/merged:ties-lines")
 
-    print(f"\n{'merge':38s} {'wordnet':>8s} {'fortunes':>9s} {'mean norm.':>10s} verdict   (test accuracy)")
+    print(f"\n{'merge':38s} {'wordnet':>8s} {'fortunes':>9s} {'control':>8s} {'mean norm.':>10s} verdict"
+          "   (test accuracy)")
     for label, _ref, doc in results:
         v = doc["validation"]
-        rows = {r["suite"]: r for r in v["rows"]}
-        accs = [rows[s]["merged"] for s in sorted(rows, key=lambda s: 0 if "wordnet" in _suite_name(s, v) else 1)]
-        norm = sum(r["normalized"] for r in v["rows"]) / len(v["rows"])
-        print(f"{label:38s} {accs[0]:8.3f} {accs[1]:9.3f} {norm:10.3f} {v['verdict']}")
+        first, second = v["constituents"]
+        by = {r["constituent"]: r for r in v["rows"]}
+        targets = [r for r in v["rows"] if r["role"] == "target"]
+        ctrl = next((r["merged"] for r in v["rows"] if r["role"] == "control"), float("nan"))
+        norm = sum(r["normalized"] for r in targets) / len(targets)
+        print(f"{label:38s} {by[first]['merged']:8.3f} {by[second]['merged']:9.3f} {ctrl:8.3f} {norm:10.3f} "
+              f"{v['verdict']}")
+
+    banner("5. Serve the registry, pull the merged patch into a second registry, apply it there")
+    serve_and_pull(work, base)
+    compress_step()
     banner("done")
     return 0
 
