@@ -36,24 +36,26 @@ the new base: dropped tokens, rows past the new vocabulary).
 
 Verdict: ``risky`` when any of these holds, ``likely`` otherwise.
 
-- mass-weighted mean drift > :data:`MAX_DRIFT` (0.1). A port is a first-order
-  bet: τ was learned at θ and is used at θ′, which holds while θ′ stays close
-  to θ *relative to how far the patch itself moves* the weights. Fine-tunes of
-  the size we handle move the weights by well under 1e-2 relative (the demo's
-  MiniLM full fine-tunes: ‖τ‖/‖θ‖ = 0.0064–0.0067); a new version that
-  re-quantizes (int8 MiniLM: drift 0.0087) or continues training for a while
-  stays on that scale, and ports recover most of the gain (``bench/port.py``).
-  At 0.1 the base moved more than ten times as far as a typical patch — the
-  regime of a re-trained or re-distilled release, where nothing guarantees
-  the patch still points the right way.
+- mass-weighted mean drift > :data:`MAX_DRIFT` (0.02). A port is a
+  first-order bet: τ was learned at θ and is used at θ′, which holds while θ′
+  stays about as close to θ as the patch itself moves the weights (the demo's
+  MiniLM full fine-tunes: ‖τ‖/‖θ‖ = 0.0064–0.0067). Calibrated on MiniLM with
+  ``bench/port.py``: the int8 release (drift 0.008–0.010) kept 101–108 % of
+  every patch's gain; a release trained further on unrelated text (drift
+  0.037–0.042) kept 52–55 % in three cases of four. 0.02 lies between the
+  two, a factor 2 above the quantization case. It is a heuristic from one
+  model family: weight drift says nothing of *where* the base moved, so
+  treat ``likely`` as "worth validating", never as a guarantee.
 - unmatched share > :data:`MAX_UNMATCHED` (0.05): more than 5 % of what the
-  patch changed cannot be carried (a twentieth of the update is lost — about
-  the size of difference our benchmarks can still resolve).
+  patch changed cannot be carried (rows of dropped tokens). A port is meant
+  to carry the whole patch; a twentieth of its mass is the most we let pass
+  without a flag (dropped tokens are usually rare ones, whose rows a
+  fine-tune barely moves, so a real loss shows up as a large share).
 - mass-weighted mean cosine > :data:`MAX_COSINE` (0.5): the new base already
   moved *along* the patch (e.g. it was trained on the same data), so adding
   τ again applies it twice; a λ below 1 is likely better. Unrelated changes
-  (quantization noise, other training) are nearly orthogonal to τ (|cos| is
-  a few 1e-2 or less in high dimension).
+  (quantization noise, other training) are nearly orthogonal to τ in high
+  dimension (|cos| < 0.01 in every ``bench/port.py`` case).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ __all__ = [
     "tensor_drift",
 ]
 
-MAX_DRIFT = 0.1
+MAX_DRIFT = 0.02
 MAX_UNMATCHED = 0.05
 MAX_COSINE = 0.5
 
