@@ -79,6 +79,28 @@ def serve_and_pull(work: Path, base: Path) -> None:
         server.wait(timeout=10)
 
 
+def port_demo(work: Path, base: Path, cache: Path, tok: object) -> None:
+    """Make v2 (the dequantized int8 ONNX release; scripts/make_minilm_v2.py), port, apply, score."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_minilm_v2", ROOT / "scripts" / "make_minilm_v2.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    v2 = mod.int8_dir(cache)
+    sh("port", "minilm/wordnet-full:v1", "--to", v2, "--from", base, "--to-name",
+       "sentence-transformers/all-MiniLM-L6-v2@int8", "--as", "minilm/wordnet-full:v1-int8")
+    sh("apply", "minilm/wordnet-full:v1-int8", work / "wordnet-on-v2", "--base", v2)
+    task = tasks.load_task("wordnet")
+    rows = [("v1 base", base), ("v1 + patch", work / "wordnet-full-applied"), ("v2 (int8) base", v2),
+            ("v2 + ported patch", work / "wordnet-on-v2")]
+    accs = {label: tasks.accuracy(tasks.load_model(p), tok, task, "test") for label, p in rows}
+    for label, acc in accs.items():
+        print(f"  {label:22s} wordnet test accuracy {acc:.3f}")
+    gain = (accs["v2 + ported patch"] - accs["v2 (int8) base"]) / (accs["v1 + patch"] - accs["v1 base"])
+    print(f"  gain recovered on v2: {gain:.1%}")
+
+
 def banner(text: str) -> None:
     print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
 
@@ -194,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
 
     banner("5. Serve the registry, pull the merged patch into a second registry, apply it there")
     serve_and_pull(work, base)
+
+    banner("6. Port the WordNet fine-tune to the int8 release of the base (version 2)")
+    port_demo(work, base, args.cache, tok)
     compress_step()
     banner("done")
     return 0
