@@ -8,6 +8,7 @@ import typer
 
 from ..errors import PatchctlError
 from . import admin, evals, patches
+from . import compress as compress_cli
 from . import merge as merge_cli
 from . import port as port_cli
 from . import remote as remote_cli
@@ -23,6 +24,7 @@ app.add_typer(admin.app)
 app.add_typer(patches.app)
 app.add_typer(evals.app)
 app.add_typer(merge_cli.app)
+app.add_typer(compress_cli.app)
 app.add_typer(port_cli.app)
 app.add_typer(remote_cli.app)
 

@@ -92,7 +92,7 @@ class PatchView:
         self.store = store
         self.m = manifest
         self._lora: dict[str, LoraModule] | None = None
-        if manifest.kind == "lora":
+        if manifest.kind == "lora" or (manifest.kind == "sparse" and manifest.params.get("source_kind") == "lora"):
             self._lora, self._other = lora_modules(manifest)
 
     # -- raw tensors --------------------------------------------------------

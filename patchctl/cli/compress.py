@@ -1,0 +1,70 @@
+"""The ``compress`` command: a patch → a sparse patch (ComPEFT ternary, pruned values, DARE)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from ._common import JsonOpt, Progress, RegistryOpt, console, emit_json, human_bytes, open_registry
+
+app = typer.Typer()
+
+
+@app.command()
+def compress(
+    ref: Annotated[str, typer.Argument(help="Patch to compress (NAME:TAG or digest): a diff or a LoRA.")],
+    density: Annotated[float, typer.Option(help="Fraction of entries kept, in (0, 1], e.g. 0.1.")],
+    mode: Annotated[str, typer.Option(help="ternary (ComPEFT: ±α per kept entry) | values (kept entries keep their value) | dare (random keep, rescaled).")] = "ternary",
+    scale: Annotated[str, typer.Option(help="Ternary α: std (κ·std of the whole patch, ComPEFT) | mean (mean kept |x| per tensor).")] = "std",
+    kappa: Annotated[float, typer.Option(help="κ for --scale std. Task vectors often need κ·density ≈ 0.4 (κ = 4 at d = 0.1).")] = 1.0,
+    per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Threshold (and std) per tensor instead of over the whole patch.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of DARE's random keep mask.")] = 0,
+    values_dtype: Annotated[str, typer.Option(help="dtype of kept values (values, dare): float16 | bfloat16 | float32.")] = "float16",
+    lora_delta: Annotated[bool, typer.Option("--lora-delta", help="LoRA: compress ΔW = B·A·scaling (a sparse diff) instead of the A/B factors (keeps far more of the gain).")] = False,
+    as_ref: Annotated[str | None, typer.Option("--as", help="NAME:TAG for the result (default: NAME:TAG-d<density>, plus -values/-dare).")] = None,
+    message: Annotated[str, typer.Option("--message", "-m", help="Message kept in the ref history.")] = "",
+    no_latest: Annotated[bool, typer.Option("--no-latest", help="Do not move NAME:latest.")] = False,
+    registry: RegistryOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compress a patch into a new sparse patch (with lineage, recipe and a size/error report)."""
+    with open_registry(registry) as reg, Progress("compress", not json_out) as prog:
+        res = reg.compress(ref, as_ref, density=density, mode=mode, scale=scale, kappa=kappa,
+                           per_tensor=per_tensor, seed=seed, values_dtype=values_dtype, lora_delta=lora_delta,
+                           message=message, move_latest=not no_latest, progress=prog)
+    rep = res.report
+    if json_out:
+        emit_json({"digest": res.digest, "ref": res.ref, "kind": res.manifest.kind, "source": res.source,
+                   "device": res.device, "recipe": res.recipe, "parents": list(res.manifest.parents),
+                   "report": {k: v for k, v in rep.items() if k not in ("tensors", "delta_rel_errors")}})
+        return
+    console.print(f"compressed {ref} → [bold]{res.ref}[/] {res.digest}  ({len(res.manifest.tensors)} tensors, "
+                  f"on {res.device})", soft_wrap=True)
+    for line in report_lines(rep):
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+    console.print("recipe " + json.dumps(res.recipe, sort_keys=True), soft_wrap=True, markup=False, highlight=False)
+
+
+def report_lines(rep: dict[str, Any]) -> list[str]:
+    """The compression report of a sparse manifest, as `show` and `compress` print it."""
+    if not rep:
+        return []
+    lines = [f"{rep['mode']}, density {rep['density']:g}: kept {rep['nnz']:,} of {rep['numel']:,} "
+             f"({rep['kept']:.4g})"]
+    over = (rep["bits_per_param"] / rep["bound_bits_per_param"] - 1) * 100 if rep["bound_bits_per_param"] else 0.0
+    lines.append(f"stored {human_bytes(rep['stored_bytes'])} vs {human_bytes(rep['dense_fp16_bytes'])} dense fp16: "
+                 f"{rep['ratio_fp16']:.1f}× smaller; {rep['bits_per_param']:.4f} bits/param, "
+                 f"random-support bound {rep['bound_bits_per_param']:.4f} ({over:+.1f} %)")
+    err = f"relative L2 error {rep['rel_error']:.4f}"
+    per = rep.get("tensors") or {}
+    if per:
+        worst = max(per.items(), key=lambda kv: kv[1]["rel_error"])
+        err += f" (worst tensor {worst[0]} {worst[1]['rel_error']:.4f})"
+    if rep.get("delta_rel_error") is not None:
+        err += f"; on ΔW {rep['delta_rel_error']:.4f}"
+    lines.append(err)
+    if rep.get("uncompressed"):
+        lines.append(f"kept as stored (not deltas): {', '.join(rep['uncompressed'])}")
+    return lines
