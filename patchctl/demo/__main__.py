@@ -107,7 +107,7 @@ def banner(text: str) -> None:
 
 def compress_step() -> None:
     """Compress both full fine-tunes (ComPEFT ternary, d = 0.1, κ = 4) and score them next to the originals."""
-    banner("5. Compress the full fine-tunes: ComPEFT ternary, density 0.1, alpha = 4 x std; validate them")
+    banner("7. Compress the full fine-tunes: ComPEFT ternary, density 0.1, alpha = 4 x std; validate them")
     rows = []
     for task in ("wordnet", "fortunes"):
         src, ref = f"minilm/{task}-full:v1", f"minilm/{task}-full:v1-d0.1"
