@@ -131,7 +131,7 @@ def parse_header(
 ) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: also an int of 4300+ digits
         raise InvalidCheckpoint(f"{where}: header is not valid JSON") from None
     if not isinstance(header, dict):
         raise InvalidCheckpoint(f"{where}: header is not a JSON object")
@@ -144,11 +144,12 @@ def parse_header(
         if not isinstance(entry, dict):
             raise InvalidCheckpoint(f"{where}: entry {name!r} is not an object")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if code not in DTYPES:
+        if not isinstance(code, str) or code not in DTYPES:
             raise InvalidCheckpoint(f"{where}: tensor {name!r} has unknown dtype {code!r}")
+        # the size bound is torch's: it refuses a shape whose nonzero dims overflow int64, even with a 0 dim
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
+        ) or math.prod(max(d, 1) for d in shape) * DTYPES[code][1] >= 2**63:
             raise InvalidCheckpoint(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
         if (
             not isinstance(offsets, list)

@@ -13,6 +13,7 @@ Pickle files are refused unless ``trust_pickle``; then only
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,12 +109,14 @@ def check_peft_config(cfg: Any, where: str = ADAPTER_CONFIG) -> dict[str, Any]:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise InvalidPatch(f"{where}: r must be a positive integer, got {r!r}")
     alpha = cfg.get("lora_alpha", r)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise InvalidPatch(f"{where}: lora_alpha must be a number, got {alpha!r}")
+    if not _finite(alpha):
+        raise InvalidPatch(f"{where}: lora_alpha must be a finite number, got {alpha!r:.40}")
     for key in ("rank_pattern", "alpha_pattern"):
         v = cfg.get(key)
-        if v is not None and not (isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())):
-            raise InvalidPatch(f"{where}: {key} must map module patterns to numbers")
+        if v is not None and not (isinstance(v, dict) and all(
+                _finite(x) and (key == "alpha_pattern" or isinstance(x, int) and x > 0) for x in v.values())):
+            what = "positive integers" if key == "rank_pattern" else "finite numbers"
+            raise InvalidPatch(f"{where}: {key} must map module patterns to {what}")
     tm = cfg.get("target_modules")
     if tm is not None and not isinstance(tm, (str, list)):
         raise InvalidPatch(f"{where}: target_modules must be a string or a list")
@@ -121,6 +124,13 @@ def check_peft_config(cfg: Any, where: str = ADAPTER_CONFIG) -> dict[str, Any]:
         if key in cfg and not isinstance(cfg[key], bool):
             raise InvalidPatch(f"{where}: {key} must be true or false")
     return cfg
+
+
+def _finite(x: Any) -> bool:
+    """A JSON number usable as a float: not a bool, NaN, Infinity or an int too big for a float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return abs(x) < 2**1000 if isinstance(x, int) else math.isfinite(x)
 
 
 def import_peft(folder: Path, trust_pickle: bool = False) -> Imported:

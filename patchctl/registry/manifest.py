@@ -124,9 +124,13 @@ def parse(data: bytes) -> Manifest:
     _need(len(data) <= MAX_MANIFEST_BYTES, "larger than the 64 MiB cap")
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: also an int of 4300+ digits
         raise InvalidPatch("invalid manifest: not UTF-8 JSON") from None
     _need(isinstance(doc, dict), "not a JSON object")
+    try:  # what parses must serialize canonically (to_bytes, the index): no NaN, Infinity, lone surrogate
+        canonical.dumps(doc)
+    except ValueError:
+        raise InvalidPatch("invalid manifest: NaN, Infinity or a lone surrogate has no canonical JSON") from None
     _need(doc.get("schema") == SCHEMA_VERSION, f"unknown schema version {doc.get('schema')!r}")
     kind = doc.get("kind")
     _need(kind in KINDS, f"unknown kind {kind!r}")
@@ -142,7 +146,8 @@ def parse(data: bytes) -> Manifest:
         _need(isinstance(t, dict), f"tensor {name!r} must be an object")
         _need(0 < len(name) <= 1024 and name.isprintable(), f"tensor name {name!r} is not printable or too long")
         _need(isinstance(t.get("digest"), str) and is_digest(t["digest"]), f"tensor {name!r}: bad digest")
-        _need(t.get("dtype") in ITEMSIZE, f"tensor {name!r}: unknown dtype {t.get('dtype')!r}")
+        _need(isinstance(t.get("dtype"), str) and t["dtype"] in ITEMSIZE,
+              f"tensor {name!r}: unknown dtype {t.get('dtype')!r}")
         shape = t.get("shape")
         _need(
             isinstance(shape, list) and len(shape) <= 8

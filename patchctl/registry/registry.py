@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,15 @@ class Registry:
         self.path = self.store.root
         index_path = self.path / "index.sqlite"
         fresh = not index_path.exists()
-        self.index = Index(index_path)
+        try:
+            self.index = Index(index_path)
+        except sqlite3.DatabaseError as e:  # "not a database", "malformed": set the cache aside, rebuild it
+            if type(e) is not sqlite3.DatabaseError:  # OperationalError ("locked"...) is not damage
+                raise
+            for p in self.path.glob("index.sqlite*"):
+                with contextlib.suppress(OSError):
+                    p.replace(self.path / "tmp" / f"{p.name}.damaged-{os.getpid()}")
+            self.index, fresh = Index(index_path), True
         if fresh and any(self.store.iter_refs()):
             self.rebuild_index()
 
@@ -102,6 +112,7 @@ class Registry:
 
     def commit(self, m: Manifest, ref: str | None = None, message: str = "", move_latest: bool = True) -> str:
         """Store a manifest (its blobs must exist) and point ``ref`` at it."""
+        self.index.db  # noqa: B018 - import sqlite-utils now: less time between file and index writes
         digest = self.store.put_manifest(m.to_bytes(), m.blob_digests())
         self.index.add_manifest(digest, m)
         if ref is not None:
@@ -115,6 +126,14 @@ class Registry:
         entry = self.store.move_ref(r, digest, message)
         if entry is not None:
             self.index.record_ref(r, entry)
+        else:
+            self._resync_ref(r)
+
+    def _resync_ref(self, r: Ref) -> None:
+        """Catch the index up with a ref's log: a command killed between the two leaves it behind."""
+        log = self.store.ref_log(r)
+        if log and self.index.ref(r) != log[-1].new:
+            self.index.record_ref(r, log[-1])
 
     def push(
         self,
@@ -315,11 +334,14 @@ class Registry:
             dead_b = [d for d in self.store.iter_digests("objects") if d not in keep_b]
             freed = 0
             if not dry_run:
+                self.index.db  # noqa: B018 - import sqlite-utils before deleting (see commit)
                 for d in dead_m:  # manifests first: a manifest never outlives its blobs
                     freed += self.store.remove("manifests", d)
+                # then their index rows, and any row whose file is already gone (a gc killed before this)
+                self.index.remove_manifests(dead_m + [d for d in self.index.all_manifest_digests()
+                                                      if not self.store.has_manifest(d)])
                 for d in dead_b:
                     freed += self.store.remove("objects", d)
-                self.index.remove_manifests(dead_m)
                 self.store.clean_tmp()
             else:
                 freed = sum(self.store._path("manifests", d).stat().st_size for d in dead_m) + sum(
@@ -608,33 +630,35 @@ class Registry:
                 with_control=with_control, base=None, eval_device=eval_device,
                 merge_kwargs={"overrides": overrides, "as_lora": as_lora, "rank": rank, "dtype": dtype,
                               "device": device, "seed": seed})
-        res = merge(self, inputs, None, method=method, weights=weights, params=params,
-                    overrides=overrides, lines=lines, lines_beta=lines_beta, as_lora=as_lora, rank=rank,
-                    dtype=dtype, device=device, seed=seed, apply_to=apply_to, base=base, message=message,
-                    metadata=metadata, progress=progress, search=search_record)
-        constituents = list(res.manifest.parents)
-        fp = res.manifest.fingerprint
-        has_suites = any(records.suites(self.store, c, "target") for c in constituents) or bool(
-            records.suites(self.store, "base:" + fp, "control"))
-        if validate and has_suites:
-            from .validation import validate_merge
+        # held until the ref moves, so a concurrent gc cannot collect the new, not yet referenced manifest
+        with self.store.writing():
+            res = merge(self, inputs, None, method=method, weights=weights, params=params,
+                        overrides=overrides, lines=lines, lines_beta=lines_beta, as_lora=as_lora, rank=rank,
+                        dtype=dtype, device=device, seed=seed, apply_to=apply_to, base=base, message=message,
+                        metadata=metadata, progress=progress, search=search_record)
+            constituents = list(res.manifest.parents)
+            fp = res.manifest.fingerprint
+            has_suites = any(records.suites(self.store, c, "target") for c in constituents) or bool(
+                records.suites(self.store, "base:" + fp, "control"))
+            if validate and has_suites:
+                from .validation import validate_merge
 
-            validation = validate_merge(self, res.digest, constituents, base=base, gate=gate,
-                                        device=eval_device, batch_size=None)
-        else:
-            why = "--no-validate" if not validate else "no eval suites attached to the inputs or the base"
-            validation = {"type": "merge-validation", "merged": res.digest, "constituents": constituents,
-                          "gate": gate, "verdict": "unvalidated", "reason": why, "rows": [],
-                          "min_normalized": None, "device": None}
-            validation["record"] = records.add_validation(self.store, res.digest, validation)
-        moved = False
-        if ref is not None and validation["verdict"] != "fail":
-            r = parse_ref(ref)
-            self._move(r, res.digest, res.message)
-            if r.tag != "latest":
-                self._move(Ref(r.name, "latest"), res.digest, res.message)
-            moved = True
-        return replace(res, validation=validation, moved=moved)
+                validation = validate_merge(self, res.digest, constituents, base=base, gate=gate,
+                                            device=eval_device, batch_size=None)
+            else:
+                why = "--no-validate" if not validate else "no eval suites attached to the inputs or the base"
+                validation = {"type": "merge-validation", "merged": res.digest, "constituents": constituents,
+                              "gate": gate, "verdict": "unvalidated", "reason": why, "rows": [],
+                              "min_normalized": None, "device": None}
+                validation["record"] = records.add_validation(self.store, res.digest, validation)
+            moved = False
+            if ref is not None and validation["verdict"] != "fail":
+                r = parse_ref(ref)
+                self._move(r, res.digest, res.message)
+                if r.tag != "latest":
+                    self._move(Ref(r.name, "latest"), res.digest, res.message)
+                moved = True
+            return replace(res, validation=validation, moved=moved)
 
 
     # -- port ------------------------------------------------------------------------

@@ -273,10 +273,11 @@ class Store:
 
     def move_ref(self, ref: Ref, new: str | None, message: str = "") -> RefEntry | None:
         """Point ``ref`` at ``new`` (None deletes it), appending to its log."""
-        if new is not None and not self.has_manifest(new):
-            raise NotFound(f"manifest {new} is not in the registry")
         p = self._ref_path(ref)
-        with self._flock("refs.lock", fcntl.LOCK_EX):
+        # shared registry lock: gc cannot delete the manifest between this check and the append
+        with self.writing(), self._flock("refs.lock", fcntl.LOCK_EX):
+            if new is not None and not self.has_manifest(new):
+                raise NotFound(f"manifest {new} is not in the registry")
             log = self.ref_log(ref)
             old = log[-1].new if log else None
             if old == new:
