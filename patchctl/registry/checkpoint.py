@@ -168,6 +168,6 @@ def fingerprint_tensors(tensors: dict[str, torch.Tensor]) -> str:
 def _refuse_pickle(path: Path) -> None:
     if path.suffix in PICKLE_SUFFIXES:
         raise PickleRefused(
-            f"{path} is a pickle file; loading it can run code. Convert it to safetensors, "
-            "or pass --trust-pickle to load it with torch.load(weights_only=True)"
+            f"{path} is a pickle file; model folders are read only as safetensors (loading a pickle can "
+            "run code): convert it to safetensors first"
         )
