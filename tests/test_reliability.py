@@ -111,18 +111,31 @@ def test_rerun_of_a_ref_move_repairs_the_index_of_a_command_killed_after_its_app
         assert s["moved"] is False and reg.fsck()["ok"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limitation: a SIGKILL between a manifest or ref file write and its index.sqlite update leaves the "
-    "index (a cache) behind the files; fsck says so until the command is re-run or `fsck --rebuild-index`. "
-    "Objects and refs are sound. A fix needs an index 'pending' marker checked on open (see the report)."))
 def test_fsck_is_clean_right_after_a_kill_between_a_file_and_its_index_update(reg_path):
+    """A writer killed between its file write and its index update leaves an index-pending marker;
+    the next open sees its owner is gone and rebuilds the index, so fsck is clean at once."""
     with Registry(reg_path) as reg:
-        m = reg.manifest(R.synth_patch(reg, "a:v1", {"w": R.gaussian(4, 64).tobytes()}))
-        from patchctl.registry.manifest import Manifest
+        R.synth_patch(reg, "a:v1", {"w": R.gaussian(4, 64).tobytes()})
+    code = (
+        "import os, signal, sys\n"
+        "from patchctl import Registry\n"
+        "from patchctl.registry.manifest import Manifest\n"
+        f"reg = Registry({str(reg_path)!r})\n"
+        "m = reg.manifest('a:v1')\n"
+        "m2 = Manifest(m.kind, m.base, m.tensors, metadata={'v': 2})\n"
+        "with reg.index_pending():\n"
+        "    reg.store.put_manifest(m2.to_bytes(), m2.blob_digests())\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)  # killed: file written, index not\n"
+    )
+    import subprocess
+    import sys
 
-        m2 = Manifest(m.kind, m.base, m.tensors, metadata={"v": 2})
-        reg.store.put_manifest(m2.to_bytes(), m2.blob_digests())  # push killed here: file written, index not
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, p.stderr
+    assert list((reg_path / "tmp").glob("index-pending-*")), "the killed writer left its marker"
+    with Registry(reg_path) as reg:
         assert reg.fsck()["ok"]
+        assert not list((reg_path / "tmp").glob("index-pending-*"))
 
 
 def test_a_ref_move_waits_for_gc_and_never_points_at_what_gc_deleted(reg_path):

@@ -55,8 +55,37 @@ class Registry:
                 with contextlib.suppress(OSError):
                     p.replace(self.path / "tmp" / f"{p.name}.damaged-{os.getpid()}")
             self.index, fresh = Index(index_path), True
-        if fresh and any(self.store.iter_refs()):
+        if (fresh and any(self.store.iter_refs())) or self._orphaned_markers():
             self.rebuild_index()
+            for marker in self._orphaned_markers():
+                marker.unlink(missing_ok=True)
+
+    # -- keeping the index in step with the files ------------------------------------
+    # A writer changes files first and the index second; a process killed in between
+    # leaves the index behind. While it is in that window it holds a marker file
+    # tmp/index-pending-<pid>-<n>; a marker whose process is gone means "rebuild".
+    _marker_seq = 0
+
+    @contextlib.contextmanager
+    def index_pending(self) -> Any:
+        """Mark the window between a file write and its index update (kept on error)."""
+        Registry._marker_seq += 1
+        marker = self.path / "tmp" / f"index-pending-{os.getpid()}-{Registry._marker_seq}"
+        marker.touch()
+        yield
+        marker.unlink(missing_ok=True)
+
+    def _orphaned_markers(self) -> list[Path]:
+        out = []
+        for marker in (self.path / "tmp").glob("index-pending-*"):
+            try:
+                pid = int(marker.name.split("-")[2])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                out.append(marker)
+            except (ValueError, IndexError, PermissionError):
+                continue
+        return out
 
     def close(self) -> None:
         self.index.close()
@@ -113,8 +142,9 @@ class Registry:
     def commit(self, m: Manifest, ref: str | None = None, message: str = "", move_latest: bool = True) -> str:
         """Store a manifest (its blobs must exist) and point ``ref`` at it."""
         self.index.db  # noqa: B018 - import sqlite-utils now: less time between file and index writes
-        digest = self.store.put_manifest(m.to_bytes(), m.blob_digests())
-        self.index.add_manifest(digest, m)
+        with self.index_pending():
+            digest = self.store.put_manifest(m.to_bytes(), m.blob_digests())
+            self.index.add_manifest(digest, m)
         if ref is not None:
             r = parse_ref(ref)
             self._move(r, digest, message)
@@ -123,11 +153,12 @@ class Registry:
         return digest
 
     def _move(self, r: Ref, digest: str | None, message: str) -> None:
-        entry = self.store.move_ref(r, digest, message)
-        if entry is not None:
-            self.index.record_ref(r, entry)
-        else:
-            self._resync_ref(r)
+        with self.index_pending():
+            entry = self.store.move_ref(r, digest, message)
+            if entry is not None:
+                self.index.record_ref(r, entry)
+            else:
+                self._resync_ref(r)
 
     def _resync_ref(self, r: Ref) -> None:
         """Catch the index up with a ref's log: a command killed between the two leaves it behind."""
@@ -335,11 +366,12 @@ class Registry:
             freed = 0
             if not dry_run:
                 self.index.db  # noqa: B018 - import sqlite-utils before deleting (see commit)
-                for d in dead_m:  # manifests first: a manifest never outlives its blobs
-                    freed += self.store.remove("manifests", d)
-                # then their index rows, and any row whose file is already gone (a gc killed before this)
-                self.index.remove_manifests(dead_m + [d for d in self.index.all_manifest_digests()
-                                                      if not self.store.has_manifest(d)])
+                with self.index_pending():
+                    for d in dead_m:  # manifests first: a manifest never outlives its blobs
+                        freed += self.store.remove("manifests", d)
+                    # then their index rows, and any row whose file is already gone (a gc killed before this)
+                    self.index.remove_manifests(dead_m + [d for d in self.index.all_manifest_digests()
+                                                          if not self.store.has_manifest(d)])
                 for d in dead_b:
                     freed += self.store.remove("objects", d)
                 self.store.clean_tmp()

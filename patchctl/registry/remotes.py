@@ -710,15 +710,16 @@ def transfer(src: Source, dst: Registry, ref: Ref, dst_ref: Ref | None = None, *
         dst.index.db  # noqa: B018 - import sqlite-utils before the files change (see Registry.commit)
         for d in sorted(parts):  # 1. blobs (each verified; none was visible before all verified)
             _commit_blob(store, parts[d], d)
-        stored = store.put_manifest(data, m.blob_digests())  # 2. the manifest
-        if stored != digest:
-            raise DigestMismatch(f"manifest {ref} stored as {stored}, expected {digest}")
-        dst.index.add_manifest(digest, m)
-        entry = store.move_ref(dst_ref, digest, message or f"pull {src.label} {ref}")  # 3. the ref
-        if entry is not None:
-            dst.index.record_ref(dst_ref, entry)
-        else:
-            dst._resync_ref(dst_ref)
+        with dst.index_pending():
+            stored = store.put_manifest(data, m.blob_digests())  # 2. the manifest
+            if stored != digest:
+                raise DigestMismatch(f"manifest {ref} stored as {stored}, expected {digest}")
+            dst.index.add_manifest(digest, m)
+            entry = store.move_ref(dst_ref, digest, message or f"pull {src.label} {ref}")  # 3. the ref
+            if entry is not None:
+                dst.index.record_ref(dst_ref, entry)
+            else:
+                dst._resync_ref(dst_ref)
     return {
         "ref": str(dst_ref),
         "source_ref": str(ref),
