@@ -38,12 +38,13 @@ def gc(
 @app.command()
 def fsck(
     rebuild_index: Annotated[bool, typer.Option("--rebuild-index", help="Rebuild index.sqlite from the files.")] = False,
+    repair: Annotated[str | None, typer.Option("--repair", help="Fetch good copies of corrupt or missing objects from this remote (name, folder or http URL).")] = None,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Check every object's digest, every manifest's blobs, every ref and the index."""
     with open_registry(registry, create=False) as reg:
-        res = reg.fsck(rebuild_index=rebuild_index)
+        res = reg.fsck(rebuild_index=rebuild_index, repair=repair)
     if json_out:
         emit_json(res)
     else:
@@ -51,6 +52,9 @@ def fsck(
         if res["rebuilt"]:
             r = res["rebuilt"]
             console.print(f"index rebuilt: {r['manifests']} manifests, {r['refs']} refs, {r['history']} history entries")
+        if "repaired" in res:
+            console.print(f"repaired {len(res['repaired'])} objects from {repair}"
+                          + (f"; {len(res['unrepaired'])} could not be repaired" if res["unrepaired"] else ""))
         for p in res["problems"]:
             console.print(f"[red]problem[/] {p}")
         if res["ok"]:

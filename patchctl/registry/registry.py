@@ -390,8 +390,13 @@ class Registry:
         refs = [(r, self.store.ref_log(r)) for r in self.store.iter_refs()]
         return self.index.rebuild(manifests, refs)
 
-    def fsck(self, rebuild_index: bool = False) -> dict[str, Any]:
-        """Verify every object's hash, every manifest's blobs, every ref, and the index."""
+    def fsck(self, rebuild_index: bool = False, repair: str | None = None) -> dict[str, Any]:
+        """Verify every object's hash, every manifest's blobs, every ref, and the index.
+
+        ``repair``: a remote (name, folder or URL) to fetch good copies of corrupt or
+        missing objects from; the check is then run again and its result returned,
+        with ``repaired`` / ``unrepaired`` digests.
+        """
         import hashlib
 
         problems: list[str] = []
@@ -423,6 +428,20 @@ class Registry:
             t = self.store.ref_target(r)
             if t is not None and t not in manifests:
                 problems.append(f"ref {r}: points at {t}, which is {'corrupt' if t in corrupt_manifests else 'missing'}")
+        if repair is not None:
+            from .remotes import repair as fetch_good_copies
+
+            with self.store.writing():
+                # manifests first: a repaired manifest tells the sizes (and names) of its blobs
+                fixed = fetch_good_copies(self, repair, [], corrupt_manifests, {})
+                for d in fixed["repaired"]:
+                    manifests[d] = manifest_mod.parse(self.store.read_manifest_bytes(d))
+                sizes = {d: n for m in manifests.values() for t in m.tensors.values() for d, n in t.blobs()}
+                missing = sorted({b for m in manifests.values() for b in m.blob_digests()} - blobs - set(corrupt_blobs))
+                more = fetch_good_copies(self, repair, corrupt_blobs + missing, [], sizes)
+            again = self.fsck(rebuild_index=True)
+            return {**again, "repaired": fixed["repaired"] + more["repaired"],
+                    "unrepaired": fixed["failed"] + more["failed"]}
         stray = [p.name for p in (self.store.root / "tmp").iterdir()]
         rebuilt = None
         if rebuild_index:

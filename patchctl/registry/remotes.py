@@ -900,3 +900,48 @@ def hub_push(reg: Registry, r: Ref, remote: Remote) -> dict[str, Any]:
             raise _hub_error(e, f"hf://{repo}") from None
     return {"ref": str(r), "remote": remote.label, "digest": digest, "commit": getattr(info, "oid", None),
             "files": [op.path_in_repo for op in ops], "blobs": len(m.blob_digests()), "peft": m.kind == "lora"}
+
+
+# -- repair ----------------------------------------------------------------------------
+def repair(reg: Registry, remote_spec: str, blobs: list[str], manifests: list[str],
+           sizes: dict[str, int], progress: Progress = None) -> dict[str, list[str]]:
+    """Replace corrupt objects with verified copies from a registry-folder or HTTP remote.
+
+    Each corrupt file is first moved aside into ``tmp/`` (never deleted); the good
+    copy is hashed while it is fetched and renamed into place only when it matches
+    its digest. An object the remote lacks (or sends wrong) is put back as it was
+    and reported in ``failed``.
+    """
+    from .store import BlobWriter
+
+    store = reg.store
+    src = open_source(resolve_remote(store, remote_spec))
+    counter = _Counter(sum(sizes.get(d, 0) for d in blobs), progress)
+    repaired: list[str] = []
+    failed: list[str] = []
+    try:
+        for kind, digest in [("objects", d) for d in blobs] + [("manifests", d) for d in manifests]:
+            path = store._path(kind, digest)
+            aside = store.root / "tmp" / f"corrupt-{kind}-{digest[7:]}"
+            os.replace(path, aside)
+            try:
+                if kind == "objects":
+                    if digest not in sizes:
+                        raise NotFound(f"no manifest gives the size of blob {digest}")
+                    part = _download(src, store, "repair", digest, sizes[digest], counter)
+                    if part is not None:
+                        _commit_blob(store, part, digest)
+                else:
+                    data = (src.store.read_manifest_bytes(digest) if isinstance(src, FolderSource)
+                            else src.manifest(Ref("repair", digest)))
+                    with BlobWriter(store, "manifests") as w:
+                        w.write(data)
+                        w.commit(expected=digest)
+                repaired.append(digest)
+            except PatchctlError:
+                if not path.exists():
+                    os.replace(aside, path)
+                failed.append(digest)
+    finally:
+        src.close()
+    return {"repaired": repaired, "failed": failed}
