@@ -55,6 +55,9 @@ from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from stream import du, run, tail  # noqa: E402 - bench/ is not a package; the same child-process measurement
+
 MiB = 1 << 20
 KINDS = ("dense", "sparse", "lowrank")
 WEIGHTS = (0.5, 0.3, 0.2)
@@ -172,27 +175,6 @@ def machine(mk_py: Path) -> str:
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
-
-
-def run(cmd: list[str], log: Path) -> tuple[float, float, int]:
-    """Run ``cmd``; (wall seconds, peak RSS MiB of that process, exit code)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    with open(log, "wb") as out:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-    p.returncode = rc = os.waitstatus_to_exitcode(status)
-    return wall, ru.ru_maxrss / 1024, rc  # ru_maxrss is in KiB on Linux
-
-
-def tail(log: Path, n: int = 15) -> str:
-    lines = log.read_text(errors="replace").splitlines()
-    return "\n".join("    " + ln for ln in lines[-n:])
-
-
-def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def clone_registry(src: Path, dst: Path) -> None:
