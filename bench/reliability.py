@@ -34,7 +34,7 @@ when every goal is met):
    not implemented: damaged objects are reported, not repaired.) Goal: 100 %.
 4. **fuzz** — the safetensors header parser (``SafetensorsFile`` on files,
    then reading every tensor it accepts), the manifest parser
-   (``manifest.parse``), the PEFT config checker (``check_peft_config``) and
+   (``manifest.parse``), the PEFT config reader (``read_peft_config``) and
    the sparse codec (``codec.decode``): hypothesis strategies (random,
    structured, mutated valid inputs) plus a seeded byte-level mutator. A
    crash is any exception that is not a ``PatchctlError``. Hostile headers
@@ -787,11 +787,15 @@ class FuzzStats:
 
 
 class Targets:
-    """The fuzzed entry points, each ``bytes -> anything`` (raises PatchctlError on bad input)."""
+    """The fuzzed entry points, each ``bytes -> anything`` (raises PatchctlError on bad input).
+
+    Shared by tests/test_fuzz.py (hypothesis and the seeded mutator) and bench/fuzz_atheris.py (atheris).
+    """
 
     def __init__(self, scratch: Path):
         self.path = scratch / "fuzz.safetensors"
-        scratch.mkdir(parents=True, exist_ok=True)
+        self.adapter = scratch / "adapter"  # a PEFT folder: adapter_config.json is the input
+        self.adapter.mkdir(parents=True, exist_ok=True)
 
     def safetensors(self, data: bytes) -> None:
         from patchctl.registry._safetensors import SafetensorsFile
@@ -810,16 +814,11 @@ class Targets:
         m = manifest.parse(data)
         assert manifest.parse(m.to_bytes()).to_bytes() == m.to_bytes()  # what parses, round-trips
 
-    @staticmethod
-    def peft(data: bytes) -> None:
-        from patchctl.errors import InvalidPatch
-        from patchctl.registry.importers import check_peft_config
+    def peft(self, data: bytes) -> None:
+        from patchctl.registry.importers import ADAPTER_CONFIG, read_peft_config
 
-        try:
-            cfg = json.loads(data)
-        except (ValueError, RecursionError):
-            raise InvalidPatch("not JSON") from None  # read_peft_config's own JSON errors
-        check_peft_config(cfg)
+        (self.adapter / ADAPTER_CONFIG).write_bytes(data)
+        read_peft_config(self.adapter)  # the file reader itself: its JSON errors too, not only the checker
 
     @staticmethod
     def codec(data: bytes) -> None:
@@ -1532,7 +1531,7 @@ def main(argv: list[str] | None = None) -> int:
             log("\n| target | inputs | accepted | crashes |")
             log("|---|---:|---:|---:|")
             names = {"safetensors": "`SafetensorsFile` (+ read every tensor)", "manifest": "`manifest.parse`",
-                     "peft": "`importers.check_peft_config`", "codec": "`codec.decode` (+ encode, to_dense)"}
+                     "peft": "`importers.read_peft_config`", "codec": "`codec.decode` (+ encode, to_dense)"}
             for t, n in r["tried"].items():
                 log(f"| {names[t]} | {n} | {r['accepted'].get(t, 0)} | {r['crashes_by_target'].get(t, 0)} |")
             log(f"| **total** | **{r['total']}** | | **{r['crashes']}** |")

@@ -2,7 +2,7 @@
 
 Targets (from `bench/reliability.py`, which runs >= 100,000 inputs): the
 safetensors header parser (`SafetensorsFile` on files, then reading every
-tensor it accepts), `manifest.parse`, `importers.check_peft_config` and the
+tensor it accepts), `manifest.parse`, `importers.read_peft_config` and the
 sparse codec's `decode` (tests/test_codec.py already fuzzes it with random and
 mutated bytes; here: hostile header fields and the memory bound). Each input
 comes from hypothesis (random bytes, structured JSON, mutated valid inputs) or
@@ -17,6 +17,8 @@ import json
 import random
 import resource
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -63,8 +65,8 @@ def test_manifest_parser_raises_only_patchctl_errors(data):
 
 @FUZZ
 @given(STRATEGIES["peft"])
-def test_peft_config_checker_raises_only_patchctl_errors(data):
-    _only_patchctl_errors(R.Targets.peft, data)
+def test_peft_config_reader_raises_only_patchctl_errors(targets, data):
+    _only_patchctl_errors(targets.peft, data)
 
 
 @FUZZ
@@ -80,7 +82,7 @@ def test_seeded_mutator_finds_no_crash(targets):
     """A quick run of the bench's mutator: 600 inputs per target, seeded."""
     stats = R.FuzzStats()
     rng = random.Random(1234)
-    fns = {"safetensors": targets.safetensors, "manifest": R.Targets.manifest, "peft": R.Targets.peft,
+    fns = {"safetensors": targets.safetensors, "manifest": R.Targets.manifest, "peft": targets.peft,
            "codec": R.Targets.codec}
     for target, fn in fns.items():
         pool = SEEDS[target]
@@ -96,8 +98,26 @@ def test_seeded_mutator_finds_no_crash(targets):
     assert sum(stats.tried.values()) == 2400
 
 
+def test_atheris_finds_no_crash(tmp_path):
+    """Coverage-guided: bench/fuzz_atheris.py (libFuzzer through atheris), 2,000 seeded inputs on each target,
+    the four targets in parallel child processes (the long run: >= 100,000 each, bench/README.md)."""
+    pytest.importorskip("atheris", reason="atheris is not installed (pip install 'patchctl[test]'; it has wheels "
+                                          "for Linux x86-64, CPython 3.11-3.14 only)")
+    out = tmp_path / "figures.json"
+    p = subprocess.run([sys.executable, str(R.ROOT / "bench" / "fuzz_atheris.py"), "--jobs", "4", "--crashes",
+                        str(tmp_path / "crashes"), "--json", str(out), "-runs=2000", "-seed=1"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    figures = {r["target"]: r for r in json.loads(out.read_text())}
+    assert sorted(figures) == ["codec", "manifest", "peft", "safetensors"]
+    for r in figures.values():
+        assert (r["tried"], r["crashes"]) == (2000, 0), r
+        assert r["parsed"] >= 1 and r["cov"] > 10, r  # the seeds parse, and the parser is instrumented
+    assert not (tmp_path / "crashes").exists() or not any((tmp_path / "crashes").iterdir())
+
+
 def test_seeds_are_valid_so_mutations_start_from_real_inputs(targets):
-    for target, fn in {"safetensors": targets.safetensors, "manifest": R.Targets.manifest, "peft": R.Targets.peft,
+    for target, fn in {"safetensors": targets.safetensors, "manifest": R.Targets.manifest, "peft": targets.peft,
                        "codec": R.Targets.codec}.items():
         for data in SEEDS[target]:
             fn(data)  # no exception
@@ -181,6 +201,16 @@ def test_manifest_regressions(data):
 def test_peft_config_refuses_non_finite_numbers_and_bad_ranks(cfg):
     with pytest.raises(InvalidPatch):
         check_peft_config(cfg)
+
+
+@pytest.mark.parametrize("data", [
+    b"\x80{}",  # not UTF-8: was AttributeError ('UnicodeDecodeError' object has no attribute 'msg'); atheris
+    b'{"peft_type": "LORA", "r": ' + b"1" * 5000 + b"}",  # int > 4300 digits: the same AttributeError
+    b"[" * 100_000,  # deep nesting: was RecursionError
+])
+def test_peft_config_reader_regressions(targets, data):
+    with pytest.raises(InvalidPatch, match="adapter_config.json: malformed JSON"):
+        targets.peft(data)
 
 
 def test_peft_config_still_accepts_real_patterns():

@@ -87,9 +87,11 @@ def _load_pickle(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
 def read_peft_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     try:
-        cfg = json.loads(path.read_text())
-    except ValueError as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
         raise InvalidPatch(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, an int of 4300+ digits, nesting too deep
+        raise InvalidPatch(f"{path}: malformed JSON ({type(e).__name__}: {str(e)[:100]})") from None
     except OSError as e:
         raise InvalidPatch(f"{path}: cannot read: {e.strerror}") from None
     return check_peft_config(cfg, str(path))
