@@ -409,3 +409,75 @@ def test_fsck_repair_fetches_good_copies_from_a_remote(tmp_path, models):
         Registry(empty).close()
         res = reg.fsck(repair=str(empty))
         assert res["unrepaired"] == [blob] and res["corrupt_blobs"] == [blob] and not res["ok"]
+
+
+def _flip(path: Path, at: int = -1) -> bytes:
+    """Flip one bit of a file in place (the middle byte unless told); its new bytes."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if at < 0 else at] ^= 0x04
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_fsck_repair_from_a_live_server(tmp_path, reg_path, cli):
+    """`patchctl fsck --repair http://127.0.0.1:PORT` against a real `patchctl serve`: corrupt and missing
+    objects replaced by verified copies, bad copies moved aside (not deleted), an object the server lacks
+    reported with a non-zero exit, and a server that sends wrong bytes for a digest refused."""
+    import shutil
+
+    origin = tmp_path / "origin"
+    with Registry(origin) as o:
+        for ref, seed in (("a:v1", 1), ("b:v1", 2)):
+            R.synth_patch(o, ref, {"w": R.gaussian(seed, 4096).tobytes(), "v": R.gaussian(seed + 10, 512).tobytes()})
+    with R.serving(origin) as (url, proc):
+        assert cli("pull", "a:v1", "--from", url).code == 0 and cli("pull", "b:v1", "--from", url).code == 0
+        with Registry(reg_path) as reg:
+            R.synth_patch(reg, "local:v1", {"y": R.gaussian(3, 256).tobytes()})  # never published
+            a, b, local = (reg.manifest(r) for r in ("a:v1", "b:v1", "local:v1"))
+            a_digest, b_digest = reg.resolve("a:v1"), reg.resolve("b:v1")
+            good = {d: reg.store.read_blob(d) for d in {*a.blob_digests(), *b.blob_digests()}}
+            good[a_digest] = reg.store.read_manifest_bytes(a_digest)
+            wa, wb, y = a.tensors["w"].digest, b.tensors["w"].digest, local.tensors["y"].digest
+            bad = {wa: _flip(reg.store.blob_path(wa)), y: _flip(reg.store.blob_path(y)),
+                   a_digest: _flip(reg.store._path("manifests", a_digest))}
+            reg.store.blob_path(wb).unlink()  # a missing blob
+            before = reg.fsck()
+            assert (sorted(before["corrupt_blobs"]), before["corrupt_manifests"]) == (sorted([wa, y]), [a_digest])
+            assert any(f"blob {wb} is missing" in p for p in before["problems"])
+
+        r = cli("fsck", "--repair", url, "--json")
+        assert r.code == 1, r.out + r.err  # the local-only blob cannot be repaired
+        res = json.loads(r.out)
+        assert sorted(res["repaired"]) == sorted([wa, wb, a_digest]) and res["unrepaired"] == [y], res
+        assert (res["corrupt_blobs"], res["corrupt_manifests"]) == ([y], []), res
+        with Registry(reg_path) as reg:
+            for d in (wa, wb):  # verified on read, and the bytes the server holds
+                assert reg.store.read_blob(d) == good[d]
+            assert reg.store.read_manifest_bytes(a_digest) == good[a_digest]
+            assert reg.manifest("a:v1").to_bytes() == good[a_digest]
+            assert reg.store.blob_path(y).read_bytes() == bad[y]  # left where fsck finds it
+        aside = {p.name: p.read_bytes() for p in (reg_path / "tmp").iterdir() if p.name.startswith("corrupt-")}
+        assert sorted(aside.values()) == sorted([bad[wa], bad[a_digest]]), sorted(aside)  # moved aside, not deleted
+        assert all(y[7:] not in name for name in aside)
+
+    # a server that sends wrong bytes for a digest (its own copy of w is damaged; the manifest it refuses)
+    liar = tmp_path / "liar"
+    shutil.copytree(origin, liar)
+    with Registry(liar) as lr:
+        _flip(lr.store.blob_path(wa), at=0)
+        _flip(lr.store._path("manifests", b_digest))
+    with Registry(reg_path) as reg:
+        bad2 = {wa: _flip(reg.store.blob_path(wa), at=100), b_digest: _flip(reg.store._path("manifests", b_digest))}
+    with R.serving(liar) as (url, proc):
+        r = cli("fsck", "--repair", url)
+        assert proc.poll() is None
+    assert r.code == 1 and "repaired 0 objects" in r.out and "3 could not be repaired" in r.out, r.out + r.err
+    with Registry(reg_path) as reg:
+        assert reg.store.blob_path(wa).read_bytes() == bad2[wa]  # nothing renamed into place: our copy is back
+        assert reg.store._path("manifests", b_digest).read_bytes() == bad2[b_digest]
+        res = reg.fsck()
+        assert (sorted(res["corrupt_blobs"]), res["corrupt_manifests"]) == (sorted([wa, y]), [b_digest]), res
+    tmp = {p.name: p.read_bytes() for p in (reg_path / "tmp").iterdir()}
+    assert sorted(v for k, v in tmp.items() if k.startswith("corrupt-")) == sorted(aside.values()), sorted(tmp)
+    parts = {k: v for k, v in tmp.items() if k.startswith("pull-")}  # no part file of the wrong bytes
+    assert wa[7:] not in "".join(parts) and not any(parts.values()), sorted(parts)

@@ -922,8 +922,11 @@ def repair(reg: Registry, remote_spec: str, blobs: list[str], manifests: list[st
     try:
         for kind, digest in [("objects", d) for d in blobs] + [("manifests", d) for d in manifests]:
             path = store._path(kind, digest)
-            aside = store.root / "tmp" / f"corrupt-{kind}-{digest[7:]}"
-            os.replace(path, aside)
+            # a name of its own: an earlier bad copy of the same object is never overwritten
+            aside = store.root / "tmp" / f"corrupt-{kind}-{digest[7:]}-{os.getpid()}-{time.time_ns()}"
+            present = path.exists()  # a missing object has nothing to move aside
+            if present:
+                os.replace(path, aside)
             try:
                 if kind == "objects":
                     if digest not in sizes:
@@ -938,9 +941,11 @@ def repair(reg: Registry, remote_spec: str, blobs: list[str], manifests: list[st
                         w.write(data)
                         w.commit(expected=digest)
                 repaired.append(digest)
-            except PatchctlError:
-                if not path.exists():
+            except BaseException as e:  # put our copy back, whatever stopped the fetch
+                if present and not path.exists():
                     os.replace(aside, path)
+                if not isinstance(e, PatchctlError):
+                    raise
                 failed.append(digest)
     finally:
         src.close()
