@@ -299,3 +299,23 @@ def test_bad_compress_is_one_clear_error_and_writes_nothing(shared, cli, ref, kw
     assert r.code != 0 and r.out == ""
     assert r.err.startswith("error: ") and r.err.count("\n") == 1 and message in r.err, r.err
     assert snapshot(shared.path) == before
+
+
+def test_max_size_picks_the_largest_density_that_fits(registry, models, cli):
+    from patchctl.registry.compressing import stored_size
+
+    registry.push(models.finetune, "ft:v1", base=models.base)
+    full = stored_size(registry, "ft:v1", density=0.05)
+    res = registry.compress("ft:v1", "ft:small", max_size=full)
+    d = res.recipe["density"]
+    size = res.recipe["search"]["size"]
+    assert res.report["stored_bytes"] == size["stored_bytes"] <= full
+    assert d >= 0.0499  # 0.05 itself fits: the search lands on it (3 significant digits) or a hair under
+    step = 10 ** (math.floor(math.log10(d)) - 2)
+    assert stored_size(registry, "ft:v1", density=round(d + step, 6)) > full or d + step > 1
+    r = cli("compress", "ft:v1", "--max-size", "12 parsecs", "--as", "ft:bad")
+    assert r.code != 0 and r.err.count("\n") == 1 and "cannot read size" in r.err
+    r = cli("compress", "ft:v1", "--max-size", "10", "--as", "ft:bad")
+    assert r.code != 0 and "no density fits" in r.err
+    r = cli("compress", "ft:v1", "--as", "ft:bad")
+    assert r.code != 0 and "--density" in r.err

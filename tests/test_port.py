@@ -299,6 +299,34 @@ def test_map_rules_rename_what_the_builtin_rules_cannot(registry, models, tmp_pa
     assert registry.manifest("ft:v2").recipe["maps"] == [r"attention\.self\.query=attn.q_proj"]
 
 
+def test_renamed_lora_modules_rewrite_target_modules(registry, models, tmp_path):
+    v2 = _renamed_copy(models.other_base, tmp_path / "v2", lambda k: k.replace("attention.self.query", "attn.q_proj"))
+    registry.push(models.lora, "lo:v1", base=models.base)
+    assert sorted(registry.manifest("lo:v1").params["target_modules"]) == ["query", "value"]
+    rep = registry.port("lo:v1", v2, from_base=models.base, maps=[r"attention\.self\.query=attn.q_proj"],
+                        as_ref="lo:v2")
+    out = registry.manifest("lo:v2")
+    assert rep.kind == "lora" and sorted(out.params["target_modules"]) == ["q_proj", "value"]
+    assert "base_model.model.encoder.layer.1.attn.q_proj.lora_B.weight" in out.tensors
+    assert {k: v for k, v in out.params.items() if k != "target_modules"} == \
+        {k: v for k, v in registry.manifest("lo:v1").params.items() if k != "target_modules"}
+    # a regex target_modules (PEFT full-matches it) becomes an exact alternation of the new module paths
+    cfg = json.loads((models.lora / "adapter_config.json").read_text())
+    rx = tmp_path / "lora-rx"
+    shutil.copytree(models.lora, rx)
+    (rx / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": r".*\.(query|value)"}))
+    registry.push(rx, "rx:v1", base=models.base)
+    registry.port("rx:v1", v2, from_base=models.base, maps=[r"attention\.self\.query=attn.q_proj"], as_ref="rx:v2")
+    tm = registry.manifest("rx:v2").params["target_modules"]
+    import re
+
+    assert re.fullmatch(tm, "encoder.layer.0.attn.q_proj") and re.fullmatch(tm, "encoder.layer.1.attention.self.value")
+    assert not re.fullmatch(tm, "encoder.layer.0.attention.self.query")
+    # without renames the config is carried unchanged
+    registry.port("lo:v1", models.other_base, from_base=models.base, as_ref="lo:same")
+    assert registry.manifest("lo:same").params == registry.manifest("lo:v1").params
+
+
 def test_match_names_refuses_ambiguous_claims():
     nm = pm.match_names(["bert.x.weight", "x.weight"], ["x.weight", "model.y"])
     assert nm.pairs == {"x.weight": "x.weight"} and nm.old_only == ["bert.x.weight"] and nm.new_only == ["model.y"]

@@ -194,3 +194,138 @@ def test_search_choice_ignores_the_test_split_and_is_deterministic(tmp_path, tra
             assert again.digest == res.digest  # same inputs and search -> same choice and digest
     # a different test split changes neither the curve nor the choice nor the digest
     assert chosen[0] == chosen[1]
+
+
+# ----------------------------------------------------------- compress --search, port validation and --search
+def test_compress_search_chooses_kappa_on_validation_only_and_is_deterministic(tmp_path, trained, minilm_dir):
+    from patchctl.registry.search import kappa_grid
+
+    seen = []
+    for offset in (0, 100):
+        reg_path = tmp_path / f"reg{offset}"
+        _registry_with_suites(reg_path, trained, minilm_dir, tmp_path, offset)
+        with Registry(reg_path) as reg:
+            res = reg.compress("wordnet:v1", "wordnet:c1", density=0.1, search=True, budget=3)
+            sr = res.recipe["search"]
+            assert sr["split"] == "validation" and 1 <= sr["evaluations"] <= 3
+            assert all(p["value"] in kappa_grid(0.1) for p in sr["curve"])
+            assert res.recipe["kappa"] == sr["chosen"]["kappa"]
+            assert sr["objective_value"] == max(p["objective"] for p in sr["curve"])
+            # gain kept: (candidate - base) / (source - base), on the validation scores in the record
+            (b,), (s,) = sr["base_scores"], sr["source_scores"]
+            assert s > b  # this fine-tune gains on the validation rows
+            for p in sr["curve"]:
+                assert p["target_gain"][0] == pytest.approx((p["scores"][0] - b) / (s - b))
+            v = res.validation  # the chosen patch measured on the test split
+            assert v["split"] == "test" and v["rows"][0]["derived"] != v["rows"][0]["source"]
+            assert reg.records("wordnet:c1")["suites"] == [reg.resolve("evals/wordnet:v1")]  # inherited
+            assert reg.show("wordnet:c1")["validations"][-1]["type"] == "compress-validation"
+            again = reg.compress("wordnet:v1", "wordnet:c2", density=0.1, search=True, budget=3)
+            assert again.digest == res.digest
+            seen.append((sr["curve"], res.digest))
+    assert seen[0] == seen[1]  # the test split changes neither the curve nor the choice nor the digest
+
+
+def test_compress_search_bad_requests_write_nothing(tmp_path, trained, minilm_dir, models):
+    reg_path = tmp_path / "reg"
+    _registry_with_suites(reg_path, trained, minilm_dir, tmp_path, 0)
+    with Registry(reg_path) as reg:
+        reg.push(models.finetune, "nosuite:v1", base=models.base)
+    before = snapshot(reg_path)
+    with Registry(reg_path) as reg:
+        with pytest.raises(InvalidArgument, match="--mode ternary --scale std"):
+            reg.compress("wordnet:v1", "x:v1", density=0.1, mode="values", search=True)
+        with pytest.raises(InvalidArgument, match="density must be in"):
+            reg.compress("wordnet:v1", "x:v1", density=1.5, search=True)
+        with pytest.raises(__import__("patchctl.errors", fromlist=["x"]).NotFound, match="eval suites"):
+            reg.compress("nosuite:v1", "x:v1", density=0.1, search=True)
+        with pytest.raises(InvalidArgument, match="--budget"):
+            reg.compress("wordnet:v1", "x:v1", density=0.1, search=True, budget=0)
+    assert snapshot(reg_path) == before
+
+
+def _drifted_copy(src, dst, rel: float, seed: int):
+    """A "version 2" of a base: every float tensor plus seeded noise of relative size ``rel``."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    sd = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, t in sorted(sd.items()):
+        if t.is_floating_point() and t.numel() > 1:
+            n = torch.randn(t.shape, generator=g)
+            t = t + n * (rel * t.norm() / n.norm())
+        out[k] = t.contiguous()
+    save_file(out, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def minilm_v2(tmp_path_factory, minilm_dir):
+    return _drifted_copy(minilm_dir, tmp_path_factory.mktemp("v2") / "minilm-v2", 0.01, 7)
+
+
+def test_port_carries_suites_and_validates_on_the_new_base(tmp_path, trained, minilm_dir, minilm_v2):
+    reg_path = tmp_path / "reg"
+    _registry_with_suites(reg_path, trained, minilm_dir, tmp_path, 0)
+    with Registry(reg_path) as reg:
+        rep = reg.port("wordnet:v1", minilm_v2, as_ref="wordnet:v2")
+        v = rep.validation
+        assert v["type"] == "port-validation" and v["split"] == "test" and rep.moved
+        (row,) = v["rows"]
+        assert row["recovered"] == pytest.approx((row["new_ported"] - row["new_base"])
+                                                 / (row["old_patched"] - row["old_base"]))
+        assert row["old_patched"] > row["old_base"] and v["verdict"] == ("pass" if row["recovered"] >= 0.8 else "fail")
+        (ported_suite,) = reg.records("wordnet:v2")["suites"]
+        sm, om = reg.manifest(ported_suite), reg.manifest("evals/wordnet:v1")
+        assert sm.fingerprint == reg.manifest("wordnet:v2").fingerprint != om.fingerprint
+        assert sm.parents == (om_digest := reg.resolve("evals/wordnet:v1"),) and om_digest
+        assert {k: e.digest for k, e in sm.tensors.items()} == {k: e.digest for k, e in om.tensors.items()}
+        assert reg.show("wordnet:v2")["validations"][-1]["type"] == "port-validation"
+        # an impossible gate: the port is kept but fails and moves no ref
+        bad = reg.port("wordnet:v1", minilm_v2, as_ref="wordnet:v2-strict", gate=5.0)
+        assert bad.validation["verdict"] == "fail" and not bad.moved and bad.digest == rep.digest
+        with pytest.raises(__import__("patchctl.errors", fromlist=["x"]).NotFound):
+            reg.resolve("wordnet:v2-strict")
+        # --no-validate records "unvalidated" and moves the ref
+        nv = reg.port("wordnet:v1", minilm_v2, as_ref="wordnet:v2-nv", validate=False)
+        assert nv.validation["verdict"] == "unvalidated" and nv.moved
+
+
+def test_cli_port_exit_code_on_failed_gate(tmp_path, trained, minilm_dir, minilm_v2, capsys):
+    from patchctl.cli.main import main
+
+    reg_path = tmp_path / "reg"
+    _registry_with_suites(reg_path, trained, minilm_dir, tmp_path, 0)
+    code = main(["port", "fortunes:v1", "--to", str(minilm_v2), "--as", "f:v2", "--gate", "5",
+                 "--registry", str(reg_path)])
+    out = capsys.readouterr().out
+    assert code == 3 and "gain recovered" in out and "was not moved" in out
+
+
+def test_port_search_chooses_lambda_on_validation_and_is_deterministic(tmp_path, trained, minilm_dir, minilm_v2):
+    from patchctl.registry.search import PORT_LAMBDA_GRID
+
+    seen = []
+    for offset in (0, 100):
+        reg_path = tmp_path / f"reg{offset}"
+        _registry_with_suites(reg_path, trained, minilm_dir, tmp_path, offset)
+        with Registry(reg_path) as reg:
+            rep = reg.port("fortunes:v1", minilm_v2, as_ref="fortunes:v2", search=True, budget=2, gate=0.0)
+            m = reg.manifest(rep.digest)
+            sr = m.recipe["search"]
+            assert sr["split"] == "validation" and sr["evaluations"] == 2
+            assert m.recipe["lambda"] == sr["chosen"]["lambda"] in PORT_LAMBDA_GRID
+            # recovered gain against the source on the OLD base
+            (nb,), (s,), (sb,) = sr["base_scores"], sr["source_scores"], sr["source_base_scores"]
+            for p in sr["curve"]:  # (a source without a gain on these 30 rows is compared by ratio)
+                want = (p["scores"][0] - nb) / (s - sb) if s - sb > 1e-9 else p["scores"][0] / s
+                assert p["target_gain"][0] == pytest.approx(want)
+            again = reg.port("fortunes:v1", minilm_v2, as_ref="fortunes:v2b", search=True, budget=2, gate=0.0)
+            assert again.digest == rep.digest
+            seen.append((sr["curve"], rep.digest))
+    assert seen[0] == seen[1]

@@ -42,6 +42,26 @@ def human_bytes(n: int | None) -> str:
     return str(n)
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """``"2MiB"``, ``"1.5MB"``, ``"800k"``, ``"123456"`` → bytes; :class:`InvalidArgument` otherwise."""
+    import re
+
+    from ..errors import InvalidArgument
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise InvalidArgument(f"cannot read size {text!r}: write e.g. 2MiB, 1.5MB, 800k or a byte count")
+    n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n <= 0:
+        raise InvalidArgument(f"size must be positive, got {text!r}")
+    return n
+
+
 def human_count(n: int | None) -> str:
     if n is None:
         return "-"

@@ -7,7 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOpt, Progress, RegistryOpt, console, emit_json, human_bytes, open_registry
+from ._common import (
+    JsonOpt,
+    Progress,
+    RegistryOpt,
+    console,
+    emit_json,
+    human_bytes,
+    open_registry,
+    parse_size,
+)
 
 app = typer.Typer()
 
@@ -15,7 +24,7 @@ app = typer.Typer()
 @app.command()
 def compress(
     ref: Annotated[str, typer.Argument(help="Patch to compress (NAME:TAG or digest): a diff or a LoRA.")],
-    density: Annotated[float, typer.Option(help="Fraction of entries kept, in (0, 1], e.g. 0.1.")],
+    density: Annotated[float | None, typer.Option(help="Fraction of entries kept, in (0, 1], e.g. 0.1 (or --max-size).")] = None,
     mode: Annotated[str, typer.Option(help="ternary (ComPEFT: ±α per kept entry) | values (kept entries keep their value) | dare (random keep, rescaled).")] = "ternary",
     scale: Annotated[str, typer.Option(help="Ternary α: std (κ·std of the whole patch, ComPEFT) | mean (mean kept |x| per tensor).")] = "std",
     kappa: Annotated[float, typer.Option(help="κ for --scale std. Task vectors often need κ·density ≈ 0.4 (κ = 4 at d = 0.1).")] = 1.0,
@@ -26,6 +35,10 @@ def compress(
     as_ref: Annotated[str | None, typer.Option("--as", help="NAME:TAG for the result (default: NAME:TAG-d<density>, plus -values/-dare).")] = None,
     message: Annotated[str, typer.Option("--message", "-m", help="Message kept in the ref history.")] = "",
     no_latest: Annotated[bool, typer.Option("--no-latest", help="Do not move NAME:latest.")] = False,
+    max_size: Annotated[str | None, typer.Option(help="Choose the largest density whose stored size fits, e.g. 2MiB.")] = None,
+    search: Annotated[bool, typer.Option("--search", help="Choose κ on the validation split of the patch's eval suites; report test gain kept.")] = False,
+    budget: Annotated[int, typer.Option(help="--search: most candidates to evaluate.")] = 6,
+    eval_device: Annotated[str | None, typer.Option(help="Device for --search evaluations (default: cuda when present, else cpu).")] = None,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -33,18 +46,37 @@ def compress(
     with open_registry(registry) as reg, Progress("compress", not json_out) as prog:
         res = reg.compress(ref, as_ref, density=density, mode=mode, scale=scale, kappa=kappa,
                            per_tensor=per_tensor, seed=seed, values_dtype=values_dtype, lora_delta=lora_delta,
-                           message=message, move_latest=not no_latest, progress=prog)
+                           message=message, move_latest=not no_latest, progress=prog, search=search,
+                           budget=budget, max_size=parse_size(max_size) if max_size is not None else None,
+                           eval_device=eval_device)
     rep = res.report
     if json_out:
         emit_json({"digest": res.digest, "ref": res.ref, "kind": res.manifest.kind, "source": res.source,
                    "device": res.device, "recipe": res.recipe, "parents": list(res.manifest.parents),
-                   "report": {k: v for k, v in rep.items() if k not in ("tensors", "delta_rel_errors")}})
+                   "report": {k: v for k, v in rep.items() if k not in ("tensors", "delta_rel_errors")},
+                   "validation": res.validation})
         return
     console.print(f"compressed {ref} → [bold]{res.ref}[/] {res.digest}  ({len(res.manifest.tensors)} tensors, "
                   f"on {res.device})", soft_wrap=True)
     for line in report_lines(rep):
         console.print(line, soft_wrap=True, markup=False, highlight=False)
-    console.print("recipe " + json.dumps(res.recipe, sort_keys=True), soft_wrap=True, markup=False, highlight=False)
+    shown = {k: v for k, v in res.recipe.items() if k != "search"}
+    console.print("recipe " + json.dumps(shown, sort_keys=True), soft_wrap=True, markup=False, highlight=False)
+    if res.recipe.get("search"):
+        from .merge import _render_search
+
+        _render_search(res.recipe["search"])
+    if res.validation:
+        render_gain(res.validation)
+
+
+def render_gain(v: dict[str, Any]) -> None:
+    """A compress-validation record: gain kept per suite on its split."""
+    for r in v["rows"]:
+        kept = "n/a (the source does not beat the base)" if r["gain_kept"] is None else f"{r['gain_kept']:.1%}"
+        console.print(f"{v['split']} {r['task']} {r['suite'][:19]}…: base {r['base']:.4f}, source {r['source']:.4f}, "
+                      f"compressed {r['derived']:.4f}: gain kept {kept}", soft_wrap=True, markup=False,
+                      highlight=False)
 
 
 def report_lines(rep: dict[str, Any]) -> list[str]:

@@ -113,6 +113,12 @@ def _render_search(sr: dict[str, Any]) -> None:
     """The search curve as a table with a bar per candidate (objective on the validation split)."""
     from rich.table import Table
 
+    if sr.get("size"):
+        z = sr["size"]
+        console.print(f"size target {human_bytes(z['max_bytes'])}: density {z['density']:g} stores "
+                      f"{human_bytes(z['stored_bytes'])} ({len(z['tried'])} sizes measured)")
+    if not sr.get("curve"):
+        return
     lo = min(p["objective"] for p in sr["curve"])
     hi = max(p["objective"] for p in sr["curve"])
     t = Table("COEFFICIENT", "VALUE", "OBJECTIVE (validation)", "", title=f"search: {sr['evaluations']} of budget {sr['budget']}")

@@ -34,17 +34,25 @@ def port(
     as_ref: Annotated[str | None, typer.Option("--as", help="NAME:TAG for the ported patch (default NAME:TAG-on-<new fingerprint>).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the diagnostics only; write nothing.")] = False,
     message: Annotated[str, typer.Option("--message", "-m", help="Message kept in the ref history.")] = "",
+    gate: Annotated[float, typer.Option(help="Validation gate: least share of its gain the port must recover on every suite to move its tag.")] = 0.8,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Record the port as unvalidated instead of running its suites.")] = False,
+    eval_device: Annotated[str | None, typer.Option(help="Device for validation (default: cuda when present, else cpu).")] = None,
+    search: Annotated[bool, typer.Option("--search", help="Choose λ on the validation split of the patch's eval suites (ported along).")] = False,
+    budget: Annotated[int, typer.Option(help="--search: most candidate ports to evaluate.")] = 6,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Port a patch to a new base version: reconcile names and vocabularies, report drift, write λ·τ."""
     with open_registry(registry) as reg, Progress("port", not json_out) as prog:
         report = reg.port(ref, to, from_base=from_base, to_name=to_name, lam=lam, maps=maps or [],
-                          as_ref=as_ref, dry_run=dry_run, message=message, progress=prog)
+                          as_ref=as_ref, dry_run=dry_run, message=message, progress=prog, validate=not no_validate,
+                          gate=gate, eval_device=eval_device, search=search, budget=budget)
     if json_out:
         emit_json(report.to_json())
-        return
-    _render(report.to_json())
+    else:
+        _render(report.to_json())
+    if report.validation and report.validation["verdict"] == "fail":
+        raise typer.Exit(3)
 
 
 def _render(r: dict[str, Any]) -> None:
@@ -74,8 +82,26 @@ def _render(r: dict[str, Any]) -> None:
     console.print(f"verdict   [bold]{verdict}[/]" + "".join(f"\n  - {x}" for x in s["reasons"]))
     if r["dry_run"]:
         console.print(f"dry run: nothing written (would be {r['ref']})")
-    else:
+        return
+    sr = (r.get("recipe_search") or {})
+    if sr:
+        from .merge import _render_search
+
+        _render_search(sr)
+    v = r.get("validation") or {}
+    for row in v.get("rows", []):
+        rec = "n/a (no gain on the old base)" if row["recovered"] is None else f"{row['recovered']:.1%}"
+        console.print(f"{v['split']} {row['task']} {row['suite'][:19]}…: old base {row['old_base']:.4f} → patched "
+                      f"{row['old_patched']:.4f}; new base {row['new_base']:.4f} → ported {row['new_ported']:.4f}: "
+                      f"gain recovered {rec}", soft_wrap=True, markup=False, highlight=False)
+    if v:
+        console.print(f"validation [bold]{v['verdict']}[/]" + (f" ({v['reason']})" if v.get("reason") else
+                      f" (gate {v['gate']:g})"))
+    if r.get("moved"):
         console.print(f"ported {r['ref']} {r['digest']}")
+    else:
+        console.print(f"[red]{r['ref']} was not moved[/]: the port recovered less than the gate; "
+                      f"it is kept as {r['digest']}")
 
 
 def _num(x: float | None) -> str:

@@ -128,6 +128,7 @@ class CompressResult:
     ref: str | None  # NAME:TAG moved to the new patch
     device: str = "cpu"
     message: str = ""  # the ref-history message
+    validation: dict[str, Any] | None = None  # gain kept on the test split (after a search)
 
     @property
     def recipe(self) -> dict[str, Any]:
@@ -290,8 +291,16 @@ def compress(
     metadata: dict[str, Any] | None = None,
     move_latest: bool = True,
     progress: Progress = None,
+    search: dict[str, Any] | None = None,
+    move_ref: bool = True,
 ) -> CompressResult:
-    """Check, then stream ``ref`` through :func:`~patchctl.patches.compress.sparsify`; see the module docstring."""
+    """Check, then stream ``ref`` through :func:`~patchctl.patches.compress.sparsify`; see the module docstring.
+
+    ``search``: the record of the search that chose these settings
+    (:func:`patchctl.registry.search.search_compress`), kept in the recipe.
+    ``move_ref=False`` stores the patch without moving any ref (a search
+    candidate; ``gc`` collects it).
+    """
     import torch
 
     from ..patches import codec
@@ -369,15 +378,45 @@ def compress(
             tensors=tensors,
             params=params,
             parents=(p.source,),
-            recipe=_recipe(d, mode, scale, float(kappa), per_tensor, int(seed), p.target, values_dtype),
+            recipe={**_recipe(d, mode, scale, float(kappa), per_tensor, int(seed), p.target, values_dtype),
+                    **({"search": search} if search is not None else {})},
             metadata={**(metadata or {}), "compression": report},
         )
         if p.layout == "lora":
             report.update(_delta_errors(reg, p.view, m))
             m = replace(m, metadata={**(metadata or {}), "compression": report})
         msg = message or f"compress {ref} ({mode}, density {d:g}) on cpu"
-        digest = reg.commit(m, target_ref, msg, move_latest)
-    return CompressResult(digest, m, p.source, target_ref, "cpu", msg)
+        digest = reg.commit(m, target_ref if move_ref else None, msg, move_latest)
+    return CompressResult(digest, m, p.source, target_ref if move_ref else None, "cpu", msg)
+
+
+def stored_size(
+    reg: Registry,
+    ref: str,
+    *,
+    density: float,
+    mode: str = "ternary",
+    per_tensor: bool = False,
+    seed: int = 0,
+    values_dtype: str = "float16",
+    lora_delta: bool = False,
+) -> int:
+    """Bytes the sparse blobs of ``compress(ref, density=...)`` would take; nothing is written.
+
+    The ternary size does not depend on the scale (one float per tensor), so
+    this is what a density search for a size target measures.
+    """
+    import torch
+
+    from ..patches import codec
+    from ..patches.compress import sparsify
+
+    d = _check_args(density, mode, "std", 1.0, seed, values_dtype)
+    p = _plan(reg, ref, lora_delta)
+    stream = lambda: ((k, p.read(k)) for k in p.keys)  # noqa: E731
+    out = sparsify(stream, d, mode=mode, per_tensor=per_tensor, seed=int(seed),
+                   values_dtype=getattr(torch, values_dtype))
+    return sum(len(codec.encode(sp)) for _, sp in out)
 
 
 _CHUNK = 1 << 22

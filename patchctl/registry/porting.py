@@ -94,6 +94,10 @@ class PortReport:
     dry_run: bool = False
     digest: str | None = None
     ref: str | None = None
+    from_path: str | None = None  # the old base folder used (not in the manifest)
+    validation: dict[str, Any] | None = None  # port validation on the new base (Registry.port)
+    moved: bool = False  # whether ``ref`` was moved to ``digest``
+    search: dict[str, Any] | None = None  # the λ search record (also in the recipe)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -104,6 +108,7 @@ class PortReport:
             "renamed": self.renamed, "old_only": self.old_only, "new_only": self.new_only,
             "added_tokens": self.added_tokens, "dropped_tokens": self.dropped_tokens,
             "warnings": self.warnings, "dry_run": self.dry_run, "digest": self.digest, "ref": self.ref,
+            "validation": self.validation, "moved": self.moved, "recipe_search": self.search,
         }
 
 
@@ -128,7 +133,11 @@ def port(
     dry_run: bool = False,
     message: str = "",
     progress: Progress = None,
+    move_ref: bool = True,
+    search: dict[str, Any] | None = None,
 ) -> PortReport:
+    """See the module docstring. ``move_ref=False`` stores the ported patch without moving a ref
+    (``report.ref`` is still the name it would get); ``search`` is kept in the recipe."""
     from ..patches import port as pm
 
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
@@ -227,20 +236,21 @@ def port(
         to_base=_base_doc(new, to_name), lam=lam, maps=list(maps), vocab=vocab_mode, summary=summary,
         tensors=drifts, renamed={it.old_key: it.new_key for it in items if it.old_key != it.new_key},
         old_only=match.old_only, new_only=match.new_only, added_tokens=added, dropped_tokens=dropped,
-        warnings=warnings, dry_run=dry_run, ref=out_ref,
+        warnings=warnings, dry_run=dry_run, ref=out_ref, from_path=str(old.path),
     )
     if dry_run:
         return report
 
     # -- write: blobs, manifest, ref -----------------------------------------------------
     recipe = {"op": "port", "lambda": lam, "maps": list(maps), "from_fingerprint": m.fingerprint,
-              "to_fingerprint": to_fp, "vocab": vocab_mode}
+              "to_fingerprint": to_fp, "vocab": vocab_mode, **({"search": search} if search is not None else {})}
     metadata = {**m.metadata, "port": {**summary.to_json(), "source_kind": m.kind,
                                        "renamed": len(report.renamed), "added_tokens": added,
                                        "dropped_tokens": len(dropped)}}
     with reg.store.writing():
         if lora_route:
-            tensors, params = _write_lora(reg, view, items, new, lam), dict(m.params)
+            tensors = _write_lora(reg, view, items, new, lam)
+            params = _lora_params(m.params, view, items)
         else:
             tensors = {}
             for i, it in enumerate(items):
@@ -250,7 +260,10 @@ def port(
             params = dict(m.params) if m.kind == "diff" else {}
         out = Manifest(kind=report.kind, base=report.to_base, tensors=dict(sorted(tensors.items())),
                        params=params, parents=(digest,), recipe=recipe, metadata=metadata)
-        report.digest = reg.commit(out, out_ref, message or f"port {ref} to {to_fp[:19]}", move_latest=False)
+        report.digest = reg.commit(out, out_ref if move_ref else None, message or f"port {ref} to {to_fp[:19]}",
+                                   move_latest=False)
+        report.moved = move_ref
+        report.search = search
     reg.remember_base(to_fp, new.path)  # so that a port onward or back finds it without --from
     return report
 
@@ -401,10 +414,62 @@ def _write_lora(reg: Registry, view: PatchView, items: list[_Item], new: Checkpo
     return out
 
 
+def _lora_params(params: dict[str, Any], view: PatchView, items: list[_Item]) -> dict[str, Any]:
+    """The adapter config, with ``target_modules`` rewritten when modules were renamed.
+
+    A list becomes the sorted last components of the new module names (PEFT
+    matches list entries as name suffixes); a regex string becomes an exact
+    alternation of the new module paths (PEFT full-matches it).
+    """
+    import re
+
+    from .patchview import lora_modules
+
+    renamed = [it for it in items if it.old_key != it.new_key]
+    tm = params.get("target_modules")
+    if not renamed or tm is None:
+        return dict(params)
+    mods, _ = lora_modules(view.m)
+    by_a = {mod.a: mod for mod in mods.values()}
+    modules = set()
+    for it in items:
+        mod = by_a[it.change.sources[0]]
+        wk = mod.weight_key
+        new_wk = wk[: len(wk) - len(it.old_key)] + it.new_key if wk.endswith(it.old_key) else it.new_key
+        modules.add(new_wk[: -len(".weight")])
+    if isinstance(tm, str):
+        new_tm: Any = "(" + "|".join(re.escape(x) for x in sorted(modules)) + ")"
+    else:
+        new_tm = sorted({x.rsplit(".", 1)[-1] for x in modules})
+    return {**params, "target_modules": new_tm}
+
+
+def port_suites(reg: Registry, suites: Sequence[str], new: Checkpoint, to_base: dict[str, Any]) -> list[str]:
+    """Copies of eval suites for the new base: the same rows and class head (the head is part of the task).
+
+    Each copy is a ``suite`` manifest with ``to_base`` as its base, the
+    original as its parent and the same blobs, so porting a suite twice gives
+    the same digest. A head whose width is not the new base's hidden size is
+    refused (:class:`ShapeMismatch`).
+    """
+    hidden = new.config().get("hidden_size")
+    out = []
+    for sd in suites:
+        sm = reg.manifest(sd)
+        head = sm.tensors.get("head")
+        if head is not None and isinstance(hidden, int) and head.shape[-1] != hidden:
+            raise ShapeMismatch(f"suite {sd[:19]}…: class head is {list(head.shape)}, the new base's hidden "
+                                f"size is {hidden}; push a suite for the new base (`patchctl eval push`)")
+        copy = Manifest(kind="suite", base=dict(to_base), tensors=dict(sm.tensors), params=dict(sm.params),
+                        parents=(sd,), recipe={"op": "port-suite", "head": "carried"}, metadata={})
+        out.append(reg.commit(copy, None))
+    return out
+
+
 def default_ref(ref: str, to_fingerprint: str) -> str:
     """``NAME:TAG-on-<8 hex>`` for a port of ``NAME:TAG`` to the base with that fingerprint."""
     r = parse_ref(ref)
     return str(parse_ref(f"{r.name}:{r.tag}-on-{to_fingerprint[7:15]}"))
 
 
-__all__ = ["PortReport", "default_ref", "port"]
+__all__ = ["PortReport", "default_ref", "port", "port_suites"]

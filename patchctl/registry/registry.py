@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import sqlite3
@@ -578,7 +579,7 @@ class Registry:
         ref: str,
         as_ref: str | None = None,
         *,
-        density: float,
+        density: float | None = None,
         mode: str = "ternary",
         scale: str = "std",
         kappa: float = 1.0,
@@ -590,6 +591,10 @@ class Registry:
         metadata: dict[str, Any] | None = None,
         move_latest: bool = True,
         progress: Progress = None,
+        search: bool = False,
+        budget: int = 6,
+        max_size: int | None = None,
+        eval_device: str | None = None,
     ) -> CompressResult:
         """Compress a diff or LoRA patch into a new ``sparse`` patch, streaming tensor by tensor.
 
@@ -603,12 +608,49 @@ class Registry:
         ``NAME:TAG-d<density>``. The manifest records the parent, the recipe
         and a size/error report (``metadata["compression"]``). Already sparse
         patches are refused. See :mod:`patchctl.registry.compressing`.
+
+        ``max_size`` (bytes) chooses the largest density whose stored size
+        fits (``density`` may then be None); ``search=True`` chooses κ on the
+        validation split of the source's eval suites within ``budget``
+        candidates (:func:`patchctl.registry.search.search_compress`) and then
+        measures the chosen patch's gain kept on the test split (a
+        ``compress-validation`` record). Both are kept in the recipe
+        (``search``). The source's eval suites are attached to the result.
         """
+        from . import records
         from .compressing import compress
 
-        return compress(self, ref, as_ref, density=density, mode=mode, scale=scale, kappa=kappa,
-                        per_tensor=per_tensor, seed=seed, values_dtype=values_dtype, lora_delta=lora_delta,
-                        message=message, metadata=metadata, move_latest=move_latest, progress=progress)
+        size_kw = {"mode": mode, "per_tensor": per_tensor, "seed": seed, "values_dtype": values_dtype,
+                   "lora_delta": lora_delta}
+        record: dict[str, Any] | None = None
+        if max_size is not None:
+            from .search import density_for_size
+
+            density, size_rec = density_for_size(self, ref, max_size, size_kwargs=size_kw)
+            record = {"size": size_rec}
+        if density is None:
+            raise InvalidArgument("give --density, or --max-size to choose it")
+        with self.store.writing():  # held from the first candidate on: gc cannot collect them mid-search
+            if search:
+                from .search import search_compress
+
+                kappa, rec = search_compress(self, ref, density=density, budget=budget, eval_device=eval_device,
+                                             compress_kwargs={**size_kw, "scale": scale})
+                record = {**rec, **(record or {})}
+            res = compress(self, ref, as_ref, density=density, mode=mode, scale=scale, kappa=kappa,
+                           per_tensor=per_tensor, seed=seed, values_dtype=values_dtype, lora_delta=lora_delta,
+                           message=message, metadata=metadata, move_latest=move_latest, progress=progress,
+                           search=record)
+            suites = records.suites(self.store, res.source, "target")
+            for sd in suites:
+                records.attach(self.store, res.digest, sd, "target")
+        if search:
+            from dataclasses import replace
+
+            from .validation import validate_derived
+
+            res = replace(res, validation=validate_derived(self, res.source, res.digest, suites, device=eval_device))
+        return res
 
     # -- merge ---------------------------------------------------------------------
     def merge(
@@ -726,6 +768,11 @@ class Registry:
         dry_run: bool = False,
         message: str = "",
         progress: Progress = None,
+        validate: bool = True,
+        gate: float = 0.8,
+        eval_device: str | None = None,
+        search: bool = False,
+        budget: int = 6,
     ) -> PortReport:
         """Re-anchor a patch on another version of its base: delta ``lam·τ`` keyed by ``to``'s names.
 
@@ -735,11 +782,55 @@ class Registry:
         ``NAME:TAG-on-<8 hex of the new fingerprint>``). The diagnostics are
         computed before anything is written; ``dry_run`` writes nothing. See
         :mod:`patchctl.registry.porting`.
-        """
-        from .porting import port
 
-        return port(self, ref, to, from_base=from_base, to_name=to_name, lam=lam, maps=maps, as_ref=as_ref,
-                    dry_run=dry_run, message=message, progress=progress)
+        When the patch has eval suites, they are carried to the new base
+        (:func:`~patchctl.registry.porting.port_suites`, attached to the
+        ported patch) and, unless ``validate`` is false, the ported patch is
+        validated there (:func:`~patchctl.registry.validation.validate_port`):
+        the share of the gain it recovers on each suite's test split. A port
+        recovering less than ``gate`` on some suite is kept but marked
+        ``fail`` and moves no ref. ``search=True`` first chooses λ on the
+        validation split within ``budget`` ports
+        (:func:`~patchctl.registry.search.search_port`).
+        """
+        from . import records
+        from .porting import port, port_suites
+
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not math.isfinite(gate):
+            raise InvalidArgument(f"--gate must be a finite number, got {gate!r}")
+        kw = {"from_base": from_base, "to_name": to_name, "maps": maps}
+        search_record = None
+        if search and not dry_run:
+            from .search import search_port
+
+            lam, search_record = search_port(self, ref, to, budget=budget, eval_device=eval_device, port_kwargs=kw)
+        if dry_run:
+            return port(self, ref, to, lam=lam, as_ref=as_ref, dry_run=True, message=message, progress=progress, **kw)
+        with self.store.writing():
+            report = port(self, ref, to, lam=lam, as_ref=as_ref, message=message, progress=progress,
+                          move_ref=False, search=search_record, **kw)
+            assert report.digest is not None and report.ref is not None
+            from .checkpoint import Checkpoint
+
+            new = Checkpoint(to)
+            src_suites = records.suites(self.store, report.source, "target")
+            ported = port_suites(self, src_suites, new, report.to_base)
+            for sd in ported:
+                records.attach(self.store, report.digest, sd, "target")
+            if validate and ported:
+                from .validation import validate_port
+
+                report.validation = validate_port(self, report.source, report.digest, list(zip(src_suites, ported, strict=True)),
+                                                  old=report.from_path, new=to, gate=float(gate), device=eval_device)
+            else:
+                why = "--no-validate" if not validate else "no eval suites attached to the patch"
+                report.validation = {"type": "port-validation", "ported": report.digest, "source": report.source,
+                                     "gate": gate, "verdict": "unvalidated", "reason": why, "rows": []}
+                report.validation["record"] = records.add_validation(self.store, report.digest, report.validation)
+            if report.validation["verdict"] != "fail":
+                self._move(parse_ref(report.ref), report.digest, message or f"port {ref} to {report.to_fingerprint[:19]}")
+                report.moved = True
+        return report
 
 
 def _base_doc(base: Checkpoint, base_name: str | None, hint: str | None) -> dict[str, Any]:

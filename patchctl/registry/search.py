@@ -1,4 +1,4 @@
-"""Choosing merge coefficients on validation data (``patchctl merge --search``).
+"""Choosing coefficients on validation data: ``merge``, ``compress`` and ``port --search``.
 
 The papers choose their scales on held-out data (Task Arithmetic's and TIES's
 λ, LiNeS's β); this module does it for the user. Each candidate setting is
@@ -21,6 +21,19 @@ grid's indices replaces the full scan; the budget counts candidate merges
 evaluated (cached candidates do not count twice). Everything is deterministic:
 the same inputs, suites and search give the same curve, the same choice and,
 since the search record is part of the recipe, the same digest.
+
+``compress --search`` (:func:`search_compress`) chooses ComPEFT's κ (ternary,
+``α = κ·std``) over :func:`kappa_grid` — a grid around the rule ``κ·d ≈ 0.4``
+that the MiniLM task vectors follow (κ = 4 at d = 0.1, 2 at d = 0.2) — and
+``port --search`` (:func:`search_port`) the port's λ over ``PORT_LAMBDA_GRID``.
+Both maximize the mean **gain kept** on the validation split, over the source
+patch's suites: ``(candidate − base) / (source − base)``, the base and the
+source each on their own base model (for a port, the source on the old base,
+the candidate and the base on the new one); a suite where the source does not
+beat its base scores ``candidate / source`` instead. A size target
+(``compress --max-size``, :func:`density_for_size`) is met without
+evaluations: the stored size is measured (nothing written) while a
+bisection over the density narrows to the largest density that fits.
 """
 
 from __future__ import annotations
@@ -36,6 +49,9 @@ if TYPE_CHECKING:
     from .registry import Registry
 
 LAMBDA_GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
+KAPPA_RULE = 0.4  # κ·d of the best ternary scale on the MiniLM task vectors (issue: search)
+KAPPA_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+PORT_LAMBDA_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 BETA_GRID = (0.25, 0.5, 1.0, 1.5, 2.0)
 DENSITY_GRID = (0.1, 0.2, 0.4, 0.7)
 DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "magnitude_prune", "breadcrumbs")
@@ -167,3 +183,213 @@ def search_merge(
         "objective_value": best_point["objective"],
     }
     return dict(best_point["params"]), best_point["lines_beta"], record
+
+
+def kappa_grid(density: float) -> tuple[float, ...]:
+    """κ candidates for ``density``: ``KAPPA_RULE / d`` times ``KAPPA_FACTORS``, 3 significant digits."""
+    return tuple(float(f"{KAPPA_RULE / density * f:.3g}") for f in KAPPA_FACTORS)
+
+
+def _gain(cand: float, base: float, source: float, source_base: float) -> float:
+    """``(cand − base) / (source − source_base)``: the share of the source's gain the candidate keeps.
+
+    ``base`` is the candidate's base model, ``source_base`` the source's (the
+    same model except for a port). Without a gain: ``cand / source``.
+    """
+    if source - source_base > 1e-9:
+        return (cand - base) / (source - source_base)
+    return cand / source if source else float("nan")
+
+
+class _GainSearch:
+    """Scores candidates (patch digests on ``cand_ckpt``) by mean gain kept on the validation split.
+
+    ``pairs``: (suite the source is scored with, suite the candidates are
+    scored with) — the same suite, or the source's suite and its port.
+    """
+
+    def __init__(self, reg: Registry, source: str, src_ckpt: Any, cand_ckpt: Any,
+                 pairs: list[tuple[Any, Any]], eval_device: str | None) -> None:
+        from .validation import score_compositions
+
+        for a, b in pairs:
+            for s in (a, b):
+                if not s.split("validation"):
+                    raise InvalidArgument(f"suite {s.digest[:19]}… has no validation rows; --search selects on them")
+        self.reg, self.ckpt, self.pairs, self.dev = reg, cand_ckpt, pairs, eval_device
+        score = lambda ck, jobs: [r["metrics"]["score"] for r in score_compositions(  # noqa: E731
+            reg, ck, jobs, split="validation", device=eval_device, batch_size=None)]
+        self.source = score(src_ckpt, [([source], a) for a, _ in pairs])
+        self.source_base = score(src_ckpt, [([], a) for a, _ in pairs])
+        self.base = score(cand_ckpt, [([], b) for _, b in pairs])
+        self._score = score
+        self.curve: list[dict[str, Any]] = []
+
+    def __call__(self, coef: str, value: float, digest: str) -> float:
+        got = self._score(self.ckpt, [([digest], b) for _, b in self.pairs])
+        gains = [_gain(c, b, s, sb) for c, b, s, sb in zip(got, self.base, self.source, self.source_base, strict=True)]
+        obj = sum(gains) / len(gains)
+        self.curve.append({"coefficient": coef, "value": value, "params": {coef: value}, "scores": got,
+                           "target_gain": gains, "objective": obj})
+        return obj
+
+    def record(self, grid: tuple[float, ...], budget: int, coef: str) -> dict[str, Any]:
+        best = max(self.curve, key=lambda p: p["objective"])
+        return {
+            "split": "validation",
+            "objective": "mean gain kept, (candidate − base) / (source − base)",
+            # no suite digests: they change with the test rows, which must not change the record
+            "suites": len(self.pairs),
+            "base_scores": self.base,
+            "source_scores": self.source,
+            "source_base_scores": self.source_base,
+            "grids": {coef: list(grid)},
+            "budget": budget,
+            "evaluations": len(self.curve),
+            "curve": self.curve,
+            "chosen": {coef: best["value"]},
+            "objective_value": best["objective"],
+        }
+
+
+def _source_suites(reg: Registry, digest: str) -> list[str]:
+    found = records.suites(reg.store, digest, "target")
+    if not found:
+        raise NotFound("--search needs eval suites attached to the patch (`patchctl eval attach`)")
+    return found
+
+
+def search_compress(
+    reg: Registry,
+    ref: str,
+    *,
+    density: float,
+    budget: int = 6,
+    eval_device: str | None = None,
+    compress_kwargs: dict[str, Any] | None = None,
+) -> tuple[float, dict[str, Any]]:
+    """Choose κ (ternary, ``scale="std"``) on the validation split; return ``(kappa, search record)``."""
+    from .compressing import compress
+    from .suites import load_suite
+    from .validation import resolve_base
+
+    kw = dict(compress_kwargs or {})
+    if kw.get("mode", "ternary") != "ternary" or kw.get("scale", "std") != "std":
+        raise InvalidArgument("compress --search chooses κ, the scale of --mode ternary --scale std; "
+                              "drop --search or use those settings")
+    if budget < 1:
+        raise InvalidArgument(f"--budget must be at least 1, got {budget}")
+    digest = reg.resolve(ref)
+    fp = reg.manifest(digest).fingerprint
+    suites = [load_suite(reg, s) for s in _source_suites(reg, digest)]
+    ckpt = resolve_base(reg, fp, None)
+    # a bad request (density, sparse source, ...) fails here, before any evaluation
+    from .compressing import _check_args, _plan
+
+    _check_args(density, "ternary", "std", 1.0, kw.get("seed", 0), kw.get("values_dtype", "float16"))
+    _plan(reg, ref, bool(kw.get("lora_delta", False)))
+    gs = _GainSearch(reg, digest, ckpt, ckpt, [(s, s) for s in suites], eval_device)
+    grid = kappa_grid(float(density))
+    for k in ("kappa", "as_ref", "move_latest", "message", "metadata", "progress", "search", "move_ref"):
+        kw.pop(k, None)
+
+    def evaluate(kappa: float) -> float:
+        cand = compress(reg, ref, None, density=density, kappa=kappa, move_ref=False, **kw)
+        return gs("kappa", kappa, cand.digest)
+
+    _bracket(grid, evaluate, budget)
+    rec = gs.record(grid, budget, "kappa")
+    return float(rec["chosen"]["kappa"]), rec
+
+
+def density_for_size(
+    reg: Registry,
+    ref: str,
+    max_bytes: int,
+    *,
+    steps: int = 14,
+    size_kwargs: dict[str, Any] | None = None,
+) -> tuple[float, dict[str, Any]]:
+    """The largest density (3 significant digits) whose stored size is at most ``max_bytes``.
+
+    Bisection over ``log10(d)`` in ``[1e-5, 1]`` on measured sizes
+    (:func:`patchctl.registry.compressing.stored_size`, nothing written);
+    returns the density and a record of the sizes tried.
+    """
+    import math
+
+    from .compressing import stored_size
+
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise InvalidArgument(f"--max-size must be a positive number of bytes, got {max_bytes!r}")
+    kw = dict(size_kwargs or {})
+    tried: list[dict[str, Any]] = []
+    cache: dict[float, int] = {}
+
+    def size(d: float) -> int:
+        if d not in cache:
+            cache[d] = stored_size(reg, ref, density=d, **kw)
+            tried.append({"density": d, "stored_bytes": cache[d]})
+        return cache[d]
+
+    def sig3_down(d: float) -> float:
+        e = math.floor(math.log10(d)) - 2
+        return math.floor(d / 10**e) * 10**e
+
+    if size(1.0) <= max_bytes:
+        best = 1.0
+    else:
+        lo, hi = -5.0, 0.0
+        if size(1e-5) > max_bytes:
+            raise InvalidArgument(f"no density fits {max_bytes} bytes: even d = 1e-05 takes {cache[1e-5]} bytes")
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            if size(10**mid) <= max_bytes:
+                lo = mid
+            else:
+                hi = mid
+        best = float(f"{sig3_down(10**lo):.3g}")
+        while size(best) > max_bytes:  # rounding went up by a hair: step down one unit in the last digit
+            e = math.floor(math.log10(best)) - 2
+            best = float(f"{best - 10**e:.3g}")
+    return best, {"max_bytes": max_bytes, "density": best, "stored_bytes": cache[best], "tried": tried}
+
+
+def search_port(
+    reg: Registry,
+    ref: str,
+    to: str | os.PathLike[str],
+    *,
+    budget: int = 6,
+    eval_device: str | None = None,
+    port_kwargs: dict[str, Any] | None = None,
+) -> tuple[float, dict[str, Any]]:
+    """Choose the port's λ on the validation split of the patch's suites (ported to ``to``)."""
+    from .checkpoint import Checkpoint
+    from .porting import port, port_suites
+    from .suites import load_suite
+
+    if budget < 1:
+        raise InvalidArgument(f"--budget must be at least 1, got {budget}")
+    kw = dict(port_kwargs or {})
+    for k in ("lam", "as_ref", "dry_run", "message", "progress", "search", "move_ref"):
+        kw.pop(k, None)
+    digest = reg.resolve(ref)
+    src_suites = _source_suites(reg, digest)
+    # checks (same base, architecture, names, ...) before any evaluation
+    probe = port(reg, ref, to, dry_run=True, **kw)
+    new = Checkpoint(to)
+    old = Checkpoint(probe.from_path)
+    ported = port_suites(reg, src_suites, new, probe.to_base)
+    pairs = [(load_suite(reg, a), load_suite(reg, b)) for a, b in zip(src_suites, ported, strict=True)]
+    gs = _GainSearch(reg, digest, old, new, pairs, eval_device)
+
+    def evaluate(lam: float) -> float:
+        cand = port(reg, ref, to, lam=lam, move_ref=False, **kw)
+        assert cand.digest is not None
+        return gs("lambda", lam, cand.digest)
+
+    _bracket(PORT_LAMBDA_GRID, evaluate, budget)
+    rec = gs.record(PORT_LAMBDA_GRID, budget, "lambda")
+    rec["objective"] = "mean gain recovered, (new base + λ·τ − new base) / (old base + τ − old base)"
+    return float(rec["chosen"]["lambda"]), rec

@@ -111,7 +111,7 @@ def score_compositions(
         by_kind.setdefault(_model_kind(jobs[i][1].task), []).append(i)
     for idxs in by_kind.values():
         task = jobs[idxs[0]][1].task
-        model, tok = runtime.load_model(ckpt.path, task, dev)
+        model, tok = _load(ckpt, task, dev, dname)
         for i in idxs:
             patches, suite = jobs[i]
             rows = suite.split(split)
@@ -144,11 +144,33 @@ def score_compositions(
             if subject is not None:
                 rec["record"] = records.add_validation(reg.store, subject, {**rec, "verdict": "info"})
             results[i] = rec
-        del model
     return [r for r in results if r is not None]
 
 
 _FP_CACHE: dict[str, str] = {}
+_MODELS: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+_MODELS_KEPT = 2  # a port's search and validation score on two bases
+
+
+def _load(ckpt: Checkpoint, task: str, dev: Any, dname: str) -> tuple[Any, Any]:
+    """The model for ``ckpt`` and ``task``, kept loaded between calls (searches score many candidates).
+
+    Safe because every evaluation applies its patches through a handle whose
+    ``remove()`` restores the weights bit for bit (tests/test_api.py), in a
+    ``finally``. Keyed by the base's fingerprint, so a changed folder reloads.
+    """
+    from ..evals import runtime
+
+    key = (ckpt_fp_fresh(ckpt), _model_kind(task), dname)
+    if key not in _MODELS:
+        while len(_MODELS) >= _MODELS_KEPT:
+            _MODELS.pop(next(iter(_MODELS)))
+        _MODELS[key] = runtime.load_model(ckpt.path, task, dev)
+    return _MODELS[key]
+
+
+def ckpt_fp_fresh(ckpt: Checkpoint) -> str:
+    return f"{ckpt.path}|{ckpt.fingerprint()}"
 
 
 def ckpt_fp(reg: Registry, ckpt: Checkpoint) -> str:
@@ -246,3 +268,88 @@ def validate_merge(
 
 def base_dir_of(path: str | os.PathLike[str]) -> Path:
     return Path(path).expanduser().resolve()
+
+
+def validate_port(
+    reg: Registry,
+    source: str,
+    ported: str,
+    suites: list[tuple[str, str]],
+    *,
+    old: str | os.PathLike[str],
+    new: str | os.PathLike[str],
+    gate: float = 0.8,
+    split: str = "test",
+    device: str | None = None,
+) -> dict[str, Any]:
+    """How much of its gain a ported patch recovers on the new base; the verdict.
+
+    ``suites`` pairs each of the source's suites (old base) with its port (new
+    base). Per pair: the old base and old base + patch (cached when scored
+    before), the new base and new base + ported patch; ``recovered`` =
+    (new + ported − new) / (old + patch − old). ``pass`` when every suite
+    recovers at least ``gate`` (``recovered`` is null where the patch had no
+    gain on the old base; such a suite does not fail the port).
+    """
+    from .checkpoint import Checkpoint
+
+    old_ck, new_ck = Checkpoint(old), Checkpoint(new)
+    pairs = [(load_suite(reg, a), load_suite(reg, b)) for a, b in suites]
+    before = score_compositions(reg, old_ck, [j for a, _ in pairs for j in (([], a), ([source], a))],
+                                split=split, device=device, batch_size=None)
+    after = score_compositions(reg, new_ck, [j for _, b in pairs for j in (([], b), ([ported], b))],
+                               split=split, device=device, batch_size=None)
+    rows = []
+    for k, (a, b) in enumerate(pairs):
+        ob, op = before[2 * k]["metrics"]["score"], before[2 * k + 1]["metrics"]["score"]
+        nb, np_ = after[2 * k]["metrics"]["score"], after[2 * k + 1]["metrics"]["score"]
+        gain = op - ob
+        rows.append({"suite": a.digest, "ported_suite": b.digest, "task": a.task, "old_base": ob, "old_patched": op,
+                     "new_base": nb, "new_ported": np_,
+                     "recovered": (np_ - nb) / gain if gain > 1e-9 else None})
+    rec = [r["recovered"] for r in rows if r["recovered"] is not None]
+    summary = {
+        "type": "port-validation",
+        "ported": ported,
+        "source": source,
+        "gate": gate,
+        "split": split,
+        "device": after[0]["device"] if after else None,
+        "rows": rows,
+        "min_recovered": min(rec) if rec else None,
+        "verdict": "pass" if not rec or min(rec) >= gate else "fail",
+    }
+    summary["record"] = records.add_validation(reg.store, ported, summary)
+    return summary
+
+
+def validate_derived(
+    reg: Registry,
+    source: str,
+    derived: str,
+    suites: list[str],
+    *,
+    split: str = "test",
+    device: str | None = None,
+    kind: str = "compress-validation",
+) -> dict[str, Any]:
+    """Gain kept by ``derived`` (e.g. a compressed patch) against its ``source`` on the same base.
+
+    Per suite: base, source and derived scores and ``gain_kept`` = (derived −
+    base) / (source − base) (null without a gain). Stored as a record of
+    ``derived``; informational (no gate).
+    """
+    m = reg.manifest(derived)
+    ckpt = resolve_base(reg, m.fingerprint, None)
+    loaded = [load_suite(reg, s) for s in suites]
+    res = score_compositions(reg, ckpt, [j for s in loaded for j in (([], s), ([source], s), ([derived], s))],
+                             split=split, device=device, batch_size=None)
+    rows = []
+    for k, s in enumerate(loaded):
+        b, src, d = (res[3 * k + i]["metrics"]["score"] for i in range(3))
+        rows.append({"suite": s.digest, "task": s.task, "base": b, "source": src, "derived": d,
+                     "gain_kept": (d - b) / (src - b) if src - b > 1e-9 else None})
+    summary = {"type": kind, "derived": derived, "source": source, "split": split,
+               "device": res[0]["device"] if res else None, "rows": rows, "verdict": "info"}
+    summary["record"] = records.add_validation(reg.store, derived, summary)
+    return summary
