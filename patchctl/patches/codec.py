@@ -105,7 +105,11 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -212,118 +216,322 @@ class SparseTensor:
         return int(self.indices.shape[0])
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- threads
+
+_CHUNK = 1 << 15  # entries per step of the chunked coders: temporaries stay in cache, reused
+_PARALLEL_MIN = 1 << 20  # nnz from which the coders split the work over threads
+
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+_pool_lock = threading.Lock()
 
 
-def _gaps_checked(idx: np.ndarray, numel: int) -> np.ndarray:
-    """Gaps of strictly increasing ``idx`` in ``[0, numel)``; InvalidPatch otherwise.
+def _pmap(fn: Callable[[Any], Any], items: list) -> list:
+    """``[fn(i) for i in items]``, on a thread pool when there are several items.
 
-    int32 when numel < 2**30 (half the memory traffic of the Rice coder), else int64.
+    The work is numpy/torch kernels that release the GIL, so threads give
+    real parallelism; the pool has ``torch.get_num_threads()`` workers.
     """
-    if int(idx.min()) < 0 or int(idx.max()) >= numel:
-        raise InvalidPatch("sparse tensor indices must be strictly increasing and in [0, numel)")
-    g = np.empty(idx.shape, dtype=np.int32 if numel < (1 << 30) else np.int64)
-    g[0] = idx[0]
-    np.subtract(idx[1:], idx[:-1], out=g[1:], casting="unsafe")  # exact: |diff| < numel
-    g[1:] -= 1
-    if len(g) > 1 and int(g[1:].min()) < 0:
-        raise InvalidPatch("sparse tensor indices must be strictly increasing and in [0, numel)")
+    global _pool, _pool_workers
+    workers = max(1, torch.get_num_threads())
+    if workers == 1 or len(items) <= 1:
+        return [fn(i) for i in items]
+    with _pool_lock:
+        if _pool is None or _pool_workers != workers:
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="patchctl-codec")
+            _pool_workers = workers
+        pool = _pool
+    return list(pool.map(fn, items))
+
+
+def _split(n: int, align: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into one range per worker (one if ``n < _PARALLEL_MIN``), cuts at multiples of ``align``."""
+    parts = max(1, torch.get_num_threads()) if n >= _PARALLEL_MIN else 1
+    cuts = [0] + [min(n, (i * n // parts) // align * align) for i in range(1, parts)] + [n]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def _small_uint(k: int) -> type:
+    return np.uint8 if k <= 8 else np.uint16 if k <= 16 else np.uint32 if k <= 32 else np.uint64
+
+
+# --------------------------------------------------------------------------- positions: gaps
+
+
+def _bad_indices() -> InvalidPatch:
+    return InvalidPatch("sparse tensor indices must be strictly increasing and in [0, numel)")
+
+
+def _chunk_gaps(idx: np.ndarray, s: int, e: int, out: np.ndarray) -> np.ndarray:
+    """Gaps ``idx[s:e] - idx[s-1:e-1] - 1`` (``idx[0]`` for the first) into ``out[: e - s]``."""
+    g = out[: e - s]
+    if s == 0:
+        g[0] = idx[0]
+        np.subtract(idx[1:e], idx[: e - 1], out=g[1:])
+        g[1:] -= 1
+    else:
+        np.subtract(idx[s:e], idx[s - 1 : e - 1], out=g)
+        g -= 1
     return g
 
 
-def _rice_cost(g: np.ndarray, k: int, buf: np.ndarray) -> int:
-    """Bits of the Rice code of ``g`` with parameter ``k`` (padding excluded)."""
-    return int(np.sum(np.right_shift(g, k, out=buf))) + len(g) * (k + 1)
+def _gap_sums(idx: np.ndarray, numel: int, ks: list[int], check: bool) -> tuple[np.ndarray, int]:
+    """Per chunk of ``_CHUNK`` gaps, ``sum(gap >> k)`` for each ``k`` in ``ks``, and the largest gap.
+
+    With ``check``, raises InvalidPatch unless ``idx`` is strictly increasing
+    in ``[0, numel)``. One pass, chunk by chunk, split over threads.
+    """
+    nnz = len(idx)
+    nchunks = -(-nnz // _CHUNK)
+    sums = np.zeros((nchunks, len(ks)), dtype=np.int64)
+
+    def part(r: tuple[int, int]) -> int:
+        g_buf = np.empty(_CHUNK, dtype=np.int64)
+        t_buf = np.empty(_CHUNK, dtype=np.int64)
+        gmax = 0
+        for s in range(r[0], r[1], _CHUNK):
+            e = min(s + _CHUNK, r[1])
+            if check:
+                c = idx[max(s - 1, 0) : e]  # with the previous index: no int64 overflow below
+                if int(c.min()) < 0 or int(c.max()) >= numel:
+                    raise _bad_indices()
+            g = _chunk_gaps(idx, s, e, g_buf)
+            if check and int(g.min()) < 0:
+                raise _bad_indices()
+            gmax = max(gmax, int(g.max()))
+            if ks:  # ks are consecutive: shift once, then one more bit per k
+                t = np.right_shift(g, ks[0], out=t_buf[: e - s])
+                row = sums[s // _CHUNK]
+                row[0] = np.add.reduce(t)
+                for j in range(1, len(ks)):
+                    row[j] = np.add.reduce(np.right_shift(t, 1, out=t))
+        return gmax
+
+    return sums, max(_pmap(part, _split(nnz, _CHUNK)))
 
 
-def _rice_best_k(g: np.ndarray) -> tuple[int, int]:
-    """The ``k`` with the fewest Rice bits for ``g`` (ties: smaller ``k``), and those bits."""
-    # start at the optimum for a geometric source with this mean (Gallager & van Voorhis)
-    mean = float(np.mean(g, dtype=np.float64))
-    p = 1.0 / (mean + 1.0)
-    k = 0 if p >= 0.5 else max(0, min(62, math.ceil(math.log2(math.log(0.6180339887498949) / math.log1p(-p)))))
-    buf = np.empty_like(g)
-    best = _rice_cost(g, k, buf)
-    # cost(k) is convex in k: walk down, then up, while it does not get worse / gets better
-    while k > 0:
-        c = _rice_cost(g, k - 1, buf)
+def _gap_slice(idx: np.ndarray, s: int, e: int) -> np.ndarray:
+    return _chunk_gaps(idx, s, e, np.empty(e - s, dtype=np.int64))
+
+
+def _gap_sample(idx: np.ndarray) -> np.ndarray:
+    """The gaps at the positions ``_sample_chunks`` takes (all gaps when there are few)."""
+    n = len(idx)
+    if n <= 3 * _ZSTD_SAMPLE:
+        return _gap_slice(idx, 0, n)
+    mid = (n - _ZSTD_SAMPLE) // 2
+    return np.concatenate(
+        [_gap_slice(idx, 0, _ZSTD_SAMPLE), _gap_slice(idx, mid, mid + _ZSTD_SAMPLE), _gap_slice(idx, n - _ZSTD_SAMPLE, n)]
+    )
+
+
+# --------------------------------------------------------------------------- positions: Rice
+
+
+def _rice_k_guess(mean: float) -> int:
+    """The optimal ``k`` for a geometric source with this mean gap (Gallager & van Voorhis)."""
+    p = 1.0 / (max(mean, 0.0) + 1.0)
+    if p >= 0.5:
+        return 0
+    return max(0, min(62, math.ceil(math.log2(math.log(0.6180339887498949) / math.log1p(-p)))))
+
+
+def _rice_best_k(idx: np.ndarray, numel: int) -> tuple[int, int, np.ndarray, int]:
+    """Check ``idx``; the ``k`` with the fewest Rice bits (ties: smaller ``k``), those bits,
+    the per-chunk ``sum(gap >> k)`` for that ``k``, and the largest gap.
+
+    cost(k) = sum(gap >> k) + nnz * (k + 1) is convex in k. One pass computes
+    it for the guess and its two neighbours; a further pass is needed only
+    when the optimum lies farther away.
+    """
+    nnz = len(idx)
+    k0 = _rice_k_guess((float(idx[-1]) - (nnz - 1)) / nnz)  # mean gap, if idx is valid
+    ks = [k for k in (k0 - 1, k0, k0 + 1) if 0 <= k <= 62]
+    sums, gmax = _gap_sums(idx, numel, ks, check=True)
+    per_k = {k: sums[:, j] for j, k in enumerate(ks)}
+
+    def cost(k: int) -> int:
+        if k not in per_k:
+            per_k[k] = _gap_sums(idx, numel, [k], check=False)[0][:, 0]
+        return int(per_k[k].sum()) + nnz * (k + 1)
+
+    k = k0
+    best = cost(k)
+    while k > 0:  # walk down while it does not get worse, then up while it gets better
+        c = cost(k - 1)
         if c > best:
             break
         k, best = k - 1, c
     while k < 62:
-        c = _rice_cost(g, k + 1, buf)
+        c = cost(k + 1)
         if c >= best:
             break
         k, best = k + 1, c
-    return k, best
+    return k, best, per_k[k], gmax
 
 
-def _rice_encode(g: np.ndarray, k: int) -> tuple[bytes, bytes]:
-    q = g >> k
-    q += 1
-    ends = np.cumsum(q, out=q)  # position (1-based) of each terminating one bit
-    bits = np.zeros(int(ends[-1]), dtype=np.uint8)
-    ends -= 1
-    bits[ends] = 1
-    p1 = np.packbits(bits).tobytes()
-    if k == 0:
-        return p1, b""
-    small = np.uint8 if k <= 8 else np.uint16 if k <= 16 else np.uint32 if k <= 32 else np.uint64
-    r = g.astype(small)  # wraps; only the low k bits are used
-    planes = [np.packbits(r & small(1 << j)).tobytes() for j in range(k - 1, -1, -1)]
-    return p1, b"".join(planes)
+def _rice_encode(idx: np.ndarray, k: int, chunk_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """P1 and P2 of ``idx``'s gaps with parameter ``k`` (``chunk_q``: per-chunk ``sum(gap >> k)``).
+
+    The chunks' bit offsets in P1 are known in advance, so the threads write
+    their ranges of P1 and P2 directly; the byte a thread shares with the one
+    before it is OR-ed in after they finish.
+    """
+    nnz = len(idx)
+    lens = chunk_q + np.minimum(_CHUNK, nnz - np.arange(len(chunk_q), dtype=np.int64) * _CHUNK)
+    offs = np.concatenate([[0], np.cumsum(lens)])  # bit offset of each chunk's unary codes
+    p1 = np.zeros((int(offs[-1]) + 7) // 8, dtype=np.uint8)
+    plane = (nnz + 7) // 8
+    p2 = np.empty(k * plane, dtype=np.uint8)
+    small = _small_uint(k)
+    planes = [(p * plane, small(1 << (k - 1 - p))) for p in range(k)]
+
+    def part(r: tuple[int, int]) -> tuple[int, int]:
+        g_buf = np.empty(_CHUNK, dtype=np.int64)
+        r_buf = np.empty(_CHUNK, dtype=small)
+        b_buf = np.empty(_CHUNK, dtype=small)
+        bits = np.empty(0, dtype=np.bool_)  # numpy scatters True into bool faster than 1 into uint8
+        head = (0, 0)
+        for s in range(r[0], r[1], _CHUNK):
+            e = min(s + _CHUNK, r[1])
+            g = _chunk_gaps(idx, s, e, g_buf)
+            off = int(offs[s // _CHUNK])
+            lo = off & 7
+            nbits = lo + int(lens[s // _CHUNK])
+            if len(bits) < nbits:
+                bits = np.empty(max(nbits, 4 * _CHUNK), dtype=np.bool_)
+            if k:  # remainders first: the unary pass below overwrites g
+                rr = r_buf[: e - s]
+                np.copyto(rr, g, casting="unsafe")  # wraps; only the low k bits are used
+                bb = b_buf[: e - s]
+                for base, bit in planes:
+                    packed = np.packbits(np.bitwise_and(rr, bit, out=bb))
+                    p2[base + s // 8 : base + s // 8 + len(packed)] = packed
+            np.right_shift(g, k, out=g)
+            g += 1
+            ends = np.cumsum(g, out=g)
+            ends += lo - 1  # position of each terminating one bit, from the chunk's first byte
+            b = bits[:nbits]
+            b.fill(False)
+            b[ends] = True
+            packed = np.packbits(b)
+            b0 = off >> 3
+            if s == r[0]:
+                head = (b0, int(packed[0]))
+            else:
+                p1[b0] |= packed[0]
+            p1[b0 + 1 : b0 + len(packed)] = packed[1:]
+        return head
+
+    for b0, byte in _pmap(part, _split(nnz, _CHUNK)):
+        p1[b0] |= byte
+    return p1, p2
 
 
 def _unpack_exact(data: bytes | memoryview, nbits: int, what: str) -> np.ndarray:
     """MSB-first bits of ``data`` (which must be exactly ceil(nbits/8) bytes, zero-padded)."""
     buf = np.frombuffer(data, dtype=np.uint8)
+    _check_padding(buf, nbits, what)
+    return np.unpackbits(buf, count=nbits)
+
+
+def _check_padding(buf: np.ndarray, nbits: int, what: str) -> None:
     if len(buf) != (nbits + 7) // 8:
         raise InvalidPatch(f"{what}: section has {len(buf)} bytes, expected {(nbits + 7) // 8}")
     if nbits % 8 and buf[-1] & ((1 << (8 - nbits % 8)) - 1):
         raise InvalidPatch(f"{what}: padding bits are not zero")
-    return np.unpackbits(buf, count=nbits)
+
+
+def _popcount(buf: np.ndarray) -> int:
+    return int(np.bitwise_count(buf).sum())
+
+
+def _ones_before(buf: np.ndarray, i: int) -> int:
+    """Set bits among the first ``i`` bits (MSB-first) of ``buf``."""
+    n = _popcount(buf[: i >> 3])
+    if i & 7:
+        n += int(buf[i >> 3] >> (8 - (i & 7))).bit_count()
+    return n
+
+
+_DEC_BYTES = 1 << 12  # P1 bytes per step of the Rice decoder
 
 
 def _rice_decode(p1: memoryview, p2: memoryview, k: int, nnz: int, numel: int) -> np.ndarray:
-    if len(p1) == 0 or p1[-1] == 0:
+    a1 = np.frombuffer(p1, dtype=np.uint8)
+    if len(a1) == 0 or a1[-1] == 0:
         raise InvalidPatch("positions: Rice unary section is empty or has a trailing zero byte")
-    # on a bool view numpy uses its branch-free nonzero: 5x faster on these ~50 % dense bits
-    ones = np.flatnonzero(np.unpackbits(np.frombuffer(p1, dtype=np.uint8)).view(np.bool_))
-    if len(ones) != nnz:
-        raise InvalidPatch(f"positions: Rice unary section codes {len(ones)} gaps, header says {nnz}")
-    sum_q = int(ones[-1]) - (nnz - 1)
+    counts = np.bitwise_count(a1)
+    ones = int(counts.sum(dtype=np.int64))
+    if ones != nnz:
+        raise InvalidPatch(f"positions: Rice unary section codes {ones} gaps, header says {nnz}")
+    last_byte = int(a1[-1])
+    last_one = 8 * len(a1) - (last_byte & -last_byte).bit_length()  # bit position of the last one
+    sum_q = last_one - (nnz - 1)
+    plane = (nnz + 7) // 8
+    planes: list[np.ndarray] = []
+    sum_r = 0
     if k:
-        plane = len(p2) // k if len(p2) == k * ((nnz + 7) // 8) else -1
-        if plane < 0:
-            raise InvalidPatch(
-                f"positions: Rice remainder section has {len(p2)} bytes, expected {k * ((nnz + 7) // 8)}"
-            )
-        small = np.uint8 if k <= 8 else np.uint16 if k <= 16 else np.uint32 if k <= 32 else np.uint64
-        r = np.zeros(nnz, dtype=small)
-        for j in range(k):
-            r <<= small(1)
-            r |= _unpack_exact(p2[j * plane : (j + 1) * plane], nnz, "positions")
-        # sum(r) <= last index < numel is checked before the int64 cumsum can overflow
-        if float(np.sum(r, dtype=np.float64)) > numel:
+        if len(p2) != k * plane:
+            raise InvalidPatch(f"positions: Rice remainder section has {len(p2)} bytes, expected {k * plane}")
+        a2 = np.frombuffer(p2, dtype=np.uint8)
+        for p in range(k):
+            pl = a2[p * plane : (p + 1) * plane]
+            _check_padding(pl, nnz, "positions")
+            planes.append(pl)
+            sum_r += _popcount(pl) << (k - 1 - p)
+        if sum_r > numel:
             raise InvalidPatch("positions: Rice remainders run past the end of the tensor")
-        cr = np.cumsum(r, dtype=np.int64)
-        sum_r = int(cr[-1])
-    else:
-        if len(p2):
-            raise InvalidPatch("positions: Rice remainder section must be empty for k = 0")
-        cr = None
-        sum_r = 0
+    elif len(p2):
+        raise InvalidPatch("positions: Rice remainder section must be empty for k = 0")
     last = (sum_q << k) + sum_r + nnz - 1
     if last >= numel:
         raise InvalidPatch(f"positions: last index {last} is outside a tensor of {numel} entries")
-    # idx_i = 2**k * (ones_i - i) + cumsum(r)_i + i; every term fits int64 since last < 2**62
-    ar = np.arange(nnz, dtype=np.int64)
-    ones -= ar
-    if k:
-        ones <<= k
-        ones += cr
-    ones += ar
-    return ones
+    # idx_i = 2**k * (one_i - i) + cumsum(r)_i + i, with one_i the bit position of the
+    # i-th one in P1; every term fits int64 since last < 2**62. Threads take ranges of
+    # P1 bytes; the gaps and remainders before a range come from popcounts.
+    out = np.empty(nnz, dtype=np.int64)
+    small = _small_uint(k)
+    cuts = _split(len(a1), 1)
+    starts = np.cumsum([0] + [int(counts[a:b].sum(dtype=np.int64)) for a, b in cuts])
+    del counts
+
+    def part(j: int) -> None:
+        b_lo, b_hi = cuts[j]
+        i = int(starts[j])
+        carry = sum(_ones_before(pl, i) << (k - 1 - p) for p, pl in enumerate(planes))
+        ar = np.arange(8 * _DEC_BYTES, dtype=np.int64)
+        r = np.empty(8 * _DEC_BYTES, dtype=small)
+        for b0 in range(b_lo, b_hi, _DEC_BYTES):
+            b1 = min(b0 + _DEC_BYTES, b_hi)
+            # on a bool view numpy uses its branch-free nonzero: 5x faster on ~50 % dense bits
+            t = np.flatnonzero(np.unpackbits(a1[b0:b1]).view(np.bool_))
+            m = len(t)
+            if m == 0:
+                continue
+            t -= ar[:m]
+            t += 8 * b0 - i  # zero bits before each one: sum of q
+            if k:
+                t <<= k
+                rr = r[:m]
+                rr.fill(0)
+                lo = i & 7
+                for pl in planes:
+                    rr <<= small(1)
+                    rr |= np.unpackbits(pl[i >> 3 : (i + m + 7) >> 3])[lo : lo + m]
+                cr = np.cumsum(rr, dtype=np.int64)
+                cr += carry
+                carry = int(cr[-1])
+                t += cr
+            t += ar[:m]
+            np.add(t, i, out=out[i : i + m])
+            i += m
+
+    _pmap(part, list(range(len(cuts))))
+    return out
+
+
+# --------------------------------------------------------------------------- zstd
 
 
 def _shuffle(words: np.ndarray) -> bytes:
@@ -368,17 +576,24 @@ def _sample_chunks(words: np.ndarray) -> np.ndarray:
 
 
 def _maybe_zstd(values: np.ndarray, word: np.dtype, beat: int) -> bytes | None:
-    """zstd of ``values`` as byte-shuffled ``word``s if smaller than ``beat`` bytes, else None.
+    """zstd of ``values`` as byte-shuffled ``word``s if smaller than ``beat`` bytes, else None."""
+    return _zstd_if_smaller(_sample_chunks(values), len(values), lambda: values, word, beat)
 
-    A sample (3 chunks of 16384 words) is compressed first; the whole array is
-    compressed only if the sample's ratio predicts it wins by 2 %.
+
+def _zstd_if_smaller(
+    sample: np.ndarray, n: int, full: Callable[[], np.ndarray], word: np.dtype, beat: int
+) -> bytes | None:
+    """zstd of the ``n`` words ``full()`` if smaller than ``beat`` bytes, else None.
+
+    ``sample`` (3 chunks of 16384 words, see ``_sample_chunks``) is compressed
+    first; the whole array is compressed only if the sample's ratio predicts
+    it wins by 2 %.
     """
-    sample = _sample_chunks(values)
-    if len(sample) < len(values):
-        est = len(_zstd(_shuffle(sample.astype(word)))) * len(values) / len(sample)
+    if len(sample) < n:
+        est = len(_zstd(_shuffle(sample.astype(word)))) * n / len(sample)
         if est >= 0.98 * beat:
             return None
-    words = values.astype(word)
+    words = full().astype(word)
     z = _zstd(_shuffle(words))
     if len(z) < beat and words.nbytes <= _ZSTD_MAX_RATIO * len(z):
         return z
@@ -393,31 +608,32 @@ def encode(sp: SparseTensor) -> bytes:
     if not isinstance(sp, SparseTensor):
         raise InvalidPatch(f"encode() takes a SparseTensor, not {type(sp).__name__}")
     numel, nnz = sp.numel, sp.nnz
-    p1 = p2 = s = v = b""
+    p1: bytes | np.ndarray = b""
+    p2: bytes | np.ndarray = b""
+    s: bytes | np.ndarray = b""
+    v: bytes = b""
     pos_param = 0
     if nnz == 0:
         pos = POS_NONE
     elif nnz == numel:
         pos = POS_ALL
-        _gaps_checked(sp.indices, numel)  # all gaps must be 0, i.e. indices == arange
-        if sp.indices[-1] != numel - 1:
-            raise InvalidPatch("sparse tensor indices must be strictly increasing and in [0, numel)")
+        _gap_sums(sp.indices, numel, [], check=True)  # nnz distinct indices in [0, numel): arange
     else:
-        g = _gaps_checked(sp.indices, numel)
-        k, bits = _rice_best_k(g)
+        k, bits, chunk_q, gmax = _rice_best_k(sp.indices, numel)
         rice_bytes = (bits - nnz * k + 7) // 8 + k * ((nnz + 7) // 8)
-        width = 4 if int(g.max()) < (1 << 32) else 8
-        z = _maybe_zstd(g, _NP_WORD[width], rice_bytes)
+        width = 4 if gmax < (1 << 32) else 8
+        idx = sp.indices
+        z = _zstd_if_smaller(_gap_sample(idx), nnz, lambda: _gap_slice(idx, 0, nnz), _NP_WORD[width], rice_bytes)
         if z is None:
             pos, pos_param = POS_RICE, k
-            p1, p2 = _rice_encode(g, k)
+            p1, p2 = _rice_encode(idx, k, chunk_q)
         else:
             pos, pos_param, p1 = POS_ZSTD, width, z
     scale_bits = 0
     vdtype = 0
     vcoding = VAL_RAW
     if sp.mode == "ternary":
-        s = np.packbits(sp.signs).tobytes()
+        s = np.packbits(sp.signs)
         scale_bits = int(np.array(sp.scale, dtype="<f4").view("<u4"))
     else:
         vals = sp.values
@@ -447,7 +663,7 @@ def encode(sp: SparseTensor) -> bytes:
         len(v),
     )
     shape = struct.pack(f"<{len(sp.shape)}Q", *sp.shape)
-    return b"".join([header, shape, p1, p2, s, v])
+    return b"".join([header, shape, memoryview(p1), memoryview(p2), memoryview(s), v])
 
 
 def decode(data: bytes | bytearray | memoryview) -> SparseTensor:
@@ -585,20 +801,33 @@ def to_dense(sp: SparseTensor, device: str | torch.device = "cpu") -> torch.Tens
 
 
 def _to_dense_cpu(sp: SparseTensor) -> torch.Tensor:
-    # numpy: calloc'd zeros and a fancy-index store beat torch.zeros + index_put on CPU
+    # numpy: calloc'd zeros and fancy-index stores (threads take ranges of the sorted
+    # indices, so each first-touches its own part of the output) beat torch's index_put
     w = _WIDTH[sp.dtype]
     word = _NP_WORD[w]
     out = np.zeros(sp.numel, dtype=word)
+    idx = sp.indices
+    if sp.mode == "ternary":
+        a = torch.tensor(sp.scale, dtype=torch.float32).to(sp.dtype)
+        abits = word.type(int(a.view(_INT_VIEW[sp.dtype]).numpy().view(word)))
+        top = word.type(1 << (8 * w - 1))  # the sign bit of every float format is the top bit
+        sgn = sp.signs.view(np.uint8)
+
+        def part(r: tuple[int, int]) -> None:
+            buf = np.empty(min(_CHUNK, r[1] - r[0]), dtype=word)
+            for s in range(r[0], r[1], _CHUNK):
+                e = min(s + _CHUNK, r[1])
+                vals = np.multiply(sgn[s:e], top, out=buf[: e - s])
+                vals |= abits
+                out[idx[s:e]] = vals
+    else:
+        v = sp.values.to(sp.dtype).contiguous()
+        words = v.view(_INT_VIEW[sp.dtype]).numpy().view(word)
+
+        def part(r: tuple[int, int]) -> None:
+            out[idx[r[0] : r[1]]] = words[r[0] : r[1]]
+
     if sp.nnz:
-        if sp.mode == "ternary":
-            a = torch.tensor(sp.scale, dtype=torch.float32).to(sp.dtype)
-            abits = int(a.view(_INT_VIEW[sp.dtype]).numpy().view(word))
-            vals = sp.signs.view(np.uint8).astype(word)
-            vals <<= word.type(8 * w - 1)  # the sign bit of every float format is the top bit
-            vals |= word.type(abits)
-        else:
-            v = sp.values.to(sp.dtype).contiguous()
-            vals = v.view(_INT_VIEW[sp.dtype]).numpy().view(word)
-        out[sp.indices] = vals
+        _pmap(part, _split(sp.nnz, 1))
     sint = np.int16 if w == 2 else np.int32
     return torch.from_numpy(out.view(sint)).view(sp.dtype).view(sp.shape)

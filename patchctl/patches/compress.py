@@ -57,16 +57,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from patchctl.errors import InvalidArgument, InvalidPatch
-from patchctl.patches.codec import SparseTensor, to_dense
+from patchctl.patches.codec import SparseTensor, _pmap, to_dense
 
 __all__ = [
     "TensorStream",
@@ -119,32 +117,10 @@ def _check_stream(tensors: object) -> TensorStream:
 # --------------------------------------------------------------------------- per-tensor scan
 
 
-_CHUNK = 1 << 20  # entries per step of the selection pass (keeps temporaries small)
+_CHUNK = 1 << 20  # entries per step of the histogram passes (keeps temporaries small)
+_SEL_CHUNK = 1 << 16  # entries per step of the selection pass (temporaries stay in cache)
 _SMALL = 1 << 14  # below this many entries, histograms come from np.unique
 _PARALLEL_MIN = 1 << 21  # tensors this large are split over torch.get_num_threads() threads
-
-_pool: ThreadPoolExecutor | None = None
-_pool_workers = 0
-_pool_lock = threading.Lock()
-
-
-def _pmap(fn: Callable, items: list) -> list:
-    """``[fn(i) for i in items]``, on a thread pool when there are several items.
-
-    The work is numpy/torch kernels that release the GIL, so threads give
-    real parallelism; the pool has ``torch.get_num_threads()`` workers.
-    """
-    global _pool, _pool_workers
-    workers = max(1, torch.get_num_threads())
-    if workers == 1 or len(items) <= 1:
-        return [fn(i) for i in items]
-    with _pool_lock:
-        if _pool is None or _pool_workers != workers:
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="patchctl-compress")
-            _pool_workers = workers
-        pool = _pool
-    return list(pool.map(fn, items))
-
 
 def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
     b = [i * n // parts for i in range(parts + 1)]
@@ -254,37 +230,37 @@ def _scan(f: _Flat, hist: np.ndarray, hist32: np.ndarray, stats: _Stats | None) 
         return
     fp16 = f.tensor.dtype == torch.float16
 
-    def part16(r: tuple[int, int]) -> tuple[np.ndarray, float]:
-        c = f.bits[r[0] : r[1]]
-        absb = c & np.int16(0x7FFF)
+    def part16(r: tuple[int, int]) -> np.ndarray:
+        # one histogram of the raw 16-bit patterns gives the |x| histogram, the sum and
+        # the sum of squares (exactly: every entry is one of 2**16 values)
         if r[1] - r[0] < _SMALL:
-            h = np.zeros(0x8000, dtype=np.int64)
-            keys, counts = np.unique(absb, return_counts=True)
+            h = np.zeros(0x10000, dtype=np.int64)
+            keys, counts = np.unique(f.bits[r[0] : r[1]].view(np.uint16), return_counts=True)
             h[keys] = counts
-        else:
-            h = torch.bincount(torch.from_numpy(absb), minlength=0x8000).numpy()
-        del absb
-        total = 0.0
-        if stats is not None:
-            if fp16:
-                total = float(np.sum(c.view(np.float16), dtype=np.float64))
-            else:
-                for s in range(r[0], r[1], _CHUNK):
-                    as32 = (f.bits[s : min(s + _CHUNK, r[1])].astype(np.int32) << 16).view(np.float32)
-                    total += float(np.sum(as32, dtype=np.float64))
-        return h, total
+            return h
+        acc = torch.zeros(0x10000, dtype=torch.int64)
+        step = min(r[1] - r[0], _CHUNK)
+        buf = np.empty(step, dtype=np.int32)  # torch.bincount takes no uint16
+        for s in range(r[0], r[1], step):
+            c = f.bits[s : min(s + step, r[1])]
+            x = buf[: len(c)]
+            np.copyto(x, c.view(np.uint16))
+            acc += torch.bincount(torch.from_numpy(x), minlength=0x10000)
+        return acc.numpy()
 
     results = _pmap(part16, parts)
-    h = results[0][0] if len(results) == 1 else sum(r[0] for r in results)
+    h = results[0] if len(results) == 1 else sum(results)
+    pos, neg = h[:0x8000], h[0x8000:]
     lim = 0x7C00 if fp16 else 0x7F80
-    if h[lim:].any():
+    if pos[lim:].any() or neg[lim:].any():
         raise _nonfinite(f)
-    h = h[:lim]
-    hist[_F16_KEYS if fp16 else _BF16_KEYS] += h
+    pos, neg = pos[:lim], neg[:lim]
+    habs = pos + neg
+    hist[_F16_KEYS if fp16 else _BF16_KEYS] += habs
     if stats is not None:
-        mean = sum(r[1] for r in results) / n
         vals = _F16_F64 if fp16 else _BF16_F64
-        sumsq = float(np.sum(h * (vals * vals)))  # not np.dot: BLAS threads cost ms here
+        mean = float(np.sum((pos - neg) * vals)) / n
+        sumsq = float(np.sum(habs * (vals * vals)))  # not np.dot: BLAS threads cost ms here
         stats.merge(n, mean, max(sumsq - n * mean * mean, 0.0))
 
 
@@ -410,34 +386,50 @@ def _select(
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.bool_), 0.0
     u = _native_threshold(f, tbits)
     table = None if f.wide else _F16_F64 if f.tensor.dtype == torch.float16 else _BF16_F64
+    workers = max(1, torch.get_num_threads()) if n >= _PARALLEL_MIN else 1
+    parts = _ranges(n, workers)
 
-    def part(r: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None, float]:
-        step = min(r[1] - r[0], _CHUNK)
+    def chunks(r: tuple[int, int]) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """(start, entries, |x| bits, mask) per chunk of ``r``, in buffers reused from chunk to chunk."""
+        step = min(r[1] - r[0], _SEL_CHUNK)
         absb = np.empty(step, dtype=f.bits.dtype)
         mask = np.empty(step, dtype=np.bool_)
-        idx_parts, sign_parts = [], []
-        abs_sum = 0.0
         for s in range(r[0], r[1], step):
             c = f.bits[s : min(s + step, r[1])]
             a, m = absb[: len(c)], mask[: len(c)]
             np.bitwise_and(c, f.absmask, out=a)
             np.greater_equal(a, u, out=m)
+            yield s, c, a, m
+
+    # count first, so that each part writes its positions straight into the output
+    counts = _pmap(lambda r: sum(int(np.count_nonzero(m)) for _, _, _, m in chunks(r)), parts)
+    offsets = np.cumsum([0, *counts]).tolist()
+    idx = np.empty(offsets[-1], dtype=np.int64)
+    signs = np.empty(offsets[-1], dtype=np.bool_) if want_signs else None
+
+    def fill(j: int) -> float:
+        o = offsets[j]
+        abs_sum = 0.0
+        kept_bits = np.empty(min(parts[j][1] - parts[j][0], _SEL_CHUNK), dtype=f.bits.dtype)
+        for s, c, a, m in chunks(parts[j]):
             nz = np.flatnonzero(m)
-            if want_signs:
-                sign_parts.append(c[nz] < 0)
+            e = o + len(nz)
+            if e > offsets[j + 1]:
+                break  # the tensor changed under us; caught below
+            if signs is not None:
+                np.less(np.take(c, nz, out=kept_bits[: len(nz)]), 0, out=signs[o:e])
             if want_abs_sum:
                 kept = a[nz]
                 vals = kept.view(np.float32) if table is None else table[kept]
                 abs_sum += float(np.sum(vals, dtype=np.float64))
-            nz += s
-            idx_parts.append(nz)
-        return _cat(idx_parts), _cat(sign_parts) if want_signs else None, abs_sum
+            np.add(nz, s, out=idx[o:e])
+            o = e
+        if o != offsets[j + 1]:
+            raise InvalidArgument(f"tensor {f.name!r} changed while it was being compressed")
+        return abs_sum
 
-    workers = max(1, torch.get_num_threads()) if n >= _PARALLEL_MIN else 1
-    results = _pmap(part, _ranges(n, workers))
-    idx = _cat([r[0] for r in results])
-    signs = _cat([r[1] for r in results]) if want_signs else None
-    return idx, signs, sum(r[2] for r in results)
+    abs_sums = _pmap(fill, list(range(len(parts))))
+    return idx, signs, sum(abs_sums)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
