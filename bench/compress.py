@@ -8,10 +8,20 @@ Prints three tables for a Gaussian "patch" tau of --n fp16 entries:
 
 1. size: ternary (ComPEFT global top-k, alpha = std) bits/param against the
    bound H(d) + d, and the relative L2 error of the reconstruction;
-2. speed: compress = sparsify + encode, in MB/s of fp16 input, against the
-   baseline "np.abs + np.argpartition top-k on the fp16 array" timed in the same
-   run; decompress = decode + to_dense (CPU), in MB/s of dense fp16 output;
-   each the best of --reps interleaved runs;
+2. speed, --reps repetitions per density, interleaved: in each, first the
+   baseline "np.abs + np.argpartition top-k on the fp16 array", then
+   compress = ``encode(sparsify(tau))`` timed as one call, then
+   decompress = ``to_dense(decode(data))`` timed as one call. Every
+   repetition starts from scratch: the previous repetition's outputs are
+   freed first, and decompress decodes the encoded bytes again and builds a
+   new dense tensor (so its time includes the first touch of the fresh
+   output memory: page faults and the kernel's zeroing). Throughput is MB/s
+   of fp16 input for compress and of dense fp16 output for decompress. The
+   table gives the fastest repetition of each (and of the baseline); "x argpart"
+   is baseline time / compress time of those; the median columns show the
+   spread. The split (select/encode, decode/dense seconds) is that of the
+   fastest repetition. The library uses torch.get_num_threads() threads
+   (--threads), the baseline one;
 3. zstd -19 (python zstandard, level 19) of the dense fp16 bytes of the
    reconstruction tau-hat and of the raw tau, on the first --zstd-n entries.
 """
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -78,52 +89,65 @@ def gaussian(args) -> None:
 
     for d in args.densities:
         k = min(n, int(n * d) + 1)  # ComPEFT keeps int(n*d) + 1 entries (plus ties)
-        # interleaved repetitions, best of each: fairer on a machine shared with other jobs
-        t_base = t_sel = t_enc = t_dec = t_dense = float("inf")
-        for _ in range(args.reps):
+        base, comp, decomp = [], [], []
+        data = dense = None
+        for rep in range(args.reps):
+            data = dense = None  # free the previous repetition's outputs first
             t, _ = timed(argpartition_topk, x16, k)
-            t_base = min(t_base, t)
-            t, sp = timed(select, stream, d)
-            t_sel = min(t_sel, t)
-            t, data = timed(encode, sp)
-            t_enc = min(t_enc, t)
-            t, back = timed(decode, data)
-            t_dec = min(t_dec, t)
-            t, dense = timed(to_dense, back)
-            t_dense = min(t_dense, t)
-        assert torch.equal(dense, to_dense(sp))
-        bits = len(data) * 8 / n
+            base.append(t)
+            t0 = time.perf_counter()
+            sp = select(stream, d)
+            t1 = time.perf_counter()
+            data = encode(sp)
+            t2 = time.perf_counter()
+            comp.append((t2 - t0, t1 - t0, t2 - t1))
+            if rep == 0:
+                bits = len(data) * 8 / n
+                err = relative_l2_error(tau, sp)
+                nnz = sp.nnz
+            del sp
+            t0 = time.perf_counter()
+            back = decode(data)
+            t1 = time.perf_counter()
+            dense = to_dense(back)
+            t2 = time.perf_counter()
+            decomp.append((t2 - t0, t1 - t0, t2 - t1))
+            del back
+        if not torch.equal(dense, to_dense(select(stream, d))):
+            raise SystemExit(f"decode(encode(x)) differs from x at d = {d}")
         bound = entropy_bound_bits(d)
-        err = relative_l2_error(tau, sp)
-        size_rows.append((d, sp.nnz / n, bound, bits, bits / bound, position_coding(data), err))
-        t_comp = t_sel + t_enc
-        t_decomp = t_dec + t_dense
+        size_rows.append((d, nnz / n, bound, bits, bits / bound, position_coding(data), err))
+        t_base = min(base)
+        c_best, d_best = min(comp), min(decomp)
         speed_rows.append(
-            (d, nbytes / t_base / MB, nbytes / t_sel / MB, nbytes / t_comp / MB,
-             t_base / t_comp, nbytes / t_decomp / MB, t_dec, t_dense)
+            (d, nbytes / t_base / MB, nbytes / c_best[0] / MB, t_base / c_best[0],
+             nbytes / statistics.median(c[0] for c in comp) / MB, c_best[1], c_best[2],
+             nbytes / d_best[0] / MB, nbytes / statistics.median(x[0] for x in decomp) / MB,
+             d_best[1], d_best[2])
         )
         if not args.no_zstd19:
             hat = dense.reshape(-1)[:zn].numpy().tobytes()
             zstd_rows.append((d, bits, len(zc.compress(hat)) * 8 / zn, raw_zstd_bits))
-        del sp, data, back, dense
+        del data, dense
 
     print("\n1. size, ternary mode (global top-k, alpha = std), bits per parameter")
     print(f"{'d':>6} {'kept':>8} {'H(d)+d':>8} {'bits':>8} {'ratio':>7} {'positions':>11} {'rel L2 err':>10}")
     for d, kept, bound, bits, ratio, pos, err in size_rows:
         print(f"{d:>6.2f} {kept:>8.5f} {bound:>8.4f} {bits:>8.4f} {ratio:>7.4f} {pos:>11} {err:>10.4f}")
 
-    print(f"\n2. speed, best of {args.reps} (MB/s of fp16 input for compress, of dense fp16 output for decompress)")
+    print(f"\n2. speed, {args.reps} repetitions (MB/s of fp16 input for compress, of dense fp16 output for decompress)")
     print(
-        f"{'d':>6} {'argpart':>8} {'select':>8} {'compress':>9} {'x argpart':>9} "
-        f"{'decompress':>10} {'decode s':>8} {'dense s':>8}"
+        f"{'d':>6} {'argpart':>8} {'compress':>9} {'x argpart':>9} {'median':>7} {'select s':>8} {'encode s':>8} "
+        f"{'decompress':>10} {'median':>7} {'decode s':>8} {'dense s':>8}"
     )
-    for d, base, sel, comp, ratio, decomp, tdec, tdense in speed_rows:
+    for d, base, comp, ratio, comp_med, tsel, tenc, decomp, decomp_med, tdec, tdense in speed_rows:
         print(
-            f"{d:>6.2f} {base:>8.0f} {sel:>8.0f} {comp:>9.0f} {ratio:>9.2f} "
-            f"{decomp:>10.0f} {tdec:>8.3f} {tdense:>8.3f}"
+            f"{d:>6.2f} {base:>8.0f} {comp:>9.0f} {ratio:>9.2f} {comp_med:>7.0f} {tsel:>8.3f} {tenc:>8.3f} "
+            f"{decomp:>10.0f} {decomp_med:>7.0f} {tdec:>8.3f} {tdense:>8.3f}"
         )
-    print("   argpart = np.abs + np.argpartition on the fp16 array; select = sparsify();")
-    print("   compress = sparsify() + encode(); decompress = decode() + to_dense(device='cpu')")
+    print("   argpart = np.abs + np.argpartition on the fp16 array (fastest repetition);")
+    print("   compress = encode(sparsify()), fastest repetition; median = median repetition;")
+    print("   decompress = to_dense(decode(bytes), device='cpu'), a fresh decode and a fresh output each repetition")
 
     if zstd_rows:
         print(f"\n3. against zstd -19 of dense fp16 (first {zn:,} entries), bits per parameter")

@@ -500,7 +500,10 @@ def _rice_decode(p1: memoryview, p2: memoryview, k: int, nnz: int, numel: int) -
         b_lo, b_hi = cuts[j]
         i = int(starts[j])
         carry = sum(_ones_before(pl, i) << (k - 1 - p) for p, pl in enumerate(planes))
-        ar = np.arange(8 * _DEC_BYTES, dtype=np.int64)
+        # for the ones at bit positions pos (from byte b0) with numbers i + jj:
+        # idx = 2**k * (8*b0 + pos - i - jj) + carry + cumsum(r) + i + jj
+        #     = (pos << k) + cumsum(r) - (2**k - 1) * jj + [2**k * (8*b0 - i) + carry + i]
+        ramp = np.arange(8 * _DEC_BYTES, dtype=np.int64) * ((1 << k) - 1)
         r = np.empty(8 * _DEC_BYTES, dtype=small)
         for b0 in range(b_lo, b_hi, _DEC_BYTES):
             b1 = min(b0 + _DEC_BYTES, b_hi)
@@ -509,8 +512,7 @@ def _rice_decode(p1: memoryview, p2: memoryview, k: int, nnz: int, numel: int) -
             m = len(t)
             if m == 0:
                 continue
-            t -= ar[:m]
-            t += 8 * b0 - i  # zero bits before each one: sum of q
+            base = ((8 * b0 - i) << k) + carry + i
             if k:
                 t <<= k
                 rr = r[:m]
@@ -520,11 +522,10 @@ def _rice_decode(p1: memoryview, p2: memoryview, k: int, nnz: int, numel: int) -
                     rr <<= small(1)
                     rr |= np.unpackbits(pl[i >> 3 : (i + m + 7) >> 3])[lo : lo + m]
                 cr = np.cumsum(rr, dtype=np.int64)
-                cr += carry
-                carry = int(cr[-1])
+                carry += int(cr[-1])
                 t += cr
-            t += ar[:m]
-            np.add(t, i, out=out[i : i + m])
+                t -= ramp[:m]
+            np.add(t, base, out=out[i : i + m])
             i += m
 
     _pmap(part, list(range(len(cuts))))
