@@ -57,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TARGETS = ("safetensors", "manifest", "peft", "codec")
 STATS = "ATHERIS-STATS "
-# the instrumented modules: every parser the targets reach
+# the parsers the targets reach, imported under instrumentation (with every patchctl module they import)
 PARSERS = ("patchctl.registry._safetensors", "patchctl.registry.manifest", "patchctl.registry.canonical",
            "patchctl.registry.importers", "patchctl.patches.codec")
 

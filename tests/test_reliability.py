@@ -216,7 +216,10 @@ def test_flipped_bits_are_reported_exactly_and_refused_on_read_and_pull(tmp_path
     assert (r["detected_blobs"], r["detected_manifests"], r["false_positives"]) == (12, 4, 0), r
     assert r["reads_raising_digest_mismatch"] == 16, r
     assert r["refused_damaged"] == 2 * r["damaged_patches"] and r["pulled_sound"] == 2 * r["sound_patches"], r
-    assert r["pull_mistakes"] == 0 and r["ok"], r
+    assert r["pull_mistakes"] == 0, r
+    rp = r["repair"]  # `patchctl fsck --repair URL` from a `patchctl serve` of a clean copy
+    assert (rp["repaired"], rp["unrepaired"], rp["moved_aside"], rp["exit"]) == (16, 0, 16, 0), rp
+    assert rp["fsck_clean_after"] and r["ok"], r
 
 
 def test_fsck_names_each_corrupt_object_and_reads_raise_digest_mismatch(reg_path):
