@@ -190,6 +190,70 @@ def test_rice_stays_within_3_percent_of_the_entropy_bound():
     assert len(data) * 8 / n <= 1.03 * h
 
 
+def reference_rice(idx: np.ndarray) -> tuple[int, bytes, bytes]:
+    """Position coding 1 as the module docstring states it, written plainly: (k, P1, P2)."""
+    g = np.diff(idx, prepend=-1) - 1
+    costs = [int(np.sum(g >> k)) + len(g) * (k + 1) for k in range(63)]
+    k = costs.index(min(costs))  # first minimum: ties go to the smaller k
+    ends = np.cumsum((g >> k) + 1) - 1
+    bits = np.zeros(int(ends[-1]) + 1, dtype=np.uint8)
+    bits[ends] = 1
+    planes = [np.packbits((g >> j) & 1).tobytes() for j in range(k - 1, -1, -1)]
+    return k, np.packbits(bits).tobytes(), b"".join(planes)
+
+
+@pytest.fixture
+def three_threads():
+    """Three worker threads, so that large tensors are cut into three ranges."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def large_supports():
+    rng = np.random.default_rng(11)
+    yield "d=0.2", 6_000_000, np.flatnonzero(rng.random(6_000_000) < 0.2)
+    yield "d=0.7 (k=0)", 2_000_000, np.flatnonzero(rng.random(2_000_000) < 0.7)
+    # two empty stretches of 10**6: chunks whose unary codes are much longer than the others
+    part = np.flatnonzero(rng.random(8_000_000) < 0.05)
+    idx = np.concatenate([part, part + 9_000_000, part + 18_000_000])
+    yield "long gaps", 27_000_000, idx
+
+
+@pytest.mark.parametrize("name,numel,idx", list(large_supports()), ids=lambda v: v if isinstance(v, str) else "")
+def test_large_tensors_code_to_the_reference_rice_bytes_across_chunks_and_threads(three_threads, name, numel, idx):
+    rng = np.random.default_rng(12)
+    signs = rng.random(len(idx)) < 0.5
+    sp = ternary((numel,), idx, signs, 0.5)
+    data = encode(sp)
+    k, p1, p2 = reference_rice(idx)
+    head = 56 + 8
+    l1, l2, ls = struct.unpack_from("<QQQ", data, 24)
+    assert (data[9], data[10]) == (1, k)
+    assert data[head : head + l1] == p1
+    assert data[head + l1 : head + l1 + l2] == p2
+    assert data[head + l1 + l2 : head + l1 + l2 + ls] == np.packbits(signs).tobytes()
+    back = decode(data)
+    assert_same(sp, back)
+    dense = torch.zeros(numel, dtype=torch.float16)
+    dense[torch.from_numpy(idx)] = torch.where(torch.from_numpy(signs), -0.5, 0.5).half()
+    assert torch.equal(to_dense(back), dense)
+
+
+def test_encode_rejects_indices_out_of_order_in_any_chunk(three_threads):
+    idx = np.arange(0, 4_000_000, 3)
+    for bad in (len(idx) - 1, len(idx) // 2, 70_000):  # last chunk, a thread's first chunk, inside one
+        wrong = idx.copy()
+        wrong[bad] = wrong[bad - 1]
+        with pytest.raises(InvalidPatch, match="strictly increasing"):
+            encode(ternary((4_000_000,), wrong, np.zeros(len(idx), bool), 1.0))
+    wrong = idx.copy()
+    wrong[5] = -(2**62)  # a huge step down then back up: no overflow may hide it
+    with pytest.raises(InvalidPatch, match="strictly increasing"):
+        encode(ternary((4_000_000,), wrong, np.zeros(len(idx), bool), 1.0))
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -127,7 +127,7 @@ def test_large_tensors_split_over_threads_give_the_same_result_as_one_thread():
     before = torch.get_num_threads()
     try:
         results = []
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             assert global_threshold(stream(tensors), 0.02) == threshold
             results.append(run(tensors, 0.02))

@@ -218,7 +218,7 @@ class SparseTensor:
 
 # --------------------------------------------------------------------------- threads
 
-_CHUNK = 1 << 15  # entries per step of the chunked coders: temporaries stay in cache, reused
+_CHUNK = 1 << 16  # entries per step of the chunked coders: temporaries stay in cache, reused
 _PARALLEL_MIN = 1 << 20  # nnz from which the coders split the work over threads
 
 _pool: ThreadPoolExecutor | None = None
@@ -244,9 +244,9 @@ def _pmap(fn: Callable[[Any], Any], items: list) -> list:
     return list(pool.map(fn, items))
 
 
-def _split(n: int, align: int) -> list[tuple[int, int]]:
-    """``[0, n)`` cut into one range per worker (one if ``n < _PARALLEL_MIN``), cuts at multiples of ``align``."""
-    parts = max(1, torch.get_num_threads()) if n >= _PARALLEL_MIN else 1
+def _split(n: int, align: int, min_n: int = _PARALLEL_MIN) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into one range per worker (one if ``n < min_n``), cuts at multiples of ``align``."""
+    parts = max(1, torch.get_num_threads()) if n >= min_n else 1
     cuts = [0] + [min(n, (i * n // parts) // align * align) for i in range(1, parts)] + [n]
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
 
@@ -442,8 +442,18 @@ def _check_padding(buf: np.ndarray, nbits: int, what: str) -> None:
         raise InvalidPatch(f"{what}: padding bits are not zero")
 
 
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcounts(buf: np.ndarray) -> np.ndarray:
+    """Set bits of each byte of ``buf`` (uint8)."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(buf)
+    return _POPCOUNT8[buf]
+
+
 def _popcount(buf: np.ndarray) -> int:
-    return int(np.bitwise_count(buf).sum())
+    return int(_popcounts(buf).sum(dtype=np.int64))
 
 
 def _ones_before(buf: np.ndarray, i: int) -> int:
@@ -454,14 +464,14 @@ def _ones_before(buf: np.ndarray, i: int) -> int:
     return n
 
 
-_DEC_BYTES = 1 << 12  # P1 bytes per step of the Rice decoder
+_DEC_BYTES = 1 << 14  # P1 bytes per step of the Rice decoder
 
 
 def _rice_decode(p1: memoryview, p2: memoryview, k: int, nnz: int, numel: int) -> np.ndarray:
     a1 = np.frombuffer(p1, dtype=np.uint8)
     if len(a1) == 0 or a1[-1] == 0:
         raise InvalidPatch("positions: Rice unary section is empty or has a trailing zero byte")
-    counts = np.bitwise_count(a1)
+    counts = _popcounts(a1)
     ones = int(counts.sum(dtype=np.int64))
     if ones != nnz:
         raise InvalidPatch(f"positions: Rice unary section codes {ones} gaps, header says {nnz}")
@@ -492,7 +502,7 @@ def _rice_decode(p1: memoryview, p2: memoryview, k: int, nnz: int, numel: int) -
     # P1 bytes; the gaps and remainders before a range come from popcounts.
     out = np.empty(nnz, dtype=np.int64)
     small = _small_uint(k)
-    cuts = _split(len(a1), 1)
+    cuts = _split(len(a1), 1, _PARALLEL_MIN // 8)  # P1 holds at least one bit per position
     starts = np.cumsum([0] + [int(counts[a:b].sum(dtype=np.int64)) for a, b in cuts])
     del counts
 

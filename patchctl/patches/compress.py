@@ -118,7 +118,7 @@ def _check_stream(tensors: object) -> TensorStream:
 
 
 _CHUNK = 1 << 20  # entries per step of the histogram passes (keeps temporaries small)
-_SEL_CHUNK = 1 << 16  # entries per step of the selection pass (temporaries stay in cache)
+_SEL_CHUNK = 1 << 17  # entries per step of the selection pass (temporaries stay in cache)
 _SMALL = 1 << 14  # below this many entries, histograms come from np.unique
 _PARALLEL_MIN = 1 << 21  # tensors this large are split over torch.get_num_threads() threads
 
