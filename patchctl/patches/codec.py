@@ -26,6 +26,11 @@ Public API
     Builds the dense tensor on ``device`` (indices, signs and values are moved
     there and scattered there).
 
+On the CPU, :func:`encode`, :func:`decode` and :func:`to_dense` work in chunks
+of 65536 positions whose temporaries are reused (they stay in cache), and
+split tensors with 2**20 or more kept entries over ``torch.get_num_threads()``
+threads. The bytes do not depend on the number of threads.
+
 Byte format, version 1 (all integers little-endian, unsigned)
 --------------------------------------------------------------
 Header, ``56 + 8*ndim`` bytes::
@@ -161,9 +166,9 @@ class SparseTensor:
     def __post_init__(self) -> None:
         shape = tuple(self.shape)
         if len(shape) > _MAX_NDIM or any(
-            not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 0 for d in shape
+            not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 0 or d > _MAX_NUMEL for d in shape
         ):
-            raise InvalidPatch(f"sparse tensor shape {self.shape!r} is not a tuple of ints >= 0")
+            raise InvalidPatch(f"sparse tensor shape {self.shape!r} is not a tuple of ints in [0, 2**62]")
         shape = tuple(int(d) for d in shape)
         if math.prod(shape) > _MAX_NUMEL:
             raise InvalidPatch(f"sparse tensor shape {shape} has more than 2**62 entries")
@@ -705,8 +710,8 @@ def decode(data: bytes | bytearray | memoryview) -> SparseTensor:
     numel = 1
     for d in shape:
         numel *= d
-        if numel > _MAX_NUMEL:
-            raise InvalidPatch(f"sparse tensor shape {shape} has more than 2**62 entries")
+        if numel > _MAX_NUMEL or d > _MAX_NUMEL:  # a zero elsewhere does not make a 2**64 dim fit a tensor
+            raise InvalidPatch(f"sparse tensor shape {shape} has more than 2**62 entries or a dimension over 2**62")
     if nnz > numel:
         raise InvalidPatch(f"sparse tensor nnz {nnz} is over numel {numel}")
     if head + l1 + l2 + ls + lv != len(mv):

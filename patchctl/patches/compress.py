@@ -17,6 +17,8 @@ Public API
     patch has no entries. Exact; found from a 2**18-bin histogram of the
     float32 bit patterns of ``|x|`` (exact for fp16/bf16 entries), refined with
     an 8192-bin histogram of the low bits when float32 entries share the bin.
+    For fp16/bf16 tensors, one histogram of the 2**16 raw bit patterns gives
+    both the counts and, exactly per value, the sums behind ``std``.
 ``sparsify(tensors, density, *, mode="ternary", scale="std", kappa=1.0,
 per_tensor=False, seed=0, values_dtype=torch.float16) -> Iterator[(name, SparseTensor)]``
     Yields one :class:`~patchctl.patches.codec.SparseTensor` per input tensor,
