@@ -165,6 +165,27 @@ def test_safetensors_regressions(tmp_path, header):
             f.read(name)
 
 
+@pytest.mark.parametrize("data", [
+    # found by atheris (-seed=3): shape (0, 17870283321406128128) decoded (no entries), then to_dense: TypeError
+    bytes.fromhex("50435350010101000200000000000000" + "00" * 48 + "00000000000000f8"),
+    struct.pack("<4sBBBBBBBBIQQQQQ", b"PCSP", 1, 1, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0) + struct.pack("<2Q", 0, 2**63),
+])
+def test_codec_regressions(data):
+    with pytest.raises(InvalidPatch, match="dimension over 2"):
+        R.Targets.codec(data)
+
+
+def test_codec_sparse_tensor_refuses_a_dimension_over_2_to_the_62_even_with_no_entries():
+    import numpy as np
+    import torch
+
+    from patchctl.patches.codec import SparseTensor
+
+    with pytest.raises(InvalidPatch, match=r"ints in \[0, 2\*\*62\]"):
+        SparseTensor((0, 2**64 - 1), torch.float32, np.zeros(0, dtype=np.int64), "ternary", signs=np.zeros(0, bool),
+                     scale=1.0)
+
+
 def test_safetensors_zero_size_tensor_with_large_dims_still_reads(tmp_path):
     f = SafetensorsFile(_st_file(tmp_path, b'{"a":{"dtype":"F32","shape":[0,1099511627776],"data_offsets":[0,0]}}'))
     assert tuple(f.read("a").shape) == (0, 2**40)
