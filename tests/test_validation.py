@@ -178,7 +178,21 @@ def _registry_with_suites(path, trained, minilm_dir, tmp, test_offset):
             reg.push(trained[t], f"{t}:v1", base=minilm_dir, evals=[f"evals/{t}:v1"])
 
 
+def _smoothed_argmax(curve, grid):
+    """The documented selection rule, written out again: 1-2-1 smoothing over evaluated grid neighbours."""
+    pts = sorted((grid.index(p["value"]), p["value"], p["objective"]) for p in curve)
+    best = None
+    for i, (gi, v, o) in enumerate(pts):
+        nb = [pts[j][2] for j in (i - 1, i + 1) if 0 <= j < len(pts)]
+        sm = (2 * o + sum(nb)) / (2 + len(nb))
+        if best is None or (sm, o, -gi) > best[0]:
+            best = ((sm, o, -gi), v)
+    return best[1]
+
+
 def test_search_choice_ignores_the_test_split_and_is_deterministic(tmp_path, trained, minilm_dir):
+    from patchctl.registry.search import LAMBDA_GRID
+
     chosen = []
     for offset in (0, 100):
         reg_path = tmp_path / f"reg{offset}"
@@ -188,7 +202,7 @@ def test_search_choice_ignores_the_test_split_and_is_deterministic(tmp_path, tra
             sr = res.recipe["search"]
             assert sr["split"] == "validation" and sr["evaluations"] <= 3 and len(sr["curve"]) == sr["evaluations"]
             assert sr["chosen"]["params"]["lambda"] == res.recipe["params"]["lambda"]
-            assert sr["objective_value"] == max(p["objective"] for p in sr["curve"])
+            assert sr["chosen"]["params"]["lambda"] == _smoothed_argmax(sr["curve"], LAMBDA_GRID)
             chosen.append((sr["curve"], res.recipe["params"], res.digest))
             again = reg.merge(["wordnet:v1", "fortunes:v1"], "s:v2", search=True, budget=3, gate=0.0)
             assert again.digest == res.digest  # same inputs and search -> same choice and digest
@@ -209,8 +223,7 @@ def test_compress_search_chooses_kappa_on_validation_only_and_is_deterministic(t
             sr = res.recipe["search"]
             assert sr["split"] == "validation" and 1 <= sr["evaluations"] <= 3
             assert all(p["value"] in kappa_grid(0.1) for p in sr["curve"])
-            assert res.recipe["kappa"] == sr["chosen"]["kappa"]
-            assert sr["objective_value"] == max(p["objective"] for p in sr["curve"])
+            assert res.recipe["kappa"] == sr["chosen"]["kappa"] == _smoothed_argmax(sr["curve"], kappa_grid(0.1))
             # gain kept: (candidate - base) / (source - base), on the validation scores in the record
             (b,), (s,) = sr["base_scores"], sr["source_scores"]
             assert s > b  # this fine-tune gains on the validation rows
@@ -329,3 +342,18 @@ def test_port_search_chooses_lambda_on_validation_and_is_deterministic(tmp_path,
             assert again.digest == rep.digest
             seen.append((sr["curve"], rep.digest))
     assert seen[0] == seen[1]
+
+
+def test_smoothed_selection_by_hand():
+    from patchctl.registry.search import _choose, _smoothed
+
+    grid = (0.5, 1.0, 1.5, 2.0)
+    pts = {0.5: 0.90, 1.0: 0.96, 1.5: 0.97, 2.0: 0.80}  # a lone high point beside a cliff loses to its neighbour
+    sm = _smoothed(grid, pts)
+    assert sm == pytest.approx({0.5: (2 * 0.90 + 0.96) / 3, 1.0: (0.90 + 2 * 0.96 + 0.97) / 4,
+                                1.5: (0.96 + 2 * 0.97 + 0.80) / 4, 2.0: (0.97 + 2 * 0.80) / 3})
+    assert _choose(grid, pts, sm) == 1.0
+    # neighbours are the evaluated points in grid order (a bracketing search skips some)
+    sparse = {2.0: 0.5, 0.5: 0.7}
+    assert _smoothed(grid, sparse) == pytest.approx({0.5: (1.4 + 0.5) / 3, 2.0: (1.0 + 0.7) / 3})
+    assert _choose(grid, {1.0: 0.9}, {1.0: 0.9}) == 1.0

@@ -121,12 +121,21 @@ def _render_search(sr: dict[str, Any]) -> None:
         return
     lo = min(p["objective"] for p in sr["curve"])
     hi = max(p["objective"] for p in sr["curve"])
-    t = Table("COEFFICIENT", "VALUE", "OBJECTIVE (validation)", "", title=f"search: {sr['evaluations']} of budget {sr['budget']}")
+    t = Table("COEFFICIENT", "VALUE", "OBJECTIVE (validation)", "SMOOTHED", "",
+              title=f"search: {sr['evaluations']} of budget {sr['budget']}")
+    chosen = sr["chosen"]
     for p in sr["curve"]:
         width = 1 + int(30 * (p["objective"] - lo) / (hi - lo)) if hi > lo else 30
-        mark = " ←" if p["objective"] == hi else ""
-        t.add_row(p["coefficient"], f"{p['value']:g}", f"{p['objective']:.4f}", "█" * width + mark)
+        if "params" in chosen:  # a merge search: the chosen point has the chosen params and β
+            picked = p["params"] == chosen["params"] and p.get("lines_beta") == chosen.get("lines_beta")
+        else:
+            picked = p["value"] == chosen.get(p["coefficient"])
+        sm = (p.get("smoothed") or {}).get(p["coefficient"])
+        t.add_row(p["coefficient"], f"{p['value']:g}", f"{p['objective']:.4f}", "-" if sm is None else f"{sm:.4f}",
+                  "█" * width + (" ← chosen" if picked else ""))
     console.print(t)
+    if sr.get("selection"):
+        console.print(f"selection: {sr['selection']}")
     console.print(f"chosen: {sr['chosen']}")
 
 

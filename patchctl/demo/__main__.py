@@ -112,7 +112,7 @@ def compress_step() -> None:
     for task in ("wordnet", "fortunes"):
         src, ref = f"minilm/{task}-full:v1", f"minilm/{task}-full:v1-d0.1"
         sh("compress", src, "--density", "0.1", "--kappa", "4", "--as", ref, "--no-latest", "-m", f"ComPEFT d=0.1 of {task}")
-        sh("eval", "attach", ref, f"minilm/evals-{task}:v1")
+        sh("eval", "attach", ref, f"minilm/evals-{task}:v1")  # compress attaches its source's suites already
         for r in (src, ref):
             score = json.loads(sh("validate", r, "--json").stdout)[0]["metrics"]["score"]
             info = json.loads(subprocess.run([*RUN, "show", r, "--json"], capture_output=True, text=True, check=True).stdout)
@@ -122,6 +122,35 @@ def compress_step() -> None:
     for task, r, kind, size, score in rows:
         orig = next(x for x in rows if x[0] == task)
         print(f"{r:32s} {kind:7s} {size / 2**20:6.1f} MiB {orig[3] / size:7.1f}x {score:9.3f} {score / orig[4]:8.1%}")
+
+
+def search_step() -> None:
+    """compress --search and merge --search: chosen on validation, test scores beside the defaults."""
+    banner("8. Choose the scales on validation data (--search); test scores beside the defaults")
+    src = "minilm/wordnet-full:v1"
+    sh("compress", src, "--density", "0.1", "--as", "minilm/wordnet-full:v1-d0.1-k1", "--no-latest",
+       "-m", "ComPEFT's default kappa = 1")
+    sh("compress", src, "--density", "0.1", "--search", "--as", "minilm/wordnet-full:v1-d0.1-searched", "--no-latest")
+    score = {r: json.loads(sh("validate", r, "--json").stdout)[0]["metrics"]["score"]
+             for r in (src, "minilm/wordnet-full:v1-d0.1-k1", "minilm/wordnet-full:v1-d0.1-searched")}
+    searched = json.loads(subprocess.run([*RUN, "show", "minilm/wordnet-full:v1-d0.1-searched", "--json"],
+                                         capture_output=True, text=True, check=True).stdout)
+    print(f"\n{'wordnet, d = 0.1':34s} {'kappa':>6s} {'test acc.':>9s}")
+    print(f"{'original full fine-tune':34s} {'-':>6s} {score[src]:9.3f}")
+    print(f"{'ComPEFT default':34s} {1.0:6g} {score['minilm/wordnet-full:v1-d0.1-k1']:9.3f}")
+    print(f"{'searched on validation':34s} {searched['recipe']['kappa']:6g} "
+          f"{score['minilm/wordnet-full:v1-d0.1-searched']:9.3f}")
+
+    print("\n--- merge --search: lambda chosen on the validation split (the default merge is minilm/merged:ta)")
+    sh("merge", "minilm/wordnet-full:v1", "minilm/fortunes-full:v1", "--search", "--budget", "4",
+       "--as", "minilm/merged:ta-searched", check=False)
+    for ref in ("minilm/merged:ta", "minilm/merged:ta-searched"):
+        info = json.loads(subprocess.run([*RUN, "show", ref, "--json"], capture_output=True, text=True,
+                                         check=True).stdout)
+        v = info["validations"][-1]
+        t = [r["normalized"] for r in v["rows"] if r["role"] == "target"]
+        print(f"  {ref:28s} lambda {info['recipe']['params'].get('lambda', 1.0):g}: mean normalized test accuracy "
+              f"{sum(t) / len(t):.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     banner("6. Port the WordNet fine-tune to the int8 release of the base (version 2)")
     port_demo(work, base, args.cache, tok)
     compress_step()
+    search_step()
     banner("done")
     return 0
 
