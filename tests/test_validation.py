@@ -318,6 +318,13 @@ def test_cli_port_exit_code_on_failed_gate(tmp_path, trained, minilm_dir, minilm
                  "--registry", str(reg_path)])
     out = capsys.readouterr().out
     assert code == 3 and "gain recovered" in out and "was not moved" in out
+    kept = out.split("it is kept as ")[1].split()[0]
+    assert main(["show", kept, "--registry", str(reg_path)]) in (0, None)
+    assert "validated fail on the new base (gate 5" in capsys.readouterr().out
+    assert main(["port", "fortunes:v1", "--to", str(minilm_v2), "--as", "f:nv", "--no-validate",
+                 "--registry", str(reg_path)]) in (0, None)
+    assert main(["show", "f:nv", "--registry", str(reg_path)]) in (0, None)
+    assert "validated unvalidated on the new base (--no-validate)" in capsys.readouterr().out
 
 
 def test_port_search_chooses_lambda_on_validation_and_is_deterministic(tmp_path, trained, minilm_dir, minilm_v2):

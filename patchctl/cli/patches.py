@@ -136,6 +136,15 @@ def show(
         if v.get("type") == "merge-validation":
             console.print(f"validated {v['verdict']} (gate {v['gate']}, min normalized "
                           f"{v['min_normalized'] if v['min_normalized'] is None else round(v['min_normalized'], 3)}, {v['device']})")
+        elif v.get("type") == "port-validation" and v["verdict"] == "unvalidated":
+            console.print(f"validated unvalidated on the new base ({v.get('reason', '')})")
+        elif v.get("type") == "port-validation":
+            rec = v["min_recovered"]
+            console.print(f"validated {v['verdict']} on the new base (gate {v['gate']}, least gain recovered "
+                          f"{'-' if rec is None else f'{rec:.1%}'}, {v['split']}, {v['device']})")
+        elif v.get("type") == "compress-validation":
+            kept = ", ".join("-" if r["gain_kept"] is None else f"{r['gain_kept']:.1%}" for r in v["rows"])
+            console.print(f"gain kept {kept} against the source ({v['split']}, {v['device']})")
         elif "metrics" in v:
             console.print(f"scored    suite {short(v['suite'])} {v['split']}: {v['metrics']['score']:.4f} ({v['device']})")
     if tensors:
