@@ -98,7 +98,8 @@ dtype; a values entry gives its value cast to the dense dtype.
 
 The decoder rejects (InvalidPatch): a bad magic or version; unknown codes;
 fields that must be zero and are not (values fields in ternary mode, scale
-and signs in values mode, the parameter of codings 0 and 3); ``nnz > numel``;
+and signs in values mode, the parameter of codings 0 and 3); a dimension or
+numel over 2**62 (even beside a zero dimension); ``nnz > numel``;
 coding 0 with nnz > 0, coding 3 with nnz != numel, codings 1/2 with nnz = 0
 or nnz = numel; any section length other than the one implied; nonzero
 padding bits; 8-byte gaps where 4 bytes suffice; a position >= numel; a zstd
