@@ -472,6 +472,36 @@ def _ones_before(buf: np.ndarray, i: int) -> int:
 
 _DEC_BYTES = 1 << 14  # P1 bytes per step of the Rice decoder
 
+# the 8 bits of a byte, MSB first, as 8 uint8 lanes of one uint64; and of two bytes
+# (plane a, plane b) as the lanes 2*a_bit + b_bit
+_BITS8 = np.unpackbits(np.arange(256, dtype=np.uint8)).reshape(256, 8)
+_LANES1 = np.ascontiguousarray(_BITS8).view(np.uint64).reshape(256)
+_LANES2 = np.ascontiguousarray(
+    ((_BITS8[:, None, :] << 1) | _BITS8[None, :, :]).reshape(65536, 8)
+).view(np.uint64).reshape(65536)
+
+
+def _remainders(planes: list[np.ndarray], i: int, m: int) -> np.ndarray:
+    """The remainders of positions ``i .. i+m-1`` from ``k <= 8`` bit planes (MSB plane first), as uint8.
+
+    Two planes at a time, a byte of each gives the 8 remainders' bits as the
+    lanes of one uint64 from a table; a lane never exceeds ``2**k - 1 < 256``.
+    """
+    lo, hi = i >> 3, (i + m + 7) >> 3
+
+    def pair(p: int) -> np.ndarray:
+        key = planes[p][lo:hi].astype(np.uint16)
+        key <<= np.uint16(8)
+        key |= planes[p + 1][lo:hi]
+        return _LANES2[key]
+
+    first = len(planes) % 2  # an odd plane count starts with one plane alone
+    acc = _LANES1[planes[0][lo:hi]] if first else pair(0)
+    for p in range(2 - first, len(planes), 2):
+        acc <<= np.uint64(2)
+        acc |= pair(p)
+    return acc.view(np.uint8)[i & 7 : (i & 7) + m]
+
 
 def _rice_decode(p1: memoryview, p2: memoryview, k: int, nnz: int, numel: int) -> np.ndarray:
     a1 = np.frombuffer(p1, dtype=np.uint8)
@@ -531,12 +561,12 @@ def _rice_decode(p1: memoryview, p2: memoryview, k: int, nnz: int, numel: int) -
             base = ((8 * b0 - i) << k) + carry + i
             if k:
                 t <<= k
-                rr = r[:m]
-                rr.fill(0)
-                lo = i & 7
-                for pl in planes:
-                    rr <<= small(1)
-                    rr |= np.unpackbits(pl[i >> 3 : (i + m + 7) >> 3])[lo : lo + m]
+                rr = _remainders(planes, i, m) if k <= 8 else r[:m]
+                if k > 8:
+                    rr.fill(0)
+                    for pl in planes:
+                        rr <<= small(1)
+                        rr |= np.unpackbits(pl[i >> 3 : (i + m + 7) >> 3])[i & 7 : (i & 7) + m]
                 cr = np.cumsum(rr, dtype=np.int64)
                 carry += int(cr[-1])
                 t += cr
