@@ -317,3 +317,23 @@ def test_a_stream_that_changes_between_passes_is_invalid_argument():
 
     with pytest.raises(InvalidArgument, match="repeatable"):
         list(sparsify(changing, 0.5))
+
+
+def test_a_large_tensor_whose_values_change_between_passes_is_invalid_argument():
+    # over 2**21 entries on two threads: the selection takes each part's count from the
+    # first pass's histograms, and must notice that the second pass does not match them
+    g = torch.Generator().manual_seed(9)
+    first = torch.randn(2_500_000, generator=g).half()
+    calls = []
+
+    def changing():
+        calls.append(1)
+        return iter([("x", first if len(calls) == 1 else first.flip(0) * 2)])
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(InvalidArgument, match="changed while it was being compressed"):
+            list(sparsify(changing, 0.1))
+    finally:
+        torch.set_num_threads(before)

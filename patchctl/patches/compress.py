@@ -4,7 +4,9 @@ A patch is given as a *stream*: a callable that returns a fresh iterator over
 ``(name, tensor)`` pairs each time it is called, so a caller can read tensors
 from disk one at a time. Global top-k reads the stream twice (three times when
 a float32 tensor holds entries in the threshold's histogram bin); peak memory
-is about two copies of the largest tensor. Tensors must be float32, float16 or
+is about two copies of the largest tensor, plus at most 64 MiB of per-thread
+histograms of large fp16/bf16 tensors kept from the first read (they spare
+the selection a counting pass). Tensors must be float32, float16 or
 bfloat16, finite (NaN/Inf raise :class:`InvalidPatch` naming the tensor), and
 the stream must give the same names, shapes and values on every call.
 
@@ -121,6 +123,7 @@ def _check_stream(tensors: object) -> TensorStream:
 
 _CHUNK = 1 << 20  # entries per step of the histogram passes (keeps temporaries small)
 _SEL_CHUNK = 1 << 17  # entries per step of the selection pass (temporaries stay in cache)
+_PART_HISTS_MAX_BYTES = 64 << 20  # per-part histograms kept between passes (saves a counting pass)
 _SMALL = 1 << 14  # below this many entries, histograms come from np.unique
 _PARALLEL_MIN = 1 << 21  # tensors this large are split over torch.get_num_threads() threads
 
@@ -137,6 +140,9 @@ class _Flat:
     shape: tuple[int, ...]
     tensor: torch.Tensor  # flat, contiguous, CPU
     bits: np.ndarray  # int16 (fp16/bf16) or int32 (fp32) view of tensor
+    # fp16/bf16 tensors split over threads: the scan's |x| histogram of each part
+    # (int32, by |x| bit pattern), so the selection knows each part's count
+    part_hists: tuple[list[tuple[int, int]], list[np.ndarray]] | None = None
 
     @property
     def wide(self) -> bool:
@@ -251,6 +257,8 @@ def _scan(f: _Flat, hist: np.ndarray, hist32: np.ndarray, stats: _Stats | None) 
         return acc.numpy()
 
     results = _pmap(part16, parts)
+    if len(parts) > 1:
+        f.part_hists = (parts, [(r[:0x8000] + r[0x8000:]).astype(np.int32) for r in results])
     h = results[0] if len(results) == 1 else sum(results)
     pos, neg = h[:0x8000], h[0x8000:]
     lim = 0x7C00 if fp16 else 0x7F80
@@ -322,6 +330,8 @@ class _Pass:
     def __init__(self, tensors: TensorStream) -> None:
         self.tensors = tensors
         self.layout: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None
+        self.part_hists: dict[int, tuple[list[tuple[int, int]], list[np.ndarray]]] = {}
+        self.part_hists_bytes = 0
 
     def __call__(self) -> Iterator[_Flat]:
         seen: list[tuple[str, tuple[int, ...], torch.dtype]] = []
@@ -341,7 +351,15 @@ class _Pass:
                 len(seen) > len(self.layout) or seen[-1] != self.layout[len(seen) - 1]
             ):
                 raise InvalidArgument("tensors() gave different tensors on a later pass; it must be repeatable")
+            pos = len(seen) - 1
+            if self.layout is not None:
+                f.part_hists = self.part_hists.get(pos)
             yield f
+            if self.layout is None and f.part_hists is not None:
+                size = sum(h.nbytes for h in f.part_hists[1])
+                if self.part_hists_bytes + size <= _PART_HISTS_MAX_BYTES:
+                    self.part_hists[pos] = f.part_hists
+                    self.part_hists_bytes += size
         if self.layout is None:
             self.layout = seen
         elif len(seen) != len(self.layout):
@@ -403,8 +421,12 @@ def _select(
             np.greater_equal(a, u, out=m)
             yield s, c, a, m
 
-    # count first, so that each part writes its positions straight into the output
-    counts = _pmap(lambda r: sum(int(np.count_nonzero(m)) for _, _, _, m in chunks(r)), parts)
+    # each part's count first, so that it writes its positions straight into the output:
+    # from the scan's histograms when it kept them, else from a counting pass
+    if f.part_hists is not None and f.part_hists[0] == parts:
+        counts = [int(h[u:].sum(dtype=np.int64)) for h in f.part_hists[1]]
+    else:
+        counts = _pmap(lambda r: sum(int(np.count_nonzero(m)) for _, _, _, m in chunks(r)), parts)
     offsets = np.cumsum([0, *counts]).tolist()
     idx = np.empty(offsets[-1], dtype=np.int64)
     signs = np.empty(offsets[-1], dtype=np.bool_) if want_signs else None
