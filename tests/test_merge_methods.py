@@ -30,18 +30,19 @@ HAND_CASES: dict[str, tuple[dict[str, float], list[float]]] = {
     "linear": ({}, [0.25, 1.75, 1.75, -2.25, 0.875, 0.125]),
     # 0.5 * (A + 3B)
     "task_arithmetic": ({"lam": 0.5}, [0.5, 3.5, 3.5, -4.5, 1.75, 0.25]),
-    # k = int(0.5*6) = 3. |A| = 4 2 1 3 .5 2: 3rd largest is 2, both 2s kept (tie)
-    #   -> Â = [4, -2, 0, -3, 0, 2]. |B| = 1 3 2 2 1 .5: 3rd largest 2 -> B̂ = [0, 3, 2, -2, 0, 0].
-    # 1·Â + 3·B̂ = [4, 7, 6, -9, 0, 2]: elected + + + - (+) +.
-    # agreeing mean: 4/1, 9/3, 6/3, (-3-6)/(1+3), none -> 0, 2/1 (B̂ is 0 there); × λ=2
-    "ties": ({"density": 0.5, "lam": 2.0}, [8.0, 6.0, 4.0, -4.5, 0.0, 4.0]),
+    # k = int(0.5*6) = 3, exactly 3 kept; rank = |x| descending, lowest index first among ties.
+    # A by rank: 4@0, 3@3, 2@1, 2@5, 1@2, .5@4 -> the 2@5 tied with 2@1 loses: Â = [4, -2, 0, -3, 0, 0].
+    # B by rank: 3@1, 2@2, 2@3, 1@0, ... -> B̂ = [0, 3, 2, -2, 0, 0].
+    # 1·Â + 3·B̂ = [4, 7, 6, -9, 0, 0]: elected + + + - (+) (+).
+    # agreeing mean: 4/1, 9/3, 6/3, (-3-6)/(1+3), none -> 0, none -> 0; × λ=2
+    "ties": ({"density": 0.5, "lam": 2.0}, [8.0, 6.0, 4.0, -4.5, 0.0, 0.0]),
     # Â + 3B̂ as above
-    "magnitude_prune": ({"density": 0.5}, [4.0, 7.0, 6.0, -9.0, 0.0, 2.0]),
-    # top = int(0.2*6) = 1 dropped, keep = 3 next.
-    # A: drop 4; ranks 2-4 are 3, 2, 2 -> [0, -2, 0, -3, 0, 2].
-    # B: drop 3; ranks 2-4 are 2, 2, 1 and the other 1 ties with rank 4 -> kept:
-    #   [-1, 0, 2, -2, 1, 0]. A' + 3B' = [-3, -2, 6, -9, 3, 2].
-    "breadcrumbs": ({"density": 0.5, "gamma": 0.2}, [-3.0, -2.0, 6.0, -9.0, 3.0, 2.0]),
+    "magnitude_prune": ({"density": 0.5}, [4.0, 7.0, 6.0, -9.0, 0.0, 0.0]),
+    # top = int(0.2*6) = 1 dropped, keep = 3 next (ranks 2-4 in the order above).
+    # A: drop 4@0; keep 3@3, 2@1, 2@5 -> [0, -2, 0, -3, 0, 2].
+    # B: drop 3@1; keep 2@2, 2@3, 1@0 (1@4 ties with it and loses: higher index) ->
+    #   [-1, 0, 2, -2, 0, 0]. A' + 3B' = [-3, -2, 6, -9, 0, 2].
+    "breadcrumbs": ({"density": 0.5, "gamma": 0.2}, [-3.0, -2.0, 6.0, -9.0, 0.0, 2.0]),
     # DARE masks for seed 0, name "w", density 0.5 (pinned by
     # test_dare_mask_matches_documented_derivation): A keeps entries 2, 4, 5,
     # B keeps 1, 2, 3, 5; survivors ×2: Ã = [0, 0, 2, 0, 1, 4], B̃ = [0, 6, 4, -4, 0, -1].
@@ -88,9 +89,10 @@ def test_table_defaults_match_function_signature(method: str) -> None:
     kw = {
         n: p.default
         for n, p in sig.parameters.items()
-        if p.kind is p.KEYWORD_ONLY and n not in ("generator_seed", "name")
+        if p.kind is p.KEYWORD_ONLY and n not in ("generator_seed", "name", "out")
     }
     assert kw == dict(row.params)
+    assert sig.parameters["out"].default is None
     assert list(sig.parameters)[:4] == ["deltas", "weights", "generator_seed", "name"]
     assert row.name == method
     assert re.fullmatch(r"https://arxiv\.org/abs/\d{4}\.\d{5}", row.paper)
@@ -110,6 +112,104 @@ def test_ties_keeps_exactly_k_without_ties() -> None:
     out = _run("magnitude_prune", [x], [1.0], {"density": 0.25})
     assert int((out != 0).sum()) == 250
     assert out.abs()[out != 0].min() >= x.abs().kthvalue(751).values
+
+
+def _oracle_top_k(x: torch.Tensor, k: int) -> set[int]:
+    """The k flat indices ranked first by |x| descending, then lowest index (a full sort)."""
+    mags = x.reshape(-1).float().abs().double().numpy()
+    order = np.lexsort((np.arange(mags.size), -mags))  # last key is primary
+    return set(order[:k].tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_top_k_keeps_exactly_k_with_ties_broken_by_lowest_flat_index(dtype) -> None:
+    x = torch.tensor([[1.0, -1.0, 1.0, 2.0, -1.0], [1.0, 1.0, -2.0, 1.0, 1.0]], dtype=dtype)
+    # k = 5: the two 2s, then the first three of the eight tied 1s in flat order (0, 1, 2)
+    kept = merge.top_k_mask(x, 5)
+    assert kept.reshape(-1).nonzero().reshape(-1).tolist() == [0, 1, 2, 3, 7]
+    out = _run("magnitude_prune", [x], [1.0], {"density": 0.5})
+    assert out.reshape(-1).tolist() == [1.0, -1.0, 1.0, 2.0, 0.0, 0.0, 0.0, -2.0, 0.0, 0.0]
+    ties_out = _run("ties", [x, torch.zeros_like(x)], [1.0, 1.0], {"density": 0.5})
+    assert torch.equal(ties_out, out)
+
+
+def test_top_k_many_ties_like_bf16_deltas_keeps_exactly_k() -> None:
+    # bf16 fine-tune deltas are mostly ±1 ulp: a few magnitudes shared by millions of entries
+    g = torch.Generator().manual_seed(3)
+    n = 3 * merge._SCAN + 12_345  # the tie scan crosses chunk boundaries
+    x = (torch.randint(-2, 3, (n,), generator=g).float() * 2.0**-10).to(torch.bfloat16)
+    for density in (0.2, 0.5, 0.75):  # 80 % of the entries are non-zero
+        k = int(density * n)
+        mask = merge.top_k_mask(x, k)
+        assert int(mask.sum()) == k
+        ranked = x.abs().float()
+        t = ranked[mask].min()
+        assert bool((ranked[~mask] <= t).all()) and bool((ranked[mask] >= t).all())
+        tied = (ranked == t).nonzero().reshape(-1)
+        kept_tied = mask[tied]
+        first_dropped = int(kept_tied.logical_not().nonzero()[0])  # lowest indices win
+        assert bool(kept_tied[:first_dropped].all()) and not bool(kept_tied[first_dropped:].any())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_top_k_matches_a_full_sort_and_ignores_thread_count(dtype, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    # few distinct magnitudes (ties), some signs, some zeros; float32 ties inside one high-bits bin
+    x = (torch.randint(-40, 41, (257, 301), generator=g).float() * (1 + 2.0**-20)).to(dtype)
+    threads = torch.get_num_threads()
+    for k in (1, 1000, 30_000, x.numel() - 1):
+        expected = _oracle_top_k(x, k)
+        if int((x != 0).sum()) <= k:  # fewer non-zeros than k: every entry "kept", values unchanged
+            continue
+        try:
+            torch.set_num_threads(1)
+            one = merge.top_k_mask(x, k)
+        finally:
+            torch.set_num_threads(threads)
+        assert set(one.reshape(-1).nonzero().reshape(-1).tolist()) == expected
+        assert torch.equal(merge.top_k_mask(x, k), one)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "breadcrumbs", "task_arithmetic"])
+def test_merge_on_cuda_matches_cpu_bit_for_bit(method: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    deltas = [(torch.randint(-3, 4, (300, 70), generator=g).float() * 2.0**-9).to(torch.bfloat16) for _ in range(3)]
+    cpu = _run(method, deltas, [0.5, 0.3, 0.2], None)
+    gpu = _run(method, [d.cuda() for d in deltas], [0.5, 0.3, 0.2], None)
+    assert torch.equal(cpu, gpu.cpu())
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_merge_result_does_not_depend_on_the_chunk_size(method: str, monkeypatch) -> None:
+    g = torch.Generator().manual_seed(9)
+    deltas = [(torch.randn(37, 29, generator=g) * 0.01).to(torch.bfloat16) for _ in range(3)]
+    params = {"density": 0.3} if "density" in METHODS[method].params else None
+    whole = _run(method, deltas, [0.5, 0.3, 0.2], params)
+    monkeypatch.setattr(merge, "_CHUNK", 7)
+    monkeypatch.setattr(merge, "_SCAN", 11)
+    chunked = _run(method, deltas, [0.5, 0.3, 0.2], params)
+    assert torch.equal(whole.view(torch.int32), chunked.view(torch.int32))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_merge_writes_into_out_when_given(method: str) -> None:
+    params, expected = HAND_CASES[method]
+    out = torch.full((6,), 99.0)
+    got = merge_tensor(method, [torch.tensor(A), torch.tensor(B)], W, generator_seed=0, name="w", params=params, out=out)
+    assert got is out and out.tolist() == expected
+    with pytest.raises(InvalidArgument, match=r"out must be a contiguous float32 tensor of shape \(6,\)"):
+        merge_tensor(method, [torch.tensor(A), torch.tensor(B)], W, generator_seed=0, name="w", params=params,
+                     out=torch.empty(6, dtype=torch.float64))
+
+
+def test_weighted_sum_is_a_multiply_then_an_add_in_float32() -> None:
+    # 1/3·x + 1/3·y, each product rounded to float32, then the sum rounded
+    x, y = torch.tensor([1.1, -7.3, 3e-3]), torch.tensor([2.9, 5.5, 1e-8])
+    third = 1 / 3
+    expected = (x * third) + (y * third)
+    assert torch.equal(_run("task_arithmetic", [x, y], [third, third]), expected)
 
 
 def test_breadcrumbs_small_tensor_with_zero_outliers_keeps_density() -> None:
@@ -138,10 +238,10 @@ def _ref_ties(deltas: list[np.ndarray], weights: list[float], density: float, la
     n = deltas[0].size
     k = int(density * n)
     trimmed = []
-    for d in deltas:
-        mags = sorted((abs(v) for v in d.flat), reverse=True)
-        threshold = mags[k - 1]
-        trimmed.append([v if abs(v) >= threshold else 0.0 for v in d.flat])
+    for d in deltas:  # exactly k: |v| descending, then lowest flat index
+        ranked = sorted(range(n), key=lambda j: (-abs(d.flat[j]), j))
+        kept = set(ranked[:k])
+        trimmed.append([v if j in kept else 0.0 for j, v in enumerate(d.flat)])
     out = np.zeros(n)
     for j in range(n):
         mass = sum(w * t[j] for w, t in zip(weights, trimmed, strict=True))

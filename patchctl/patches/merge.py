@@ -3,33 +3,51 @@
 A *task vector* (delta) is ``finetuned - base`` for one tensor. Every method
 here is one small pure function with the same signature::
 
-    fn(deltas, weights, *, generator_seed, name, **params) -> Tensor
+    fn(deltas, weights, *, generator_seed, name, out=None, **params) -> Tensor
 
 It takes the deltas of ONE tensor (one per input patch, all the same shape) and
-one weight per input, and returns the merged delta in float32; the engine adds
-it to the base tensor and casts to the base dtype. Inputs of any floating dtype
-are upcast to float32 and all the math happens in float32, on the device of
-the first delta. ``name`` is the tensor's name: it seeds the random drops of
-DARE and names the tensor in error messages. Nothing here reads files or knows
-about the registry.
+one weight per input, and returns the merged delta in float32 — written into
+``out`` when given (a contiguous float32 tensor of that shape, so the engine
+can reuse one buffer). The engine adds it to the base tensor and casts to the
+base dtype. Inputs of float32, float16 or bfloat16 are read as float32
+(float64 inputs are rounded to float32 first) and all the math happens in
+float32, on the device of the first delta. ``name`` is the tensor's name: it
+seeds the random drops of DARE and names the tensor in error messages.
+Nothing here reads files or knows about the registry.
 
 The methods are listed in ONE explicit table, :data:`METHODS`; nothing is
 registered by importing a module. :func:`merge_tensor` looks a method up,
 checks the number of inputs and fills in the defaults.
+
+**How the work is done.** A method first makes its whole-tensor choices (which
+entries a trim keeps, which DARE drops), then walks the flattened tensors in
+chunks of :data:`_CHUNK` entries (the whole tensor on an accelerator): each
+input's chunk is copied into a reused float32 scratch buffer and everything
+else is elementwise. So temporaries stay small whatever the tensor's size, and
+the result does not depend on the chunking.
 
 Semantic choices (where the papers are silent we follow mergekit):
 
 * ``linear`` is a weighted *average*: ``Σ wᵢτᵢ / Σ wᵢ`` (mergekit's ``linear``
   with ``normalize=True``). Weights may be negative; ``Σ wᵢ = 0`` is an error.
   Use ``task_arithmetic`` for an un-normalized weighted sum.
-* Top-k by magnitude keeps ``k = int(density · n)`` entries per tensor (as in
-  mergekit; the ``int`` truncates, so a tensor with ``density · n < 1`` is
-  zeroed). **Ties at the threshold**: an entry shares the fate of its
-  best-ranked tie-mate, so every entry whose magnitude equals the k-th largest
-  magnitude is kept, and more than ``k`` entries may survive. This makes the
-  result independent of the order of the entries. (mergekit keeps exactly
-  ``k``, picking among tied entries by sort order.) The threshold comes from
-  ``torch.kthvalue`` on ``|τ|``; no full sort.
+* Weighted sums are ``round(w₁·τ₁) + round(w₂·τ₂) + ...`` in float32, added in
+  input order: a multiply then an add, never a fused multiply-add, so the
+  bits do not depend on the device, vector width or thread count.
+* **Top-k by magnitude keeps exactly** ``k = int(density · n)`` **entries** per
+  tensor (``int`` truncates, as mergekit: a tensor with ``density · n < 1`` is
+  zeroed). Entries are ranked by ``|τ|`` descending, **ties broken by the
+  lowest flat (row-major) index**: with ``t`` the k-th largest magnitude, the
+  kept entries are every ``|τ| > t`` and then the first
+  ``k - #{|τ| > t}`` entries with ``|τ| = t`` in flat order. (mergekit also
+  keeps exactly ``k``; among tied entries it keeps whichever its sort puts
+  first, which depends on the device and dtype.) ``t`` is found exactly and
+  without a sort, from a histogram of the magnitude bit patterns (the float
+  bits without the sign, which order like ``|τ|``: 15-bit keys for bf16/fp16,
+  two 16-bit levels for float32), in the input's own dtype — it ranks as its
+  float32 value does. Counts are integers, so the kept set is the same on any
+  device and thread count. A tensor with at most ``k`` non-zero entries is
+  kept as is (the zeros that fill up ``k`` change nothing).
 * TIES sign election: per entry the elected sign is the sign of
   ``Σ wᵢ·τ̂ᵢ`` over the trimmed deltas ("total mass"); a sum of exactly 0
   elects ``+`` (as mergekit). Input ``i`` agrees at an entry when
@@ -45,11 +63,11 @@ Semantic choices (where the papers are silent we follow mergekit):
   and input index), so a merge is reproducible on any device and independent
   of the order tensors are visited. ``dare_ties`` uses the disjoint mean like
   ``ties`` (mergekit's ``dare_ties`` sums instead: ``normalize=False``).
-* Breadcrumbs keeps the entries ranked ``[top, top + keep)`` by magnitude,
+* Breadcrumbs keeps the entries ranked ``[top, top + keep)`` in the order
+  above (magnitude descending, lowest index first among ties),
   ``top = int(gamma · n)``, ``keep = int(density · n)``; when
-  ``top + keep > n``, ``top`` shrinks to ``n - keep`` (as mergekit). Ties: an
-  entry tied with the ``top``-th largest magnitude is dropped as an outlier,
-  one tied with the ``(top + keep)``-th is kept (same best-tie-mate rule).
+  ``top + keep > n``, ``top`` shrinks to ``n - keep`` (as mergekit). Exactly
+  ``keep`` entries survive.
 
 Default densities are starting points from the papers, not tuned values:
 TIES keeps the top 20 % (its paper's k = 20), DARE drops 90 % (p = 0.9, the
@@ -69,6 +87,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -88,13 +107,24 @@ __all__ = [
     "resolve_params",
     "task_arithmetic",
     "ties",
+    "top_k_mask",
 ]
 
 MergeFn = Callable[..., Tensor]
 
+_CHUNK = 1 << 18  # entries per elementwise step on the CPU (1 MiB of float32 per operand)
+_SCAN = 1 << 20  # entries per step of the histogram and tie scans
+_READ_AS_IS = (torch.float32, torch.float16, torch.bfloat16)
+# magnitude key = the float's bits without the sign: (integer view, mask)
+_KEY = {
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 0x7FFF),
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+}
+
 
 # --------------------------------------------------------------------------
-# checks and shared pieces
+# checks
 
 
 def _number(value: Any, what: str) -> float:
@@ -117,7 +147,7 @@ def _density(value: Any) -> float:
 def _prepare(
     deltas: Sequence[Tensor], weights: Sequence[float], name: str
 ) -> tuple[list[Tensor], list[float]]:
-    """Check one tensor's inputs; return them as float32 and the weights as floats."""
+    """Check one tensor's inputs; return them flat on one device (float64 as float32) and the weights."""
     if len(deltas) == 0:
         raise InvalidArgument(f"tensor {name!r}: no inputs to merge")
     if len(weights) != len(deltas):
@@ -140,7 +170,8 @@ def _prepare(
                 f"tensor {name!r}: input {i} has shape {tuple(d.shape)} but input 0 has "
                 f"{tuple(first.shape)}"
             )
-        out.append(d.to(device=first.device, dtype=torch.float32))
+        dtype = d.dtype if d.dtype in _READ_AS_IS else torch.float32
+        out.append(d.to(device=first.device, dtype=dtype).reshape(-1))
     return out, ws
 
 
@@ -153,47 +184,239 @@ def _nonnegative(weights: Sequence[float], method: str) -> None:
             )
 
 
-def _weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    acc = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weights, strict=True):
-        acc.add_(d, alpha=w)
+# --------------------------------------------------------------------------
+# the chunked elementwise pass
+
+Step = Callable[[list[Tensor], Tensor, int], None]
+
+
+def _chunk_size(n: int, device: torch.device) -> int:
+    return max(1, min(n, _CHUNK) if device.type == "cpu" else n)
+
+
+def _elementwise(flats: Sequence[Tensor], shape: torch.Size, out: Tensor | None, step: Step) -> Tensor:
+    """Run ``step(parts, acc, lo)`` over chunks; return the float32 result of shape ``shape``.
+
+    ``parts`` are float32 copies of the inputs' entries ``[lo, lo + len(acc))``
+    (the step may change them), ``acc`` the matching slice of the result.
+    """
+    device = flats[0].device
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+    elif out.shape != shape or out.dtype != torch.float32 or out.device != device or not out.is_contiguous():
+        raise InvalidArgument(
+            f"out must be a contiguous float32 tensor of shape {tuple(shape)} on {device}, "
+            f"got {out.dtype}{tuple(out.shape)} on {out.device}"
+        )
+    n = out.numel()
+    size = _chunk_size(n, device)
+    flat_out = out.view(-1)
+    bufs = [torch.empty(size, dtype=torch.float32, device=device) for _ in flats]
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
+        parts = [b[: hi - lo].copy_(f[lo:hi]) for b, f in zip(bufs, flats, strict=True)]
+        step(parts, flat_out[lo:hi], lo)
+    return out
+
+
+def _weigh(parts: list[Tensor], weights: Sequence[float]) -> None:
+    for p, w in zip(parts, weights, strict=True):
+        if w != 1.0:  # x·1 is x: skip the pass
+            p.mul_(w)
+
+
+def _scale(acc: Tensor, lam: float) -> Tensor:
+    return acc if lam == 1.0 else acc.mul_(lam)  # x·1 is x: skip the pass
+
+
+def _sum_into(acc: Tensor, parts: Sequence[Tensor]) -> Tensor:
+    acc.zero_()
+    for p in parts:
+        acc.add_(p)
     return acc
 
 
-def _kth_largest(magnitudes: Tensor, k: int) -> Tensor:
-    """The k-th largest value (1-based) of a flat tensor, without a full sort."""
-    n = magnitudes.numel()
-    return torch.kthvalue(magnitudes, n - k + 1).values
+class _Scratch:
+    """Per-call chunk buffers of the disjoint mean."""
+
+    def __init__(self, size: int, device: torch.device, weights: Sequence[float]):
+        self.sign = torch.empty(size, dtype=torch.float32, device=device)
+        self.den = torch.empty(size, dtype=torch.float32, device=device)
+        positive = [w for w in weights if w > 0]
+        # the smallest non-zero denominator: a sum of float32 weights is at least its smallest term
+        self.den_floor = float(torch.tensor(min(positive), dtype=torch.float32)) if positive else 1.0
 
 
-def _magnitude_trim(delta: Tensor, density: float) -> Tensor:
-    """Keep the top ``int(density·n)`` entries by magnitude (ties at the threshold kept)."""
-    n = delta.numel()
-    k = int(density * n)
-    if k >= n:
-        return delta
+def _disjoint_mean_into(acc: Tensor, parts: Sequence[Tensor], weights: Sequence[float], sc: _Scratch) -> Tensor:
+    """TIES sign election by total mass, then the weighted mean of agreeing entries, into ``acc``.
+
+    ``parts`` are the weighted deltas ``wᵢ·τᵢ`` (changed in place). With
+    ``s = ±1`` the elected sign (``+`` for a total of 0: the running sum starts
+    at +0, so it is never -0), input ``i`` agrees where ``s·wᵢ·τᵢ > 0``; the
+    numerator is ``s · Σ max(s·wᵢ·τᵢ, 0)`` (multiplying by ±1 is exact, so this
+    is the plain sum of the agreeing ``wᵢτᵢ``) and the denominator
+    ``Σ wᵢ·sign(max(s·wᵢ·τᵢ, 0))``, the sum of the agreeing weights. Where none
+    agree the numerator is 0 and the denominator is raised to the smallest
+    weight, so the mean is 0 there.
+    """
+    m = acc.numel()
+    sign, den = sc.sign[:m], sc.den[:m]
+    _sum_into(acc, parts)
+    torch.copysign(sign.fill_(1.0), acc, out=sign)
+    acc.zero_()
+    den.zero_()
+    for p, w in zip(parts, weights, strict=True):
+        if w == 0:
+            continue
+        acc.add_(p.mul_(sign).clamp_min_(0.0))
+        den.add_(p.sign_(), alpha=w)  # p is 0 or 1 here: w·p is exact, fused or not
+    acc.mul_(sign)
+    return acc.div_(den.clamp_min_(sc.den_floor))
+
+
+# --------------------------------------------------------------------------
+# exact top-k by magnitude
+
+
+def _keys(flat: Tensor) -> Tensor:
+    """Magnitude keys of a flat float tensor: its bits without the sign (they order like ``|x|``)."""
+    itype, mask = _KEY[flat.dtype]
+    return flat.view(itype).bitwise_and(mask)
+
+
+def _pick(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry (1-based) and how many entries lie in higher bins."""
+    cum = np.cumsum(hist[::-1])
+    i = int(np.searchsorted(cum, k, side="left"))
+    return len(hist) - 1 - i, (int(cum[i - 1]) if i else 0)
+
+
+def _kth_key(flat: Tensor, k: int) -> tuple[int, int, list[int] | None]:
+    """``(t, above, per_scan)``: the k-th largest magnitude key (``1 <= k <= n``), how many keys exceed it,
+    and (where the histograms give it for free) how many keys equal ``t`` in each ``_SCAN``-entry step."""
+    n = flat.numel()
+    if flat.device.type != "cpu":  # exact on any device: a selection on the integer keys
+        keys = _keys(flat).to(torch.int64)
+        t = int(torch.kthvalue(keys, n - k + 1).values)
+        return t, int(torch.count_nonzero(keys > t)), None
+    if flat.dtype != torch.float32:  # 2-byte floats: one histogram of the 15-bit keys per step
+        raw = flat.view(torch.int16).numpy().view(np.uint16)
+        steps = []
+        for lo in range(0, n, _SCAN):
+            h = np.bincount(raw[lo : lo + _SCAN], minlength=1 << 16)
+            steps.append(h[: 1 << 15] + h[1 << 15 :])  # fold the sign bit
+        t, above = _pick(np.sum(steps, axis=0), k)
+        return t, above, [int(h[t]) for h in steps]
+    bits = flat.view(torch.int32).numpy()
+    high = np.zeros(1 << 15, dtype=np.int64)  # float32: the high 15 key bits, then the low 16
+    for lo in range(0, n, _SCAN):
+        high += np.bincount((bits[lo : lo + _SCAN] & 0x7FFFFFFF) >> 16, minlength=1 << 15)
+    b, above = _pick(high, k)
+    low = np.zeros(1 << 16, dtype=np.int64)
+    for lo in range(0, n, _SCAN):
+        key = bits[lo : lo + _SCAN] & 0x7FFFFFFF
+        low += np.bincount(key[(key >> 16) == b] & 0xFFFF, minlength=1 << 16)
+    s, above_in_bin = _pick(low, k - above)
+    return (b << 16) | s, above + above_in_bin, None
+
+
+@dataclass(frozen=True)
+class _Top:
+    """The top-k entries of a flat tensor: key > t, or key == t at a flat index < cutoff.
+
+    ``above`` is the float32 value of key ``t`` and ``at_or_above`` the float32
+    just below it: ``|x| > above`` is ``key > t`` and ``|x| > at_or_above`` is
+    ``key >= t`` for the float32 copies of the entries (exact for every dtype
+    read as is).
+    """
+
+    t: int
+    cutoff: int
+    above: float = 0.0
+    at_or_above: float = 0.0
+
+    def mask_into(self, keys: Tensor, lo: int, out: Tensor) -> Tensor:
+        """``out`` = whether each entry of the chunk starting at flat index ``lo`` is in the top."""
+        torch.gt(keys, self.t, out=out)
+        m = min(self.cutoff - lo, keys.numel())
+        if m > 0:
+            out[:m] |= keys[:m] == self.t
+        return out
+
+
+def _key_value(t: int, dtype: torch.dtype) -> np.float32:
+    """The float32 value of magnitude key ``t`` of ``dtype``."""
+    if dtype == torch.float16:
+        return np.array(t, dtype=np.uint16).view(np.float16).astype(np.float32)[()]
+    bits = t << 16 if dtype == torch.bfloat16 else t
+    return np.array(bits, dtype=np.uint32).view(np.float32)[()]
+
+
+def _top(flat: Tensor, k: int) -> _Top | bool:
+    """The k entries ranked first (``|x|`` descending, lowest flat index first among ties).
+
+    ``True`` when they are all the non-zero entries or more (the values are
+    then unchanged), ``False`` when ``k <= 0``.
+    """
+    n = flat.numel()
     if k <= 0:
-        return torch.zeros_like(delta)
-    mag = delta.abs()
-    return torch.where(mag >= _kth_largest(mag.reshape(-1), k), delta, 0.0)
+        return False
+    if k >= n or int(torch.count_nonzero(flat)) <= k:  # cheaper than the histogram
+        return True
+    t, above, per_scan = _kth_key(flat, k)
+    if t == 0:  # fewer than k non-zero entries
+        return True
+    r = k - above  # how many entries equal to t make it, lowest index first
+    seen = 0
+    for step, lo in enumerate(range(0, n, _SCAN)):
+        if per_scan is not None and seen + per_scan[step] < r:  # counted already: skip the step
+            seen += per_scan[step]
+            continue
+        eq = _keys(flat[lo : lo + _SCAN]) == t
+        c = int(torch.count_nonzero(eq))
+        if seen + c >= r:
+            value = _key_value(t, flat.dtype)
+            return _Top(t, lo + int(torch.nonzero(eq)[r - seen - 1]) + 1, float(value),
+                        float(np.nextafter(value, np.float32(0))))
+        seen += c
+    raise AssertionError("histogram and scan disagree")  # pragma: no cover - integer counts
 
 
-def _breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Drop the top ``gamma`` outliers, keep the next ``density`` by magnitude."""
-    n = delta.numel()
-    keep = int(density * n)
-    top = min(int(gamma * n), n - keep)
-    if keep <= 0:
-        return torch.zeros_like(delta)
-    mag = delta.abs()
-    flat = mag.reshape(-1)
-    if top + keep < n:
-        mask = mag >= _kth_largest(flat, top + keep)
-    else:
-        mask = torch.ones_like(mag, dtype=torch.bool)
-    if top > 0:
-        mask &= mag < _kth_largest(flat, top)
-    return delta.masked_fill(~mask, 0.0)
+def _keep_into(top: _Top | bool, flat: Tensor, lo: int, out: Tensor) -> Tensor:
+    """Whether each entry ``[lo, lo + len(out))`` of ``flat`` is in ``top``."""
+    if isinstance(top, bool):
+        return out.fill_(top)
+    return top.mask_into(_keys(flat[lo : lo + out.numel()]), lo, out)
+
+
+def top_k_mask(delta: Tensor, k: int) -> Tensor:
+    """Bool mask (shape of ``delta``) of the ``k`` entries kept by the top-k rule above.
+
+    Exactly ``min(max(k, 0), n)`` entries are True, except that when at most
+    ``k`` entries are non-zero every entry is True (the same values survive).
+    """
+    (flat,), _ = _prepare([delta], [1.0], "-")
+    top = _top(flat, int(k))
+    return _keep_into(top, flat, 0, torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)).reshape(delta.shape)
+
+
+def _trim(parts: list[Tensor], tops: Sequence[_Top | bool], lo: int) -> None:
+    """Zero every entry of the float32 chunks that is not in its input's top set.
+
+    ``hardshrink(x, λ)`` keeps ``x`` where ``|x| > λ`` and gives 0 elsewhere:
+    one vectorized pass instead of a mask.
+    """
+    for p, top in zip(parts, tops, strict=True):
+        if top is True:
+            continue
+        if top is False:
+            p.zero_()
+            continue
+        cut = min(max(top.cutoff - lo, 0), p.numel())  # before it, entries equal to t are kept
+        if cut:
+            torch.ops.aten.hardshrink.out(p[:cut], top.at_or_above, out=p[:cut])
+        if cut < p.numel():
+            torch.ops.aten.hardshrink.out(p[cut:], top.above, out=p[cut:])
 
 
 def dare_seed(generator_seed: int, name: str, index: int) -> int:
@@ -209,52 +432,48 @@ def dare_seed(generator_seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _dare_drop(delta: Tensor, density: float, generator_seed: int, name: str, index: int) -> Tensor:
-    """Bernoulli-drop with p = 1 - density, survivors divided by density."""
-    seed = dare_seed(generator_seed, name, index)
-    if density >= 1.0:
-        return delta
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed)
-    u = torch.rand(delta.shape, generator=gen, dtype=torch.float32)
-    keep = (u < density).to(delta.device)
-    return delta.masked_fill(~keep, 0.0) / density
-
-
-def _disjoint_mean(parts: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """TIES sign election by total mass, then the weighted mean of agreeing entries.
-
-    With ``s = ±1`` the elected sign, input ``i`` agrees where ``s·wᵢ·τᵢ > 0``;
-    the numerator is accumulated as ``s · Σ max(s·wᵢ·τᵢ, 0)`` (multiplying by
-    ±1 is exact, so this is the plain sum of the agreeing ``wᵢτᵢ``).
-    """
-    total = _weighted_sum(parts, weights)
-    sign = torch.ones_like(total).masked_fill_(total < 0, -1.0)
-    del total
-    num = torch.zeros_like(sign)
-    den = torch.zeros_like(sign)
-    for p, w in zip(parts, weights, strict=True):
-        if w == 0:
+def _dare_drops(
+    flats: Sequence[Tensor], density: float, generator_seed: int, name: str
+) -> list[Tensor | None]:
+    """Per input, the flat bool mask of dropped entries (``u >= density``); None drops nothing."""
+    out: list[Tensor | None] = []
+    for i, f in enumerate(flats):
+        seed = dare_seed(generator_seed, name, i)
+        if density >= 1.0:
+            out.append(None)
             continue
-        t = p.mul(w).mul_(sign)
-        den.add_((t > 0).to(den.dtype), alpha=w)
-        num.add_(t.clamp_min_(0.0))
-    num.mul_(sign)
-    den.masked_fill_(den == 0, 1.0)  # no agreeing input: num is 0 there
-    return num.div_(den)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed)
+        u = torch.rand(f.numel(), generator=gen, dtype=torch.float32)
+        out.append((u >= density).to(f.device))
+    return out
+
+
+def _dare_apply(parts: list[Tensor], drops: Sequence[Tensor | None], density: float, lo: int) -> None:
+    """Bernoulli-drop with p = 1 - density, survivors divided by density."""
+    for p, drop in zip(parts, drops, strict=True):
+        if drop is not None:
+            p.masked_fill_(drop[lo : lo + p.numel()], 0.0).div_(density)
 
 
 # --------------------------------------------------------------------------
 # the methods
 
 
-def linear(deltas: Sequence[Tensor], weights: Sequence[float], *, generator_seed: int, name: str) -> Tensor:
+def linear(
+    deltas: Sequence[Tensor], weights: Sequence[float], *, generator_seed: int, name: str, out: Tensor | None = None
+) -> Tensor:
     """Weighted average ``Σ wᵢτᵢ / Σ wᵢ`` (mergekit ``linear``, normalize=True)."""
-    ds, ws = _prepare(deltas, weights, name)
+    flats, ws = _prepare(deltas, weights, name)
     total = math.fsum(ws)
     if total == 0:
         raise InvalidArgument(f"linear needs weights with a non-zero sum, got {ws!r}")
-    return _weighted_sum(ds, ws) / total
+
+    def step(parts: list[Tensor], acc: Tensor, lo: int) -> None:
+        _weigh(parts, ws)
+        _sum_into(acc, parts).div_(total)
+
+    return _elementwise(flats, deltas[0].shape, out, step)
 
 
 def task_arithmetic(
@@ -264,10 +483,17 @@ def task_arithmetic(
     generator_seed: int,
     name: str,
     lam: float = 1.0,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023): ``λ · Σ wᵢτᵢ``."""
-    ds, ws = _prepare(deltas, weights, name)
-    return _weighted_sum(ds, ws) * _number(lam, "lam")
+    flats, ws = _prepare(deltas, weights, name)
+    lam = _number(lam, "lam")
+
+    def step(parts: list[Tensor], acc: Tensor, lo: int) -> None:
+        _weigh(parts, ws)
+        _scale(_sum_into(acc, parts), lam)
+
+    return _elementwise(flats, deltas[0].shape, out, step)
 
 
 def ties(
@@ -278,13 +504,22 @@ def ties(
     name: str,
     density: float = 0.2,
     lam: float = 1.0,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """TIES (Yadav et al. 2023): trim to top-k, elect sign by mass, disjoint mean, × λ."""
-    ds, ws = _prepare(deltas, weights, name)
+    """TIES (Yadav et al. 2023): trim to exactly top-k, elect sign by mass, disjoint mean, × λ."""
+    flats, ws = _prepare(deltas, weights, name)
     density, lam = _density(density), _number(lam, "lam")
     _nonnegative(ws, "ties")
-    trimmed = [_magnitude_trim(d, density) for d in ds]
-    return _disjoint_mean(trimmed, ws) * lam
+    k = int(density * flats[0].numel())
+    tops = [_top(f, k) for f in flats]
+    sc = _Scratch(_chunk_size(flats[0].numel(), flats[0].device), flats[0].device, ws)
+
+    def step(parts: list[Tensor], acc: Tensor, lo: int) -> None:
+        _trim(parts, tops, lo)
+        _weigh(parts, ws)
+        _scale(_disjoint_mean_into(acc, parts, ws, sc), lam)
+
+    return _elementwise(flats, deltas[0].shape, out, step)
 
 
 def dare_linear(
@@ -295,12 +530,19 @@ def dare_linear(
     name: str,
     density: float = 0.1,
     lam: float = 1.0,
+    out: Tensor | None = None,
 ) -> Tensor:
     """DARE (Yu et al. 2023) then ``λ · Σ wᵢτ̃ᵢ``."""
-    ds, ws = _prepare(deltas, weights, name)
+    flats, ws = _prepare(deltas, weights, name)
     density, lam = _density(density), _number(lam, "lam")
-    dropped = [_dare_drop(d, density, generator_seed, name, i) for i, d in enumerate(ds)]
-    return _weighted_sum(dropped, ws) * lam
+    drops = _dare_drops(flats, density, generator_seed, name)
+
+    def step(parts: list[Tensor], acc: Tensor, lo: int) -> None:
+        _dare_apply(parts, drops, density, lo)
+        _weigh(parts, ws)
+        _scale(_sum_into(acc, parts), lam)
+
+    return _elementwise(flats, deltas[0].shape, out, step)
 
 
 def dare_ties(
@@ -311,13 +553,21 @@ def dare_ties(
     name: str,
     density: float = 0.1,
     lam: float = 1.0,
+    out: Tensor | None = None,
 ) -> Tensor:
     """DARE (Yu et al. 2023) then TIES sign election and disjoint mean, × λ."""
-    ds, ws = _prepare(deltas, weights, name)
+    flats, ws = _prepare(deltas, weights, name)
     density, lam = _density(density), _number(lam, "lam")
     _nonnegative(ws, "dare_ties")
-    dropped = [_dare_drop(d, density, generator_seed, name, i) for i, d in enumerate(ds)]
-    return _disjoint_mean(dropped, ws) * lam
+    drops = _dare_drops(flats, density, generator_seed, name)
+    sc = _Scratch(_chunk_size(flats[0].numel(), flats[0].device), flats[0].device, ws)
+
+    def step(parts: list[Tensor], acc: Tensor, lo: int) -> None:
+        _dare_apply(parts, drops, density, lo)
+        _weigh(parts, ws)
+        _scale(_disjoint_mean_into(acc, parts, ws, sc), lam)
+
+    return _elementwise(flats, deltas[0].shape, out, step)
 
 
 def magnitude_prune(
@@ -328,11 +578,20 @@ def magnitude_prune(
     name: str,
     density: float = 0.2,
     lam: float = 1.0,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Trim each τᵢ to its top ``density`` by magnitude, then ``λ · Σ wᵢτ̂ᵢ``."""
-    ds, ws = _prepare(deltas, weights, name)
+    """Trim each τᵢ to exactly its top ``density`` by magnitude, then ``λ · Σ wᵢτ̂ᵢ``."""
+    flats, ws = _prepare(deltas, weights, name)
     density, lam = _density(density), _number(lam, "lam")
-    return _weighted_sum([_magnitude_trim(d, density) for d in ds], ws) * lam
+    k = int(density * flats[0].numel())
+    tops = [_top(f, k) for f in flats]
+
+    def step(parts: list[Tensor], acc: Tensor, lo: int) -> None:
+        _trim(parts, tops, lo)
+        _weigh(parts, ws)
+        _scale(_sum_into(acc, parts), lam)
+
+    return _elementwise(flats, deltas[0].shape, out, step)
 
 
 def breadcrumbs(
@@ -344,14 +603,33 @@ def breadcrumbs(
     density: float = 0.1,
     gamma: float = 0.01,
     lam: float = 1.0,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): drop top γ, keep next β, ``λ · Σ wᵢτ̂ᵢ``."""
-    ds, ws = _prepare(deltas, weights, name)
+    flats, ws = _prepare(deltas, weights, name)
     density, lam = _density(density), _number(lam, "lam")
     gamma = _number(gamma, "gamma")
     if not 0.0 <= gamma < 1.0:
         raise InvalidArgument(f"gamma must be in [0, 1), got {gamma!r}")
-    return _weighted_sum([_breadcrumbs_mask(d, density, gamma) for d in ds], ws) * lam
+    n = flats[0].numel()
+    keep = int(density * n)
+    top = min(int(gamma * n), n - keep)
+    # ranks [top, top + keep): in the top (top + keep) and not in the top `top`
+    bounds = [(_top(f, top + keep) if keep > 0 else False, _top(f, top) if keep > 0 else False) for f in flats]
+    size = _chunk_size(n, flats[0].device)
+    inner = torch.empty(size, dtype=torch.bool, device=flats[0].device)
+    outer = torch.empty(size, dtype=torch.bool, device=flats[0].device)
+
+    def step(parts: list[Tensor], acc: Tensor, lo: int) -> None:
+        m = acc.numel()
+        for p, (hi_set, lo_set), f in zip(parts, bounds, flats, strict=True):
+            kept = _keep_into(hi_set, f, lo, inner[:m])
+            kept &= _keep_into(lo_set, f, lo, outer[:m]).logical_not_()
+            p.masked_fill_(kept.logical_not_(), 0.0)
+        _weigh(parts, ws)
+        _scale(_sum_into(acc, parts), lam)
+
+    return _elementwise(flats, deltas[0].shape, out, step)
 
 
 # --------------------------------------------------------------------------
@@ -451,11 +729,16 @@ def merge_tensor(
     generator_seed: int,
     name: str,
     params: Mapping[str, Any] | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Merge one tensor's deltas with ``method``: checks, defaults, then the function."""
+    """Merge one tensor's deltas with ``method``: checks, defaults, then the function.
+
+    ``out``: a contiguous float32 tensor of the deltas' shape to write the
+    result into (returned); by default a new one.
+    """
     row = get_method(method)
     row.check_inputs(len(deltas))
-    return row.fn(deltas, weights, generator_seed=generator_seed, name=name, **row.resolve(params))
+    return row.fn(deltas, weights, generator_seed=generator_seed, name=name, out=out, **row.resolve(params))
 
 
 # --------------------------------------------------------------------------
