@@ -20,10 +20,33 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def combine(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``base + delta`` in fp32 (fp64 for fp64 bases), cast back to the base's dtype."""
+_CHUNK = 1 << 18  # entries per step on the CPU: small reused temporaries, whatever the tensor's size
+
+
+def combine(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + delta`` in fp32 (fp64 for fp64 bases), cast back to the base's dtype.
+
+    ``out``: a contiguous tensor of the base's dtype and shape to write into
+    (returned); by default a new one. On the CPU the sum runs through two
+    reused accumulator buffers of at most ``_CHUNK`` entries (the same values:
+    every step is elementwise).
+    """
     acc = _acc_dtype(base.dtype)
-    return (base.to(acc) + delta.to(device=base.device, dtype=acc)).to(base.dtype)
+    delta = delta.to(device=base.device)
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    elif out.shape != base.shape or out.dtype != base.dtype or out.device != base.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {base.dtype} tensor of shape {tuple(base.shape)}")
+    n = base.numel()
+    if base.device.type != "cpu" or n <= _CHUNK:
+        return out.copy_(base.to(acc) + delta.to(acc))
+    b, d, o = base.reshape(-1), delta.reshape(-1), out.view(-1)
+    x, y = torch.empty(_CHUNK, dtype=acc), torch.empty(_CHUNK, dtype=acc)
+    for lo in range(0, n, _CHUNK):
+        hi = min(n, lo + _CHUNK)
+        m = hi - lo
+        o[lo:hi].copy_(x[:m].copy_(b[lo:hi]).add_(y[:m].copy_(d[lo:hi])))
+    return out
 
 
 def subtract(finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
