@@ -21,6 +21,7 @@ from patchctl.errors import (
     BaseMismatch,
     DeviceUnavailable,
     InvalidArgument,
+    NotFound,
     ShapeMismatch,
     UnsupportedPatch,
 )
@@ -196,6 +197,55 @@ def test_merge_is_deterministic_in_process_and_across_processes(shared):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert out.strip() == a
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_apply_in_one_pass_equals_the_stored_patch_applied_later(shared, models, tmp_path, method):
+    kw = {"method": method, "weights": [0.7, 0.3], "lines": 0.5}
+    fused = shared.merge(["ft:v1", "ft2:v1"], "fused:v1", apply_to=tmp_path / "fused", base=models.base, **kw)
+    alone = shared.merge(["ft:v1", "ft2:v1"], "alone:v1", **kw)
+    assert fused.digest == alone.digest and fused.applied == tmp_path / "fused"
+    later = shared.apply(fused.digest, models.base, tmp_path / "later")
+    names = sorted(p.name for p in (tmp_path / "fused").iterdir())
+    assert names == sorted(p.name for p in later.iterdir()) and any(n.endswith(".safetensors") for n in names)
+    for n in names:
+        assert (tmp_path / "fused" / n).read_bytes() == (later / n).read_bytes(), n
+
+
+def test_corrupt_input_blob_stops_the_merge_with_no_model_and_no_ref(models, tmp_path):
+    from patchctl.errors import DigestMismatch
+
+    with Registry(tmp_path / "reg") as reg:
+        reg.push(models.finetune, "ft:v1", base=models.base)
+        reg.push(models.finetune2, "ft2:v1", base=models.base)
+        entry = max(reg.manifest("ft2:v1").tensors.values(), key=lambda e: e.size)
+        path = reg.store.blob_path(entry.digest)
+        path.chmod(0o644)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+        with pytest.raises(DigestMismatch, match=f"object {entry.digest} is corrupt"):
+            reg.merge(["ft:v1", "ft2:v1"], "m:v1", apply_to=tmp_path / "out", base=models.base)
+        assert not (tmp_path / "out").exists()
+        assert not [p for p in tmp_path.iterdir() if "patchctl-tmp" in p.name]
+        with pytest.raises(NotFound):
+            reg.resolve("m:v1")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_combine_in_chunks_into_out_equals_the_whole_tensor_sum(dtype, monkeypatch):
+    from patchctl.patches import apply
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(53, 31, generator=g).to(dtype)
+    delta = (torch.randn(53, 31, generator=g) * 1e-3).to(torch.bfloat16)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = (base.to(acc) + delta.to(acc)).to(dtype)
+    monkeypatch.setattr(apply, "_CHUNK", 64)
+    out = torch.empty_like(base)
+    assert apply.combine(base, delta, out=out) is out
+    assert torch.equal(out.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
+    assert torch.equal(apply.combine(base, delta), expected)
 
 
 # -- 4. LiNeS -------------------------------------------------------------------------

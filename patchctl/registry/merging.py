@@ -72,9 +72,12 @@ history message.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,12 +94,11 @@ from ..errors import (
     UnsupportedPatch,
 )
 from ._safetensors import FLOAT_DTYPES
+from .exporters import staged
 from .manifest import Manifest, TensorEntry
 from .patchview import PEFT_PREFIX, Change, LoraModule, PatchView, lora_modules
 
 if TYPE_CHECKING:
-    import os
-
     import torch
 
     from .registry import Registry
@@ -527,6 +529,294 @@ def _check_apply(loaded: list[_Input], out: Path, base: str | os.PathLike[str], 
 
 
 # -- the work -------------------------------------------------------------------------
+# -- the streaming pass: merged diff blobs and (--apply) the merged model, one read of each input --
+_PIECE = 4 << 20  # bytes hashed and read or written per step (stays in cache between the two)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One tensor of the pass: a merged target, and/or (apply) a base tensor written to a shard."""
+
+    target: str | None  # None: a base tensor no input changes, copied as is
+    shard: int = -1  # index into the base's files (apply), -1 without apply
+    info: Any = None  # the base tensor's TensorInfo (apply)
+
+
+class _Buffers:
+    """Named byte buffers reused from tensor to tensor, grown to the largest asked for.
+
+    A fresh allocation of a large tensor is a fresh mmap: every page of it
+    faults again, which cost more than the arithmetic.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Any] = {}
+
+    def get(self, name: str, dtype: Any, shape: Sequence[int]) -> torch.Tensor:
+        import torch
+
+        n = math.prod(shape) * dtype.itemsize
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[name] = torch.empty(max(n, 1), dtype=torch.uint8)
+        return buf[:n].view(dtype).view(tuple(shape))
+
+
+def _read_blob_into(store: Any, entry: TensorEntry, out: torch.Tensor) -> None:
+    """Read a raw blob into ``out`` (its size in bytes), verifying its sha256 as it comes."""
+    import hashlib
+
+    import torch
+
+    from ..errors import DigestMismatch, InvalidPatch
+
+    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(bytearray())
+    h = hashlib.sha256()
+    pos = 0
+    try:
+        with open(store.blob_path(entry.digest), "rb") as f:
+            while pos < len(view):
+                got = f.readinto(view[pos : pos + _PIECE])
+                if not got:
+                    break
+                h.update(view[pos : pos + got])
+                pos += got
+            extra = f.read(1)
+    except FileNotFoundError:
+        raise NotFound(f"object {entry.digest} is not in the registry") from None
+    if pos != len(view) or extra:
+        raise InvalidPatch(f"blob {entry.digest} does not have the {entry.size} bytes its manifest says")
+    if "sha256:" + h.hexdigest() != entry.digest:
+        raise DigestMismatch(f"object {entry.digest} is corrupt: its bytes hash to something else (run `patchctl fsck`)")
+
+
+def _put_tensor(store: Any, t: torch.Tensor) -> TensorEntry:
+    """Store a CPU tensor's bytes as a blob, hashing them once as they are written."""
+    from ._safetensors import dtype_name, tensor_to_bytes
+    from .store import BlobWriter
+
+    data = tensor_to_bytes(t)
+    with BlobWriter(store) as w:
+        for lo in range(0, len(data), _PIECE):
+            w.write(data[lo : lo + _PIECE])
+        digest = w.commit()
+    return TensorEntry(digest, dtype_name(t.dtype), tuple(t.shape), "raw", len(data))
+
+
+class _Reader:
+    """Loads an item's inputs: each input's delta (raw blobs into reused buffers, hashes verified) and the base tensor.
+
+    Buffers are double-buffered by ``slot``: one set is read while the other is merged.
+    """
+
+    def __init__(self, p: _Plan, store: Any):
+        self.p, self.store = p, store
+        self.bufs = [_Buffers(), _Buffers()]
+        self.fds: dict[int, int] = {}
+
+    def delta(self, target: str, k: int, slot: int) -> torch.Tensor:
+        """Input ``k``'s delta for ``target`` (a zero tensor where that input does not change it)."""
+        import torch
+
+        from ._safetensors import torch_dtype
+
+        inp, bufs = self.p.inputs[k], self.bufs[slot]
+        c = inp.changes.get(target)
+        if c is None:
+            return bufs.get(f"zero{k}", torch.bfloat16, self.p.shapes[target]).zero_()
+        entry = None if inp.lora else inp.view.m.tensors.get(c.sources[0])
+        if entry is None or entry.encoding != "raw":  # sparse-encoded, LoRA: decoded as PatchView does
+            return inp.view.value(c, "cpu")
+        t = bufs.get(f"in{k}", torch_dtype(entry.dtype), entry.shape)
+        _read_blob_into(self.store, entry, t)
+        return t
+
+    def base(self, item: _Item, slot: int) -> torch.Tensor:
+        """The base tensor of an apply item, read from its shard."""
+        import torch
+
+        from ._safetensors import torch_dtype
+
+        info = item.info
+        t = self.bufs[slot].get("base", torch_dtype(info.dtype), info.shape)
+        fd = self.fds.get(item.shard)
+        if fd is None:
+            fd = self.fds[item.shard] = os.open(self.p.base.files[item.shard].path, os.O_RDONLY)
+        view, pos = memoryview(t.view(-1).view(torch.uint8).numpy()), 0
+        while pos < info.nbytes:
+            got = os.preadv(fd, [view[pos:]], info.start + pos)
+            if got <= 0:
+                raise InvalidArgument(f"{self.p.base.files[item.shard].path}: tensor {info.name!r} is truncated")
+            pos += got
+        return t
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+class _Shards:
+    """Writes the shards of the merged model (apply), tensor by tensor in the base's data order."""
+
+    def __init__(self, p: _Plan, folder: Path):
+        self.p, self.folder = p, folder
+        self.shard = -1
+        self.f: Any = None
+        self.w: Any = None
+
+    def __call__(self, item: _Item, applied: torch.Tensor) -> None:
+        while self.shard < item.shard:
+            self._next_shard()
+        self.w.write(item.info.name, applied)
+
+    def _next_shard(self) -> None:
+        from ._safetensors import StreamingWriter
+
+        self._close_shard()
+        self.shard += 1
+        sf = self.p.base.files[self.shard]
+        self.f = open(self.folder / sf.path.name, "wb")  # noqa: SIM115 - closed in _close_shard
+        self.w = StreamingWriter(self.f, [(i.name, i.dtype, i.shape) for i in sf], sf.metadata or None)
+
+    def _close_shard(self) -> None:
+        if self.f is not None:
+            self.w.close()
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            self.f = None
+
+    def finish(self) -> None:
+        while self.shard < len(self.p.base.files) - 1:
+            self._next_shard()
+        self._close_shard()
+
+    def abort(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def _items(p: _Plan, apply: bool) -> list[_Item]:
+    """The tensors of the pass in write order: the base's shards and data order with apply, else the targets."""
+    from ._safetensors import data_order
+
+    if not apply:
+        return [_Item(t) for t in p.targets]
+    by_key = {p.base.resolve(t): t for t in p.targets}
+    out = []
+    for s, sf in enumerate(p.base.files):
+        for name, _, _ in data_order([(i.name, i.dtype, i.shape) for i in sf]):
+            out.append(_Item(by_key.get(name), s, sf.tensors[name]))
+    return out
+
+
+def _copy_side_files(base: Any, folder: Path) -> None:
+    """The base folder's config, tokenizer, ... (not weights, not pickles), as ``apply`` copies them."""
+    from .checkpoint import INDEX_NAME, PICKLE_SUFFIXES
+
+    folder.mkdir()
+    for item in base.path.iterdir():
+        if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.suffix in PICKLE_SUFFIXES:
+            continue
+        if item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, folder / item.name)
+        else:
+            shutil.copy2(item, folder / item.name)
+    if base.index_json is not None:
+        (folder / INDEX_NAME).write_text(json.dumps(base.index_json, indent=2) + "\n")
+
+
+def _stream(p: _Plan, store: Any, alpha: float | None, beta: float, folder: Path | None,
+            progress: Progress, done: list[int], total: int) -> dict[str, TensorEntry]:
+    """Merge every target once; store each as a blob and (``folder``) write base + merged shard by shard.
+
+    The stages overlap: two threads load the next tensor's inputs (verifying
+    their hashes) while this one merges the current tensor, two store the
+    merged blobs (manifest keys are sorted, so the order they finish in does
+    not matter) and one writes the model's shards in order. Buffers are reused (two sets on
+    each side), so memory is bounded by a few copies of the largest tensor.
+    The arithmetic runs on one intra-op thread: the stages already fill the
+    cores, and chunk-sized operations only lose to thread hand-offs.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    import torch
+
+    from ..patches.apply import combine
+    from ..patches.lines import lines_scale
+    from ..patches.merge import merge_tensor
+
+    out_dtype = getattr(torch, p.dtype)
+    items = _items(p, folder is not None)
+    reader = _Reader(p, store)
+    shards = _Shards(p, folder) if folder is not None else None
+    tensors: dict[str, TensorEntry] = {}
+
+    def put(target: str, stored: torch.Tensor) -> None:
+        tensors[target] = _put_tensor(store, stored)
+
+    outs, work = [_Buffers(), _Buffers()], _Buffers()
+    pending: list[list[Future[None]]] = [[], []]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # two blob writers: each blob's fsync waits on the device, so two keep it busy
+    pools = [ThreadPoolExecutor(w, f"patchctl-merge-{s}") for s, w in (("read", 2), ("blobs", 2), ("model", 1))]
+    rx, bx, mx = pools
+
+    def load(n: int) -> tuple[list[Future[torch.Tensor]], Future[torch.Tensor] | None]:
+        item, slot = items[n], n % 2
+        deltas = [] if item.target is None else [rx.submit(reader.delta, item.target, k, slot)
+                                                 for k in range(len(p.inputs))]
+        return deltas, (rx.submit(reader.base, item, slot) if item.info is not None else None)
+
+    try:
+        nxt = load(0) if items else None
+        for n, item in enumerate(items):
+            assert nxt is not None
+            deltas = [f.result() for f in nxt[0]]
+            base = nxt[1].result() if nxt[1] is not None else None
+            nxt = load(n + 1) if n + 1 < len(items) else None
+            slot = n % 2
+            for f in pending[slot]:
+                f.result()  # the buffers of this slot are free again
+            pending[slot] = []
+            applied = None
+            if item.target is not None:
+                t = item.target
+                shape = p.shapes[t]
+                merged = merge_tensor(p.method, [d.to(p.device) for d in deltas], p.weights, generator_seed=p.seed,
+                                      name=t, params=p.per_tensor[t],
+                                      out=work.get("merged", torch.float32, shape) if p.device == "cpu" else None)
+                if alpha is not None:
+                    merged.mul_(lines_scale(t, p.num_blocks, alpha, beta))
+                stored = outs[slot].get("stored", out_dtype, shape).copy_(merged)
+                del merged
+                pending[slot].append(bx.submit(put, t, stored))
+                if base is not None:
+                    applied = combine(base, stored, out=outs[slot].get("applied", base.dtype, base.shape))
+                _tick(p, t, progress, done, total)
+            elif base is not None:
+                applied = outs[slot].get("applied", base.dtype, base.shape).copy_(base)
+            if shards is not None and applied is not None:
+                pending[slot].append(mx.submit(shards, item, applied))
+        for fs in pending:
+            for f in fs:
+                f.result()
+        if shards is not None:
+            shards.finish()
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+        reader.close()
+        if shards is not None:
+            shards.abort()
+    return tensors
+
+
 def _deltas(p: _Plan, target: str) -> list[torch.Tensor]:
     import torch
 
@@ -704,10 +994,16 @@ def merge(
     errors: dict[str, float] = {}
     dropped: list[str] = []
     tail_sq = total_sq = 0.0
-    with reg.store.writing():
+    fused = p.as_lora is None  # a diff: one streaming pass stores it and (apply) writes the model
+    with reg.store.writing(), (staged(Path(apply_to)) if fused and p.base is not None
+                               else contextlib.nullcontext()) as folder:
         alpha = _lines_alpha(p, progress, done, total)
         beta = p.lines_beta if p.lines_beta is not None else (single_patch_beta(alpha) if alpha is not None else 0.0)
-        for t in p.targets:
+        if folder is not None:
+            _copy_side_files(p.base, folder)
+        if fused:
+            tensors = _stream(p, reg.store, alpha, beta, folder, progress, done, total)
+        for t in p.targets if not fused else ():
             scale = lines_scale(t, p.num_blocks, alpha, beta) if alpha is not None else 1.0
             module = t.removesuffix(".weight")
             if p.as_lora == "cat":
@@ -741,8 +1037,6 @@ def merge(
                     tensors[ka] = reg._write_tensor(ka, a.to(out_dtype).cpu().contiguous())
                     tensors[kb] = reg._write_tensor(kb, b.to(out_dtype).cpu().contiguous())
                     ranks[module] = int(p.rank or 0)
-            else:
-                tensors[t] = reg._write_tensor(t, merged.to(out_dtype).cpu().contiguous())
             del merged
             _tick(p, t, progress, done, total)
         first = p.inputs[0].view.m
@@ -765,7 +1059,9 @@ def merge(
             msg += f"; applied to {Path(apply_to).resolve()}"
         digest = reg.commit(m, ref, msg)
     applied = None
-    if apply_to is not None and base is not None:
+    if folder is not None:
+        applied = Path(apply_to)  # type: ignore[arg-type]
+    elif apply_to is not None and base is not None:
         applied = reg.apply(digest, base, apply_to, progress)
     return MergeResult(digest, m, p.device, rel_error, errors if p.as_lora == "svd" else {}, applied, msg,
                        moved=ref is not None)
