@@ -135,8 +135,8 @@ print(f"{'all ' + str(len(names)) + ' tensors':<58}{r('ab','upd'):>13.2e}{r('ab'
 print("|upd| = norm of the fp32 merged update; ref = round(base + fp32 merge) to bf16, the best a bf16 output can do")
 if method == "ties":
     print("patchctl's trim kept " + ", ".join(f"{k / total:.1%}" for k in kept) +
-          f" of the entries of the {len(fts)} inputs (nonzero after trim; density {density:g} asks for "
-          f"{density:.0%}; entries tied with the threshold are all kept)")
+          f" of the entries of the {len(fts)} inputs (nonzero after trim; density {density:g} keeps exactly "
+          f"{density:.0%} per tensor, ties by lowest index, fewer where a tensor has fewer non-zeros)")
 print("RELL2", json.dumps({"mk_pc_upd": r("ab", "upd"), "mk_pc_w": r("ab", "w"), "mk_ref_upd": r("a", "upd"),
                            "pc_ref_upd": r("b", "upd")}))
 """
