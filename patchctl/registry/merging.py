@@ -27,13 +27,22 @@ the most specific class among them (BaseMismatch, ShapeMismatch,
 DeviceUnavailable, UnsupportedPatch, InvalidArgument). A failed check writes
 nothing.
 
-**Streaming.** Target by target (sorted by name): each input's delta is loaded,
-merged in float32, optionally LiNeS-scaled, cast to the output dtype, written
-as a blob, and dropped; peak memory is one target's deltas. LiNeS ``auto``
-needs the model-wide L1 norms first, so it makes one more pass that merges
-each tensor, accumulates :func:`~patchctl.patches.lines.l1_norms` and
-discards it. The manifest is committed at the end, under the registry's
-writing lock.
+**Streaming.** A diff output is made in one pass (:func:`_stream`): target by
+target (sorted by name), or with ``--apply`` base tensor by base tensor in
+each shard's data order. Each input's blob is read once into a reused buffer
+(its hash verified as it comes), the tensor merged in float32 into a reused
+buffer, optionally LiNeS-scaled, rounded to the output dtype and stored as a
+blob; with ``--apply``, ``combine(base, stored)`` is written to the model's
+shard from the same tensor, so the model is byte-identical to ``patchctl
+apply`` of the stored merge (no second read of the patch). Reading the next
+tensor, merging this one and writing the previous one overlap on threads;
+memory is a few copies of the largest tensor. LiNeS ``auto`` needs the
+model-wide L1 norms first, so it makes one more pass that merges each
+tensor, accumulates :func:`~patchctl.patches.lines.l1_norms` and discards
+it. LoRA outputs keep a per-target loop and apply the stored patch after.
+The manifest is committed at the end, under the registry's writing lock;
+with ``--apply`` the model is built in a staging folder beside the
+destination and renamed into place after the commit.
 
 **Outputs.** A ``diff`` patch (default), or a PEFT-format ``lora`` patch:
 
@@ -64,10 +73,11 @@ the promotion of every stored tensor dtype of the inputs (bf16 + fp16 →
 float32). The math is float32 whatever the dtype.
 
 **Determinism.** The recipe holds no paths or times (the ref history message
-does); numbers are recorded as floats; DARE is seeded per tensor name; so
-the same inputs and recipe give the same manifest digest, on the CPU. (A
-merge on ``cuda`` may differ in the last bits; the device is named in the
-history message.)
+does); numbers are recorded as floats; DARE is seeded per tensor name; the
+top-k trims are exact integer selections and the sums avoid fused
+multiply-adds; so the same inputs and recipe give the same manifest digest.
+(A merge on ``cuda`` is expected to match the CPU — tested where a GPU is
+present — but the device is named in the history message.)
 """
 
 from __future__ import annotations
