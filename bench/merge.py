@@ -89,7 +89,7 @@ COMPARE = r"""
 import json, math, os, sys
 import torch
 from safetensors import safe_open
-from patchctl.patches.merge import _magnitude_trim, merge_tensor
+from patchctl.patches.merge import merge_tensor, top_k_mask
 
 method, density, weights, base, fts, a_dir, b_dir, names = json.loads(sys.argv[1])
 
@@ -120,7 +120,7 @@ for name in names:
     ref = (b + merged).to(b16.dtype).float()  # the fp32 merge, rounded once to the output dtype
     if method == "ties":
         for i, d in enumerate(deltas):
-            kept[i] += int(_magnitude_trim(d, density).count_nonzero())
+            kept[i] += int((top_k_mask(d, int(density * d.numel())) & (d != 0)).sum())
         total += b.numel()
     a, p = ga(name).float(), gp(name).float()
     vals = {"ab": float((a - p).square().sum()), "a": float((a - ref).square().sum()),
