@@ -83,6 +83,7 @@ present — but the device is named in the history message.)
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -772,6 +773,8 @@ def _stream(p: _Plan, store: Any, alpha: float | None, beta: float, folder: Path
     pending: list[list[Future[None]]] = [[], []]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    collect = gc.isenabled()
+    gc.disable()  # thousands of chunk-sized tensor views would trigger full collections of torch's objects
     # two blob writers: each blob's fsync waits on the device, so two keep it busy
     pools = [ThreadPoolExecutor(w, f"patchctl-merge-{s}") for s, w in (("read", 2), ("blobs", 2), ("model", 1))]
     rx, bx, mx = pools
@@ -821,6 +824,8 @@ def _stream(p: _Plan, store: Any, alpha: float | None, beta: float, folder: Path
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
+        if collect:
+            gc.enable()
         reader.close()
         if shards is not None:
             shards.abort()
