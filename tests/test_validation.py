@@ -201,6 +201,7 @@ def test_search_choice_ignores_the_test_split_and_is_deterministic(tmp_path, tra
             res = reg.merge(["wordnet:v1", "fortunes:v1"], "s:v1", search=True, budget=3, gate=0.0)
             sr = res.recipe["search"]
             assert sr["split"] == "validation" and sr["evaluations"] <= 3 and len(sr["curve"]) == sr["evaluations"]
+            assert res.validation["search"] == sr
             assert sr["chosen"]["params"]["lambda"] == res.recipe["params"]["lambda"]
             assert sr["chosen"]["params"]["lambda"] == _smoothed_argmax(sr["curve"], LAMBDA_GRID)
             chosen.append((sr["curve"], res.recipe["params"], res.digest))
@@ -230,9 +231,13 @@ def test_compress_search_chooses_kappa_on_validation_only_and_is_deterministic(t
             for p in sr["curve"]:
                 assert p["target_gain"][0] == pytest.approx((p["scores"][0] - b) / (s - b))
             v = res.validation  # the chosen patch measured on the test split
-            assert v["split"] == "test" and v["rows"][0]["derived"] != v["rows"][0]["source"]
+            assert v["split"] == "test"
+            (direct,) = reg.validate([res.digest])  # the record's scores are real test scores
+            assert v["rows"][0]["derived"] == direct["metrics"]["score"]
+            assert v["rows"][0]["source"] == reg.validate(["wordnet:v1"])[0]["metrics"]["score"]
+            assert v["search"] == sr  # the search is in the validation record too
             assert reg.records("wordnet:c1")["suites"] == [reg.resolve("evals/wordnet:v1")]  # inherited
-            assert reg.show("wordnet:c1")["validations"][-1]["type"] == "compress-validation"
+            assert any(x.get("type") == "compress-validation" for x in reg.show("wordnet:c1")["validations"])
             again = reg.compress("wordnet:v1", "wordnet:c2", density=0.1, search=True, budget=3)
             assert again.digest == res.digest
             seen.append((sr["curve"], res.digest))
@@ -338,7 +343,7 @@ def test_port_search_chooses_lambda_on_validation_and_is_deterministic(tmp_path,
             rep = reg.port("fortunes:v1", minilm_v2, as_ref="fortunes:v2", search=True, budget=2, gate=0.0)
             m = reg.manifest(rep.digest)
             sr = m.recipe["search"]
-            assert sr["split"] == "validation" and sr["evaluations"] == 2
+            assert sr["split"] == "validation" and sr["evaluations"] == 2 and rep.validation["search"] == sr
             assert m.recipe["lambda"] == sr["chosen"]["lambda"] in PORT_LAMBDA_GRID
             # recovered gain against the source on the OLD base
             (nb,), (s,), (sb,) = sr["base_scores"], sr["source_scores"], sr["source_base_scores"]

@@ -649,7 +649,8 @@ class Registry:
 
             from .validation import validate_derived
 
-            res = replace(res, validation=validate_derived(self, res.source, res.digest, suites, device=eval_device))
+            res = replace(res, validation=validate_derived(self, res.source, res.digest, suites, device=eval_device,
+                                                           search=record))
         return res
 
     # -- merge ---------------------------------------------------------------------
@@ -737,7 +738,7 @@ class Registry:
                 from .validation import validate_merge
 
                 validation = validate_merge(self, res.digest, constituents, base=base, gate=gate,
-                                            device=eval_device, batch_size=None)
+                                            device=eval_device, batch_size=None, search=search_record)
             else:
                 why = "--no-validate" if not validate else "no eval suites attached to the inputs or the base"
                 validation = {"type": "merge-validation", "merged": res.digest, "constituents": constituents,
@@ -820,8 +821,9 @@ class Registry:
             if validate and ported:
                 from .validation import validate_port
 
-                report.validation = validate_port(self, report.source, report.digest, list(zip(src_suites, ported, strict=True)),
-                                                  old=report.from_path, new=to, gate=float(gate), device=eval_device)
+                report.validation = validate_port(self, report.source, report.digest,
+                                                  list(zip(src_suites, ported, strict=True)), old=report.from_path,
+                                                  new=to, gate=float(gate), device=eval_device, search=search_record)
             else:
                 why = "--no-validate" if not validate else "no eval suites attached to the patch"
                 report.validation = {"type": "port-validation", "ported": report.digest, "source": report.source,

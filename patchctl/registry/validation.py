@@ -218,8 +218,12 @@ def validate_merge(
     split: str = "test",
     device: str | None = None,
     batch_size: int | None = None,
+    search: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Normalized scores of a merge against its constituents, forgetting against the base; the verdict."""
+    """Normalized scores of a merge against its constituents, forgetting against the base; the verdict.
+
+    ``search``: the record of the coefficient search that chose the merge's
+    settings, kept in the validation record too (it is also in the recipe)."""
     fp = reg.manifest(merged).fingerprint
     ckpt = resolve_base(reg, fp, base)
     jobs: list[tuple[list[str], Suite]] = []
@@ -261,6 +265,7 @@ def validate_merge(
         "rows": rows,
         "min_normalized": min(targets) if targets else None,
         "verdict": verdict,
+        **({"search": search} if search is not None else {}),
     }
     summary["record"] = records.add_validation(reg.store, merged, summary)
     return summary
@@ -281,8 +286,9 @@ def validate_port(
     gate: float = 0.8,
     split: str = "test",
     device: str | None = None,
+    search: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """How much of its gain a ported patch recovers on the new base; the verdict.
+    """How much of its gain a ported patch recovers on the new base; the verdict (``search`` kept in it).
 
     ``suites`` pairs each of the source's suites (old base) with its port (new
     base). Per pair: the old base and old base + patch (cached when scored
@@ -318,6 +324,7 @@ def validate_port(
         "rows": rows,
         "min_recovered": min(rec) if rec else None,
         "verdict": "pass" if not rec or min(rec) >= gate else "fail",
+        **({"search": search} if search is not None else {}),
     }
     summary["record"] = records.add_validation(reg.store, ported, summary)
     return summary
@@ -332,6 +339,7 @@ def validate_derived(
     split: str = "test",
     device: str | None = None,
     kind: str = "compress-validation",
+    search: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Gain kept by ``derived`` (e.g. a compressed patch) against its ``source`` on the same base.
 
@@ -350,6 +358,7 @@ def validate_derived(
         rows.append({"suite": s.digest, "task": s.task, "base": b, "source": src, "derived": d,
                      "gain_kept": (d - b) / (src - b) if src - b > 1e-9 else None})
     summary = {"type": kind, "derived": derived, "source": source, "split": split,
-               "device": res[0]["device"] if res else None, "rows": rows, "verdict": "info"}
+               "device": res[0]["device"] if res else None, "rows": rows, "verdict": "info",
+               **({"search": search} if search is not None else {})}
     summary["record"] = records.add_validation(reg.store, derived, summary)
     return summary
