@@ -138,7 +138,7 @@ def search_step() -> None:
     print(f"\n{'wordnet, d = 0.1':34s} {'kappa':>6s} {'test acc.':>9s}")
     print(f"{'original full fine-tune':34s} {'-':>6s} {score[src]:9.3f}")
     print(f"{'ComPEFT default':34s} {1.0:6g} {score['minilm/wordnet-full:v1-d0.1-k1']:9.3f}")
-    print(f"{'searched on validation':34s} {searched['recipe']['kappa']:6g} "
+    print(f"{'searched on validation':34s} {searched['lineage']['recipe']['kappa']:6g} "
           f"{score['minilm/wordnet-full:v1-d0.1-searched']:9.3f}")
 
     print("\n--- merge --search: lambda chosen on the validation split (the default merge is minilm/merged:ta)")
@@ -147,9 +147,9 @@ def search_step() -> None:
     for ref in ("minilm/merged:ta", "minilm/merged:ta-searched"):
         info = json.loads(subprocess.run([*RUN, "show", ref, "--json"], capture_output=True, text=True,
                                          check=True).stdout)
-        v = info["validations"][-1]
+        v = [x for x in info["validations"] if x.get("type") == "merge-validation"][-1]
         t = [r["normalized"] for r in v["rows"] if r["role"] == "target"]
-        print(f"  {ref:28s} lambda {info['recipe']['params'].get('lambda', 1.0):g}: mean normalized test accuracy "
+        print(f"  {ref:28s} lambda {info['lineage']['recipe']['params'].get('lambda', 1.0):g}: mean normalized test accuracy "
               f"{sum(t) / len(t):.3f}")
 
 
