@@ -92,18 +92,7 @@ def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progre
     total = base.total_bytes
     done = 0
     with staged(out) as tmp:
-        tmp.mkdir()
-        for item in base.path.iterdir():  # config, tokenizer, ... (not weights, not pickles)
-            if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.suffix in PICKLE_SUFFIXES:
-                continue
-            if item.name.startswith("."):
-                continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            else:
-                shutil.copy2(item, tmp / item.name)
-        if base.index_json is not None:
-            (tmp / INDEX_NAME).write_text(json.dumps(base.index_json, indent=2) + "\n")
+        copy_side_files(base, tmp)
         for sf in base.files:
             entries = [(i.name, i.dtype, i.shape) for i in sf]
             with open(tmp / sf.path.name, "wb") as f:
@@ -128,3 +117,17 @@ def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progre
     return out
 
 
+def copy_side_files(base: Checkpoint, folder: Path) -> None:
+    """Make ``folder`` with the base folder's config, tokenizer, ... (not weights, not pickles) and index."""
+    folder.mkdir()
+    for item in base.path.iterdir():
+        if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.suffix in PICKLE_SUFFIXES:
+            continue
+        if item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, folder / item.name)
+        else:
+            shutil.copy2(item, folder / item.name)
+    if base.index_json is not None:
+        (folder / INDEX_NAME).write_text(json.dumps(base.index_json, indent=2) + "\n")

@@ -88,7 +88,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -724,20 +723,9 @@ def _items(p: _Plan, apply: bool) -> list[_Item]:
 
 def _copy_side_files(base: Any, folder: Path) -> None:
     """The base folder's config, tokenizer, ... (not weights, not pickles), as ``apply`` copies them."""
-    from .checkpoint import INDEX_NAME, PICKLE_SUFFIXES
+    from .exporters import copy_side_files
 
-    folder.mkdir()
-    for item in base.path.iterdir():
-        if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.suffix in PICKLE_SUFFIXES:
-            continue
-        if item.name.startswith("."):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, folder / item.name)
-        else:
-            shutil.copy2(item, folder / item.name)
-    if base.index_json is not None:
-        (folder / INDEX_NAME).write_text(json.dumps(base.index_json, indent=2) + "\n")
+    copy_side_files(base, folder)
 
 
 def _stream(p: _Plan, store: Any, alpha: float | None, beta: float, folder: Path | None,
