@@ -44,19 +44,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from stream import du, run, tail  # noqa: E402 - bench/ is not a package; the same child-process measurement
+from stream import machine as stream_machine  # noqa: E402
 
 MiB = 1 << 20
 KINDS = ("dense", "sparse", "lowrank")
@@ -143,33 +142,11 @@ print("RELL2", json.dumps({"mk_pc_upd": r("ab", "upd"), "mk_pc_w": r("ab", "w"),
 
 
 def machine(mk_py: Path) -> str:
-    mem = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-    def ver(p: str) -> str:
-        try:
-            return metadata.version(p)
-        except metadata.PackageNotFoundError:
-            return "?"
-
+    """stream.py's machine line (CPUs, RAM, this venv's versions) plus the mergekit venv's versions."""
     mk = subprocess.run([str(mk_py), "-c", "from importlib.metadata import version as v; "
                          "print(v('mergekit'), v('torch'), v('transformers'))"],
                         capture_output=True, text=True).stdout.split() or ["?"] * 3
-    return (f"machine: {usable} cpus usable, {os.cpu_count()} online, {cpu}; "
-            f"RAM {mem / 2**30:.1f} GiB; Linux {platform.release()}\n"
-            f"patchctl venv: python {platform.python_version()}, torch {ver('torch')}, "
-            f"safetensors {ver('safetensors')}, patchctl {ver('patchctl')}\n"
-            f"mergekit venv: mergekit {mk[0]}, torch {mk[1]}, transformers {mk[2]}")
+    return f"{stream_machine()}\nmergekit venv: mergekit {mk[0]}, torch {mk[1]}, transformers {mk[2]}"
 
 
 def loadavg() -> str:
