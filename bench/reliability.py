@@ -73,7 +73,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,45 +237,11 @@ def _ref(s: str) -> Any:
 # ---------------------------------------------------------------------------- a server process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serving(registry: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
+def serving(registry: Path, *extra: str) -> contextlib.AbstractContextManager[tuple[str, subprocess.Popen]]:
     """``python -m patchctl serve`` on a free loopback port until the block ends: (url, process)."""
-    import http.client
+    from patchctl.server.process import serving as serve
 
-    port = free_port()
-    p = subprocess.Popen(cli("serve", "--registry", registry, "--port", port, *extra), cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/api/health")
-                if c.getresponse().status == 200:
-                    c.close()
-                    break
-            except OSError:
-                pass
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {p.stderr.read().decode() if p.stderr else ''}")
-            time.sleep(0.05)
-        yield url, p
-    finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        if p.stderr:
-            p.stderr.close()
+    return serve(registry, *extra, timeout=60, cwd=ROOT)
 
 
 # ============================================================================ 1. crash

@@ -35,7 +35,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,12 +46,8 @@ from pathlib import Path
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
 PATCH = "bench/served:v1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+sys.path.insert(0, str(ROOT))
+from patchctl.server.process import serving  # noqa: E402
 
 
 def make_registry(root: Path, blobs: int, mib: int) -> list[str]:
@@ -73,21 +68,6 @@ def make_registry(root: Path, blobs: int, mib: int) -> list[str]:
         m = Manifest("diff", {"fingerprint": "sha256:" + "0" * 64, "name": "bench-base", "revision": None}, entries)
         reg.commit(m, PATCH, move_latest=False)
     return digests
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("server exited early")
-        try:
-            if httpx.get(url + "/api/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise SystemExit("server did not start")
 
 
 def run_curl(url: str, digests: list[str], out: Path, workers: int) -> float:
@@ -171,57 +151,51 @@ def main() -> int:
     digests = make_registry(work / "origin", a.blobs, a.mib)
     print(f"registry: {a.blobs} blobs x {a.mib} MiB = {total / MiB:.0f} MiB in {time.perf_counter() - t0:.1f} s")
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "patchctl", "serve", "--registry", str(work / "origin"),
-                               "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ok = True
     try:
-        wait_ready(url, server)
-        curl = shutil.which("curl")
-        print()
-        print(f"{'step':34} {'best s':>8} {'MB/s':>8}  rounds")
-        results: dict[str, float] = {}
-        for workers in sorted({1, a.workers}):
-            ts, pulls = [], []
-            for _ in range(a.rounds):  # interleaved, so load from elsewhere hits both alike
-                if curl:
-                    os.sync()  # start clean: no step pays for the last one's dirty pages
-                    ts.append(run_curl(url, digests, work / "curl-out", workers))
-                os.sync()
-                pulls.append(run_pull(url, work / "dest", workers))
-            if curl:
-                results[f"curl w{workers}"] = min(ts)
-                print(f"{'curl --parallel-max ' + str(workers):34} {min(ts):8.3f} {total / min(ts) / 1e6:8.0f}  "
-                      + " ".join(f"{t:.3f}" for t in ts))
-            if any(b != total for _, _, b in pulls):
-                raise SystemExit("pull transferred an unexpected number of bytes")
-            best = min(s for s, _, _ in pulls)
-            results[f"pull w{workers}"] = best
-            print(f"{'patchctl pull --workers ' + str(workers):34} {best:8.3f} {total / best / 1e6:8.0f}  "
-                  + " ".join(f"{s:.3f} (wall {w:.2f})" for s, w, _ in pulls))
-        shutil.rmtree(work / "curl-out", ignore_errors=True)
-        print()
-        if curl:
+        with serving(work / "origin", timeout=30, cwd=ROOT) as (url, _server):
+            curl = shutil.which("curl")
+            print()
+            print(f"{'step':34} {'best s':>8} {'MB/s':>8}  rounds")
+            results: dict[str, float] = {}
             for workers in sorted({1, a.workers}):
-                ratio = results[f"curl w{workers}"] / results[f"pull w{workers}"]
-                print(f"pull / curl throughput, {workers} stream(s): {ratio:.2f}x  (goal >= 0.8)")
-                ok &= ratio >= 0.8 or workers != a.workers
-        else:
-            print("curl is not installed (apt-get install curl): no throughput baseline, no ratio")
-            ok = False
+                ts, pulls = [], []
+                for _ in range(a.rounds):  # interleaved, so load from elsewhere hits both alike
+                    if curl:
+                        os.sync()  # start clean: no step pays for the last one's dirty pages
+                        ts.append(run_curl(url, digests, work / "curl-out", workers))
+                    os.sync()
+                    pulls.append(run_pull(url, work / "dest", workers))
+                if curl:
+                    results[f"curl w{workers}"] = min(ts)
+                    print(f"{'curl --parallel-max ' + str(workers):34} {min(ts):8.3f} {total / min(ts) / 1e6:8.0f}  "
+                          + " ".join(f"{t:.3f}" for t in ts))
+                if any(b != total for _, _, b in pulls):
+                    raise SystemExit("pull transferred an unexpected number of bytes")
+                best = min(s for s, _, _ in pulls)
+                results[f"pull w{workers}"] = best
+                print(f"{'patchctl pull --workers ' + str(workers):34} {best:8.3f} {total / best / 1e6:8.0f}  "
+                      + " ".join(f"{s:.3f} (wall {w:.2f})" for s, w, _ in pulls))
+            shutil.rmtree(work / "curl-out", ignore_errors=True)
+            print()
+            if curl:
+                for workers in sorted({1, a.workers}):
+                    ratio = results[f"curl w{workers}"] / results[f"pull w{workers}"]
+                    print(f"pull / curl throughput, {workers} stream(s): {ratio:.2f}x  (goal >= 0.8)")
+                    ok &= ratio >= 0.8 or workers != a.workers
+            else:
+                print("curl is not installed (apt-get install curl): no throughput baseline, no ratio")
+                ok = False
 
-        murl = f"{url}/v2/{PATCH.split(':')[0]}/manifests/{PATCH.split(':')[1]}"
-        rps, how = wrk_rps(murl, a.seconds) if shutil.which("wrk") else python_rps(murl, a.seconds)
-        if not shutil.which("wrk"):
-            print("wrk is not installed (apt-get install wrk): using a Python load generator")
-        print(f"manifest GETs/s: {rps:.0f} ({how}, {a.seconds} s, loopback, one server process)"
-              f"  -> {rps / 1500:.2f}x the 1,500/s goal")
-        ok &= rps >= 1500
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
+            murl = f"{url}/v2/{PATCH.split(':')[0]}/manifests/{PATCH.split(':')[1]}"
+            rps, how = wrk_rps(murl, a.seconds) if shutil.which("wrk") else python_rps(murl, a.seconds)
+            if not shutil.which("wrk"):
+                print("wrk is not installed (apt-get install wrk): using a Python load generator")
+            print(f"manifest GETs/s: {rps:.0f} ({how}, {a.seconds} s, loopback, one server process)"
+                  f"  -> {rps / 1500:.2f}x the 1,500/s goal")
+            ok &= rps >= 1500
+            print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
-        server.terminate()
-        server.wait(10)
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

@@ -7,10 +7,6 @@ import hashlib
 import http.client
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +17,8 @@ from hypothesis import strategies as st
 
 from patchctl import Registry
 from patchctl.registry.manifest import Manifest, TensorEntry
+from patchctl.server import process as server_process
+from patchctl.server.process import free_port
 
 ZERO = "sha256:" + "0" * 64
 TOKEN = "s3cret-token-for-tests"
@@ -36,40 +34,11 @@ def make_patch(reg: Registry, ref: str, tensors: dict[str, bytes], metadata: dic
     return reg.commit(m, ref, move_latest=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def serving(registry: Path, *extra: str) -> Iterator[str]:
-    """Run `python -m patchctl serve` on a free loopback port until the block ends; its base URL."""
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "patchctl", "serve", "--registry", str(registry),
-                          "--port", str(port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {p.stderr.read().decode() if p.stderr else ''}")
-            time.sleep(0.05)
+    """A real `python -m patchctl serve` on a free loopback port until the block ends; its base URL."""
+    with server_process.serving(registry, *extra, timeout=30) as (url, _):
         yield url
-    finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        if p.stderr:
-            p.stderr.close()
 
 
 def raw_request(url: str, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:

@@ -54,29 +54,15 @@ def write_suite(work: Path, task_name: str) -> tuple[Path, Path, Path]:
 
 def serve_and_pull(work: Path, base: Path) -> None:
     """`patchctl serve` on loopback; a fresh registry pulls minilm/merged:ta over HTTP and applies it."""
-    import socket
-    import urllib.request
+    from ..server.process import serving
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    print(f"\n$ patchctl serve --port {port} &", flush=True)
-    server = subprocess.Popen([*RUN, "serve", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
+    with serving(None) as (url, _):  # the default registry, as the user's
+        print(f"\n$ patchctl serve --port {url.rsplit(':', 1)[1]} &", flush=True)
         second = work / "second-registry"
-        sh("remote", "add", "team", f"http://127.0.0.1:{port}", "--registry", second)
+        sh("remote", "add", "team", url, "--registry", second)
         sh("pull", "team/minilm/merged:ta", "--registry", second)
         sh("pull", "team/minilm/merged:ta", "--registry", second, "--json")  # again: nothing to transfer
         sh("apply", "minilm/merged:ta", work / "merged-ta-applied", "--base", base, "--registry", second)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def port_demo(work: Path, base: Path, cache: Path, tok: object) -> None:
