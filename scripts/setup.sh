@@ -13,7 +13,9 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 stamp=".venv/.patchctl-installed-$extras"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# reinstall when the package metadata or the C kernels (built in place by setup.py) change
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+   || [ patchctl/_kernels.c -nt "$stamp" ]; then
   "$PY" -m pip install -q -e ".[$extras]"
   touch "$stamp"
 fi

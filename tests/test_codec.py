@@ -15,6 +15,9 @@ from hypothesis import strategies as st
 from patchctl.errors import DeviceUnavailable, InvalidPatch
 from patchctl.patches.codec import SparseTensor, decode, encode, to_dense
 
+# every test here runs on both the C kernels and the numpy path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernels")
+
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -20,6 +20,9 @@ from patchctl.patches.compress import (
     sparsify,
 )
 
+# every test here runs on both the C kernels and the numpy path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernels")
+
 
 def stream(tensors: dict[str, torch.Tensor]):
     return lambda: iter(tensors.items())

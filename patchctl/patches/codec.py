@@ -121,6 +121,7 @@ import numpy as np
 import torch
 import zstandard
 
+from patchctl import native
 from patchctl.errors import DeviceUnavailable, InvalidPatch
 
 __all__ = ["SparseTensor", "encode", "decode", "to_dense", "MAGIC", "FORMAT_VERSION"]
@@ -290,6 +291,18 @@ def _gap_sums(idx: np.ndarray, numel: int, ks: list[int], check: bool) -> tuple[
     nnz = len(idx)
     nchunks = -(-nnz // _CHUNK)
     sums = np.zeros((nchunks, len(ks)), dtype=np.int64)
+    if native.lib is not None and idx.flags.c_contiguous:
+        def native_part(r: tuple[int, int]) -> int:
+            gmax = np.zeros(1, dtype=np.int64)
+            row = native.ptr(sums) + 8 * len(ks) * (r[0] // _CHUNK)
+            rc = native.lib.pc_gap_sums(
+                native.ptr(idx), r[0], r[1], numel, ks[0] if ks else 0, len(ks), _CHUNK, row, native.ptr(gmax), int(check)
+            )
+            if rc != 0:
+                raise _bad_indices()
+            return int(gmax[0])
+
+        return sums, max(_pmap(native_part, _split(nnz, _CHUNK)))
 
     def part(r: tuple[int, int]) -> int:
         g_buf = np.empty(_CHUNK, dtype=np.int64)
@@ -389,6 +402,18 @@ def _rice_encode(idx: np.ndarray, k: int, chunk_q: np.ndarray) -> tuple[np.ndarr
     p1 = np.zeros((int(offs[-1]) + 7) // 8, dtype=np.uint8)
     plane = (nnz + 7) // 8
     p2 = np.empty(k * plane, dtype=np.uint8)
+    if native.lib is not None and idx.flags.c_contiguous:
+        def native_part(r: tuple[int, int]) -> tuple[int, int]:
+            head = np.zeros(1, dtype=np.uint8)
+            off = int(offs[r[0] // _CHUNK])
+            native.lib.pc_rice_encode(
+                native.ptr(idx), r[0], r[1], k, native.ptr(p1), off, native.ptr(p2), plane, native.ptr(head)
+            )
+            return off >> 3, int(head[0])
+
+        for b0, byte in _pmap(native_part, _split(nnz, _CHUNK)):
+            p1[b0] |= byte
+        return p1, p2
     small = _small_uint(k)
     planes = [(p * plane, small(1 << (k - 1 - p))) for p in range(k)]
 

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from patchctl import native
 from patchctl.errors import InvalidArgument, InvalidPatch
 from patchctl.patches.codec import SparseTensor, _pmap, to_dense
 
@@ -241,6 +242,11 @@ def _scan(f: _Flat, hist: np.ndarray, hist32: np.ndarray, stats: _Stats | None) 
     def part16(r: tuple[int, int]) -> np.ndarray:
         # one histogram of the raw 16-bit patterns gives the |x| histogram, the sum and
         # the sum of squares (exactly: every entry is one of 2**16 values)
+        if native.lib is not None:
+            h = np.zeros(0x10000, dtype=np.int64)
+            if native.lib.pc_hist16(native.ptr(f.bits) + 2 * r[0], r[1] - r[0], native.ptr(h)) != 0:
+                raise MemoryError("patchctl._kernels: hist16 could not allocate its 1 MiB scratch")
+            return h
         if r[1] - r[0] < _SMALL:
             h = np.zeros(0x10000, dtype=np.int64)
             keys, counts = np.unique(f.bits[r[0] : r[1]].view(np.uint16), return_counts=True)
@@ -425,11 +431,28 @@ def _select(
     # from the scan's histograms when it kept them, else from a counting pass
     if f.part_hists is not None and f.part_hists[0] == parts:
         counts = [int(h[u:].sum(dtype=np.int64)) for h in f.part_hists[1]]
+    elif native.lib is not None and not f.wide:
+        counts = _pmap(lambda r: int(native.lib.pc_count16(native.ptr(f.bits) + 2 * r[0], r[1] - r[0], u)), parts)
     else:
         counts = _pmap(lambda r: sum(int(np.count_nonzero(m)) for _, _, _, m in chunks(r)), parts)
     offsets = np.cumsum([0, *counts]).tolist()
     idx = np.empty(offsets[-1], dtype=np.int64)
     signs = np.empty(offsets[-1], dtype=np.bool_) if want_signs else None
+
+    if native.lib is not None and not f.wide and not want_abs_sum:
+        sign_ptr = native.ptr(signs.view(np.uint8)) if signs is not None else 0
+
+        def fill_native(j: int) -> None:
+            (s, e), o = parts[j], offsets[j]
+            got = native.lib.pc_select16(
+                native.ptr(f.bits) + 2 * s, e - s, u, s, native.ptr(idx) + 8 * o,
+                sign_ptr + o if sign_ptr else 0, offsets[j + 1] - o,
+            )
+            if got != offsets[j + 1] - o:
+                raise InvalidArgument(f"tensor {f.name!r} changed while it was being compressed")
+
+        _pmap(fill_native, list(range(len(parts))))
+        return idx, signs, 0.0
 
     def fill(j: int) -> float:
         o = offsets[j]

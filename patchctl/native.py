@@ -1,0 +1,64 @@
+"""Loads the optional C kernels (``patchctl/_kernels.c``) through ctypes.
+
+``lib`` is the loaded library, or ``None`` when the extension was not built
+(no C compiler at install time) or ``PATCHCTL_NATIVE=0`` is set; callers then
+use their numpy path, which gives the same results. ctypes releases the GIL
+around each call, so threads run the kernels in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+__all__ = ["lib", "available", "ptr"]
+
+_ABI = 1
+
+_i64 = ctypes.c_int64
+_vp = ctypes.c_void_p
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("PATCHCTL_NATIVE", "1").strip().lower() in ("0", "no", "false", "off"):
+        return None
+    try:
+        spec = importlib.util.find_spec("patchctl._kernels")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None
+    try:
+        so = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    so.pc_abi_version.restype = ctypes.c_int
+    if so.pc_abi_version() != _ABI:
+        return None
+    so.pc_hist16.argtypes = [_vp, _i64, _vp]
+    so.pc_hist16.restype = ctypes.c_int
+    so.pc_count16.argtypes = [_vp, _i64, ctypes.c_uint16]
+    so.pc_count16.restype = _i64
+    so.pc_select16.argtypes = [_vp, _i64, ctypes.c_uint16, _i64, _vp, _vp, _i64]
+    so.pc_select16.restype = _i64
+    so.pc_gap_sums.argtypes = [_vp, _i64, _i64, _i64, ctypes.c_int, ctypes.c_int, _i64, _vp, _vp, ctypes.c_int]
+    so.pc_gap_sums.restype = ctypes.c_int
+    so.pc_rice_encode.argtypes = [_vp, _i64, _i64, ctypes.c_int, _vp, _i64, _vp, _i64, _vp]
+    so.pc_rice_encode.restype = None
+    return so
+
+
+lib = _load()
+
+
+def available() -> bool:
+    return lib is not None
+
+
+def ptr(a) -> int:
+    """The data address of a C-contiguous numpy array (0 for None)."""
+    if a is None:
+        return 0
+    assert a.flags.c_contiguous
+    return a.ctypes.data
