@@ -23,6 +23,13 @@
 
 #define PC_EXPORT __attribute__((visibility("default")))
 
+/* Loops that vectorize: an AVX2 clone chosen at load time where the CPU has it (GCC, x86-64). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PC_TARGETS __attribute__((target_clones("avx2", "default")))
+#else
+#define PC_TARGETS
+#endif
+
 /* Version of this ABI: native.py refuses a library whose version differs. */
 PC_EXPORT int pc_abi_version(void) { return 1; }
 
@@ -130,33 +137,52 @@ PC_EXPORT int64_t pc_select16(const uint16_t *x, int64_t n, uint16_t u, int64_t 
 /*
  * gap_sums: for the gaps of idx[s..e) (gap[0] = idx[0], gap[i] = idx[i] -
  * idx[i-1] - 1), per chunk of `chunk` gaps (s a multiple of chunk, sums
- * row 0 = chunk s / chunk): sums[row * nk + j] = sum(gap >> (k0 + j)).
- * With check, every idx[i] (and idx[s-1]) must lie in [0, numel) and gaps be
- * >= 0. *gmax gets the largest gap. Returns 0, or -1 on a bad index.
+ * row 0 = chunk s / chunk): sums[row * nk + j] = sum(gap >> (k0 + j)),
+ * nk <= 3. With check, every idx[i] (and idx[s-1]) must lie in [0, numel)
+ * and gaps be >= 0. *gmax gets the largest gap. Returns 0, or -1 on a bad
+ * index. The loop has no branches on the data: errors are OR-ed into a flag
+ * (every value is range-checked, so no difference can overflow unnoticed).
  */
-PC_EXPORT int pc_gap_sums(const int64_t *idx, int64_t s, int64_t e, int64_t numel, int k0, int nk,
-                          int64_t chunk, int64_t *sums, int64_t *gmax, int check) {
-    int64_t prev = -1, gm = 0;
-    if (s > 0) {
-        prev = idx[s - 1];
-        if (check && (prev < 0 || prev >= numel)) return -1;
+PC_TARGETS PC_EXPORT int pc_gap_sums(const int64_t *idx, int64_t s, int64_t e, int64_t numel, int k0, int nk,
+                                     int64_t chunk, int64_t *sums, int64_t *gmax, int check) {
+    if (nk < 0 || nk > 3 || k0 < 0 || s >= e) {
+        *gmax = 0;
+        return (nk < 0 || nk > 3 || k0 < 0) ? -1 : 0;
     }
+    const uint64_t lim = (uint64_t)numel;
+    const int ka = k0 < 63 ? k0 : 63, kb = k0 + 1 < 63 ? k0 + 1 : 63, kc = k0 + 2 < 63 ? k0 + 2 : 63;
+    uint64_t bad = 0;
+    int64_t gm = 0;
+    if (s > 0) bad |= (uint64_t)idx[s - 1] >= lim;
     for (int64_t cs = s, row = 0; cs < e; cs += chunk, row++) {
         int64_t ce = e - cs < chunk ? e : cs + chunk;
-        uint64_t acc[64] = {0};
-        for (int64_t i = cs; i < ce; i++) {
-            int64_t v = idx[i];
-            if (check && (v < 0 || v >= numel)) return -1;
-            int64_t g = v - prev - 1;
-            if (check && g < 0) return -1;
-            prev = v;
-            if (g > gm) gm = g;
-            for (int j = 0; j < nk; j++) acc[j] += (uint64_t)g >> (k0 + j);
+        uint64_t a0 = 0, a1 = 0, a2 = 0;
+        int64_t i = cs;
+        if (i == 0) { /* the first gap is idx[0] itself */
+            int64_t g = idx[0];
+            bad |= (uint64_t)g >= lim;
+            gm = g > gm ? g : gm;
+            a0 += (uint64_t)g >> ka;
+            a1 += (uint64_t)g >> kb;
+            a2 += (uint64_t)g >> kc;
+            i = 1;
         }
-        for (int j = 0; j < nk; j++) sums[row * nk + j] = (int64_t)acc[j];
+        for (; i < ce; i++) {
+            int64_t v = idx[i];
+            int64_t g = (int64_t)((uint64_t)v - (uint64_t)idx[i - 1] - 1u);
+            bad |= ((uint64_t)v >= lim) | ((uint64_t)g >> 63);
+            gm = g > gm ? g : gm;
+            a0 += (uint64_t)g >> ka;
+            a1 += (uint64_t)g >> kb;
+            a2 += (uint64_t)g >> kc;
+        }
+        int64_t *out = sums + row * nk;
+        if (nk > 0) out[0] = (int64_t)a0;
+        if (nk > 1) out[1] = (int64_t)a1;
+        if (nk > 2) out[2] = (int64_t)a2;
     }
     *gmax = gm;
-    return 0;
+    return check && bad ? -1 : 0;
 }
 
 /* the bit 7 - t of the result is bit 0 of byte t of y, t = 0..7 */
@@ -168,34 +194,96 @@ static inline uint8_t gather_lsb(uint64_t y) {
 /*
  * rice_encode: Golomb-Rice code, parameter k, of the gaps of idx[s..e)
  * (idx already checked by gap_sums). The unary codes go to P1 from absolute
- * bit `bitoff` on, MSB first, into p1, which must be zero there. The byte
- * holding bit `bitoff` may be shared with the range before: its bits go to
- * *head instead (the caller ORs it in after all ranges are done). The
- * remainders go to the k bit planes of P2 (plane p = bit k-1-p of every
- * remainder, `plane` bytes each, MSB first); s must be a multiple of 8.
+ * bit `bitoff` on, MSB first. The byte holding bit `bitoff` may be shared
+ * with the range before: it goes to *head instead (the caller ORs it in
+ * after all ranges are done); every later byte the range touches is written
+ * whole (its last byte zero-padded). The remainders go to the k bit planes
+ * of P2 (plane p = bit k-1-p of every remainder, `plane` bytes each, MSB
+ * first); s must be a multiple of 8.
+ *
+ * The unary bits collect in a 64-bit accumulator; every full 32-bit word is
+ * stored, without a branch, into a small stack buffer (a store at the next
+ * free slot that only counts when the word is full), which is copied out
+ * every ~1000 words: no branch depends on the code lengths.
  */
+#define PC_STAGE 1024
+
+typedef struct {
+    uint8_t *out;  /* where the next byte of P1 goes */
+    uint8_t *head; /* the first byte goes here instead, while first */
+    int first;
+    uint32_t stage[PC_STAGE + 8];
+    int ns; /* words staged */
+} pc_sink;
+
+static inline void pc_drain(pc_sink *k) {
+    for (int w = 0; w < k->ns; w++) {
+        uint32_t v = k->stage[w];
+        if (k->first) {
+            *k->head = (uint8_t)(v >> 24);
+            k->first = 0;
+        } else {
+            k->out[0] = (uint8_t)(v >> 24);
+        }
+        k->out[1] = (uint8_t)(v >> 16);
+        k->out[2] = (uint8_t)(v >> 8);
+        k->out[3] = (uint8_t)v;
+        k->out += 4;
+    }
+    k->ns = 0;
+}
+
+/* one unary code: q zero bits then a one bit; nb <= 31 before and after */
+static inline void pc_unary(pc_sink *k, uint64_t *acc, int *nb, uint64_t q) {
+    while (q >= 32) { /* a long run of zeros, 32 at a time */
+        *acc <<= 32;
+        k->stage[k->ns++] = (uint32_t)(*acc >> *nb);
+        if (k->ns >= PC_STAGE) pc_drain(k);
+        q -= 32;
+    }
+    *acc = (*acc << (q + 1)) | 1u; /* nb + q + 1 <= 63 */
+    *nb += (int)q + 1;
+    int full = *nb >= 32;
+    *nb -= 32 & -full;
+    k->stage[k->ns] = (uint32_t)(*acc >> *nb); /* kept only if full */
+    k->ns += full;
+}
+
 PC_EXPORT void pc_rice_encode(const int64_t *idx, int64_t s, int64_t e, int k, uint8_t *p1, int64_t bitoff,
                               uint8_t *p2, int64_t plane, uint8_t *head) {
+    pc_sink sink;
+    sink.out = p1 + (bitoff >> 3);
+    sink.head = head;
+    sink.first = 1;
+    sink.ns = 0;
+    uint64_t acc = 0;           /* pending bits, the oldest at bit nb - 1 */
+    int nb = (int)(bitoff & 7); /* the shared byte's earlier bits: zeros here */
     int64_t prev = s > 0 ? idx[s - 1] : -1;
-    uint64_t pos = (uint64_t)bitoff;
-    const uint64_t b0 = pos >> 3;
-    uint8_t h = 0;
     const uint64_t rmask = k >= 64 ? ~0ull : ((1ull << k) - 1);
-    for (int64_t i = s; i < e; i += 8) {
+    int64_t i = s;
+    if (k <= 8) { /* whole groups of 8: the 8 remainders are the 8 bytes of y */
+        for (; i + 8 <= e; i += 8) {
+            uint64_t y = 0;
+            for (int t = 0; t < 8; t++) {
+                uint64_t g = (uint64_t)(idx[i + t] - prev - 1);
+                prev = idx[i + t];
+                y |= (g & rmask) << (8 * t);
+                pc_unary(&sink, &acc, &nb, g >> k);
+            }
+            if (sink.ns >= PC_STAGE - 8) pc_drain(&sink);
+            uint8_t *out = p2 + (i >> 3);
+            for (int b = 0; b < k; b++) out[(int64_t)(k - 1 - b) * plane] = gather_lsb(y >> b);
+        }
+    }
+    for (; i < e; i += 8) { /* k > 8, and the last partial group */
         int64_t m = e - i < 8 ? e - i : 8;
         uint64_t r[8] = {0};
         for (int64_t t = 0; t < m; t++) {
             uint64_t g = (uint64_t)(idx[i + t] - prev - 1);
             prev = idx[i + t];
             r[t] = g & rmask;
-            pos += g >> k; /* q zero bits, then the one bit at pos */
-            uint64_t byte = pos >> 3;
-            uint8_t bit = (uint8_t)(0x80u >> (pos & 7));
-            if (byte == b0)
-                h |= bit;
-            else
-                p1[byte] |= bit;
-            pos++;
+            pc_unary(&sink, &acc, &nb, g >> k);
+            if (sink.ns >= PC_STAGE - 8) pc_drain(&sink);
         }
         if (k) {
             uint8_t *out = p2 + (i >> 3);
@@ -210,7 +298,20 @@ PC_EXPORT void pc_rice_encode(const int64_t *idx, int64_t s, int64_t e, int k, u
             }
         }
     }
-    *head = h;
+    pc_drain(&sink);
+    /* the last bits, in whole bytes, the last one zero-padded */
+    int nbytes = (nb + 7) / 8;
+    uint64_t tail = nb ? acc << (8 * nbytes - nb) : 0;
+    for (int j = 0; j < nbytes; j++) {
+        uint8_t byte = (uint8_t)(tail >> (8 * (nbytes - 1 - j)));
+        if (sink.first) {
+            *head = byte;
+            sink.first = 0;
+        } else {
+            sink.out[j] = byte;
+        }
+    }
+    if (sink.first) *head = 0;
 }
 
 static struct PyModuleDef kernels_module = {PyModuleDef_HEAD_INIT, "_kernels",

@@ -231,6 +231,20 @@ def test_cli_compress_gives_the_library_digest_and_show_reports_it(shared, cli):
     assert lora.code == 0 and "on ΔW" in lora.out
 
 
+def test_cli_warns_when_compressed_lora_factors_lose_most_of_the_update(shared, cli):
+    # a global threshold over A and B keeps (almost) only A: ΔW is mostly lost -> the hint
+    lost = cli("compress", "lora:v1", "--density", "0.1", "--as", "warn:f", "-R", shared.path, registry=False)
+    assert lost.code == 0, lost.err
+    err = shared.manifest("warn:f").metadata["compression"]["delta_rel_error"]
+    assert err >= 0.5
+    assert f"warning: the sparse A/B factors lose most of the update (ΔW error {err:.2f})" in lost.out
+    assert "--lora-delta" in cli("show", "warn:f", "-R", shared.path, registry=False).out
+    kept = cli("compress", "lora:v1", "--density", "0.9", "--mode", "values", "--per-tensor", "--as", "warn:v",
+               "-R", shared.path, registry=False)
+    assert kept.code == 0 and shared.manifest("warn:v").metadata["compression"]["delta_rel_error"] < 0.5
+    assert "warning" not in kept.out
+
+
 # -- 5. determinism --------------------------------------------------------------------
 def test_compress_is_deterministic_in_process_and_across_processes(shared):
     code = ("from patchctl import Registry; "

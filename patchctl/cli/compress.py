@@ -97,6 +97,9 @@ def report_lines(rep: dict[str, Any]) -> list[str]:
     if rep.get("delta_rel_error") is not None:
         err += f"; on ΔW {rep['delta_rel_error']:.4f}"
     lines.append(err)
+    if (rep.get("delta_rel_error") or 0.0) >= 0.5:
+        lines.append(f"warning: the sparse A/B factors lose most of the update (ΔW error {rep['delta_rel_error']:.2f}); "
+                     "--lora-delta compresses ΔW = B·A·scaling itself and keeps far more of the gain")
     if rep.get("uncompressed"):
         lines.append(f"kept as stored (not deltas): {', '.join(rep['uncompressed'])}")
     return lines

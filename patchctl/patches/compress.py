@@ -10,6 +10,10 @@ the selection a counting pass). Tensors must be float32, float16 or
 bfloat16, finite (NaN/Inf raise :class:`InvalidPatch` naming the tensor), and
 the stream must give the same names, shapes and values on every call.
 
+Where the optional C kernels are built (``patchctl/_kernels.c``, loaded by
+:mod:`patchctl.native`), the fp16/bf16 histogram, counting and selection
+passes run in C; the results are identical to the numpy path.
+
 Public API
 ----------
 ``global_threshold(tensors, density) -> float``
@@ -127,6 +131,7 @@ _SEL_CHUNK = 1 << 17  # entries per step of the selection pass (temporaries stay
 _PART_HISTS_MAX_BYTES = 64 << 20  # per-part histograms kept between passes (saves a counting pass)
 _SMALL = 1 << 14  # below this many entries, histograms come from np.unique
 _PARALLEL_MIN = 1 << 21  # tensors this large are split over torch.get_num_threads() threads
+_KEEP_HIST_MIN = 1 << 18  # fp16/bf16 tensors this large keep their |x| histogram for the selection
 
 def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
     b = [i * n // parts for i in range(parts + 1)]
@@ -141,8 +146,9 @@ class _Flat:
     shape: tuple[int, ...]
     tensor: torch.Tensor  # flat, contiguous, CPU
     bits: np.ndarray  # int16 (fp16/bf16) or int32 (fp32) view of tensor
-    # fp16/bf16 tensors split over threads: the scan's |x| histogram of each part
-    # (int32, by |x| bit pattern), so the selection knows each part's count
+    # fp16/bf16 tensors split over threads or of 2**18 entries or more: the scan's |x|
+    # histogram of each part (int32, by |x| bit pattern), so the selection knows each
+    # part's count without a counting pass
     part_hists: tuple[list[tuple[int, int]], list[np.ndarray]] | None = None
 
     @property
@@ -263,7 +269,7 @@ def _scan(f: _Flat, hist: np.ndarray, hist32: np.ndarray, stats: _Stats | None) 
         return acc.numpy()
 
     results = _pmap(part16, parts)
-    if len(parts) > 1:
+    if len(parts) > 1 or n >= _KEEP_HIST_MIN:
         f.part_hists = (parts, [(r[:0x8000] + r[0x8000:]).astype(np.int32) for r in results])
     h = results[0] if len(results) == 1 else sum(results)
     pos, neg = h[:0x8000], h[0x8000:]
