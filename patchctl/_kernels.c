@@ -31,7 +31,7 @@
 #endif
 
 /* Version of this ABI: native.py refuses a library whose version differs. */
-PC_EXPORT int pc_abi_version(void) { return 1; }
+PC_EXPORT int pc_abi_version(void) { return 2; }
 
 /*
  * hist16: add to hist[0..65535] the count of each raw 16-bit pattern in
@@ -312,6 +312,61 @@ PC_EXPORT void pc_rice_encode(const int64_t *idx, int64_t s, int64_t e, int k, u
         }
     }
     if (sink.first) *head = 0;
+}
+
+/* lanes1[b]: the 8 bits of byte b, MSB first, as the 8 bytes (lanes) of a uint64, lane 0 lowest */
+static uint64_t lanes1[256];
+
+__attribute__((constructor)) static void pc_init_tables(void) {
+    for (int b = 0; b < 256; b++) {
+        uint64_t v = 0;
+        for (int t = 0; t < 8; t++) v |= (uint64_t)((b >> (7 - t)) & 1) << (8 * t);
+        lanes1[b] = v;
+    }
+}
+
+/*
+ * rice_decode: the positions coded by the one bits in P1 bytes [b_lo, b_hi),
+ * given i = the number of one bits before byte b_lo and carry = the sum of
+ * the remainders of those i codes. The n-th code (0-based) whose one bit is
+ * at absolute bit position P (MSB first) decodes to
+ *     idx[n] = ((P - n) << k) + (r[0] + ... + r[n]) + n,
+ * r[n] read from the k planes of P2 (`plane` bytes each, MSB plane first).
+ * The caller has checked the sections (one count, padding, last index <
+ * numel), so every value fits and every out[n] is within the output.
+ */
+PC_EXPORT void pc_rice_decode(const uint8_t *p1, int64_t b_lo, int64_t b_hi, const uint8_t *p2, int64_t plane,
+                              int k, int64_t i, int64_t carry, int64_t *out) {
+    uint64_t rv = 0; /* remainders of the group of 8 codes i >> 3, one per lane (k <= 8) */
+    int64_t group = -1;
+    for (int64_t b = b_lo; b < b_hi; b += 8) {
+        uint64_t w = 0;
+        if (b + 8 <= b_hi) {
+            memcpy(&w, p1 + b, 8);
+            w = __builtin_bswap64(w);
+        } else {
+            for (int64_t j = b; j < b_hi; j++) w = (w << 8) | p1[j];
+            w <<= 8 * (8 - (b_hi - b));
+        }
+        while (w) {
+            int z = __builtin_clzll(w);
+            w &= ~(0x8000000000000000ull >> z);
+            int64_t r = 0;
+            if (k > 8) {
+                for (int p = 0; p < k; p++) r = (r << 1) | ((p2[(int64_t)p * plane + (i >> 3)] >> (7 - (i & 7))) & 1);
+            } else if (k) {
+                if ((i >> 3) != group) {
+                    group = i >> 3;
+                    rv = 0;
+                    for (int p = 0; p < k; p++) rv = (rv << 1) | lanes1[p2[(int64_t)p * plane + group]];
+                }
+                r = (int64_t)((rv >> (8 * (i & 7))) & 0xffu);
+            }
+            carry += r;
+            out[i] = ((8 * b + z - i) << k) + carry + i;
+            i++;
+        }
+    }
 }
 
 static struct PyModuleDef kernels_module = {PyModuleDef_HEAD_INIT, "_kernels",

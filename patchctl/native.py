@@ -14,7 +14,7 @@ import os
 
 __all__ = ["lib", "available", "ptr"]
 
-_ABI = 1
+_ABI = 2
 
 _i64 = ctypes.c_int64
 _vp = ctypes.c_void_p
@@ -46,6 +46,8 @@ def _load() -> ctypes.CDLL | None:
     so.pc_gap_sums.restype = ctypes.c_int
     so.pc_rice_encode.argtypes = [_vp, _i64, _i64, ctypes.c_int, _vp, _i64, _vp, _i64, _vp]
     so.pc_rice_encode.restype = None
+    so.pc_rice_decode.argtypes = [_vp, _i64, _i64, _vp, _i64, ctypes.c_int, _i64, _i64, _vp]
+    so.pc_rice_decode.restype = None
     return so
 
 

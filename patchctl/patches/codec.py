@@ -576,6 +576,11 @@ def _rice_decode(p1: memoryview, p2: memoryview, k: int, nnz: int, numel: int) -
         # for the ones at bit positions pos (from byte b0) with numbers i + jj:
         # idx = 2**k * (8*b0 + pos - i - jj) + carry + cumsum(r) + i + jj
         #     = (pos << k) + cumsum(r) - (2**k - 1) * jj + [2**k * (8*b0 - i) + carry + i]
+        if native.lib is not None:
+            native.lib.pc_rice_decode(
+                native.ptr(a1), b_lo, b_hi, native.ptr(a2) if k else 0, plane, k, i, carry, native.ptr(out)
+            )
+            return
         ramp = np.arange(8 * _DEC_BYTES, dtype=np.int64) * ((1 << k) - 1)
         r = np.empty(8 * _DEC_BYTES, dtype=small)
         for b0 in range(b_lo, b_hi, _DEC_BYTES):
