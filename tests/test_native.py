@@ -80,7 +80,7 @@ def test_count16_and_select16_keep_exactly_abs_bits_at_or_above_u(u):
 
 
 @needs_native
-def test_gap_sums_and_rice_encode_match_the_numpy_coder():
+def test_gap_sums_rice_encode_and_decode_match_the_numpy_coder():
     rng = np.random.default_rng(5)
     numel = 300_000
     for d in (0.0005, 0.01, 0.2, 0.9):
@@ -93,6 +93,9 @@ def test_gap_sums_and_rice_encode_match_the_numpy_coder():
         finally:
             native.lib = lib
         assert with_c == with_numpy
+        back = codec.decode(with_c)  # the C decoder
+        np.testing.assert_array_equal(back.indices, idx)
+        np.testing.assert_array_equal(back.signs, sp.signs)
         if d <= 0.2:  # Rice positions (d = 0.9 may go to zstd); k > 8 at d = 0.0005: multi-byte remainders
             assert with_c[9] == codec.POS_RICE and (d != 0.0005 or with_c[10] > 8)
 
