@@ -41,6 +41,7 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from patchctl import native  # noqa: E402
 from patchctl.patches.codec import decode, encode, to_dense  # noqa: E402
 from patchctl.patches.compress import entropy_bound_bits, relative_l2_error, sparsify  # noqa: E402
 
@@ -79,6 +80,7 @@ def gaussian(args) -> None:
         f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
         f"load average {os.getloadavg()[0]:.1f} at start"
     )
+    print("kernels: " + ("C (patchctl._kernels)" if native.available() else "numpy (PATCHCTL_NATIVE=0 or not built)"))
 
     size_rows, speed_rows, zstd_rows = [], [], []
     zn = min(n, args.zstd_n)
