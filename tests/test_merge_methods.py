@@ -199,9 +199,24 @@ def test_merge_writes_into_out_when_given(method: str) -> None:
     out = torch.full((6,), 99.0)
     got = merge_tensor(method, [torch.tensor(A), torch.tensor(B)], W, generator_seed=0, name="w", params=params, out=out)
     assert got is out and out.tolist() == expected
-    with pytest.raises(InvalidArgument, match=r"out must be a contiguous float32 tensor of shape \(6,\)"):
+    with pytest.raises(InvalidArgument, match=r"out must be a contiguous float32, bfloat16 or float16 tensor of shape \(6,\)"):
         merge_tensor(method, [torch.tensor(A), torch.tensor(B)], W, generator_seed=0, name="w", params=params,
                      out=torch.empty(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_two_byte_out_gets_the_float32_result_rounded_chunk_by_chunk(method: str, dtype: torch.dtype,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(5)
+    deltas = [(torch.randn(37, 29, generator=g) * 1e-2).to(torch.bfloat16) for _ in range(3)]
+    params = {"density": 0.4} if "density" in METHODS[method].params else {}
+    whole = merge_tensor(method, deltas, [0.5, 0.3, 0.2], generator_seed=1, name="w", params=params)
+    monkeypatch.setattr(merge, "_CHUNK", 64)  # many chunks, the last one partial
+    out = torch.full((37, 29), 7.0, dtype=dtype)
+    got = merge_tensor(method, deltas, [0.5, 0.3, 0.2], generator_seed=1, name="w", params=params, out=out)
+    assert got is out
+    assert torch.equal(out.view(torch.int16), whole.to(dtype).view(torch.int16))
 
 
 def test_weighted_sum_is_a_multiply_then_an_add_in_float32() -> None:

@@ -82,6 +82,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -194,28 +195,55 @@ def _chunk_size(n: int, device: torch.device) -> int:
     return max(1, min(n, _CHUNK) if device.type == "cpu" else n)
 
 
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_scratch_cache = threading.local()
+
+
+def _scratch(count: int, size: int, device: torch.device) -> list[Tensor]:
+    """``count`` float32 buffers of ``size`` entries, reused by this thread from call to call on the CPU.
+
+    A fresh chunk-sized allocation is a fresh mapping whose pages all fault
+    in again, tensor after tensor; callers must not hold on to them.
+    """
+    if device.type != "cpu":
+        return [torch.empty(size, dtype=torch.float32, device=device) for _ in range(count)]
+    bufs: list[Tensor] = getattr(_scratch_cache, "bufs", [])
+    if len(bufs) < count or (bufs and bufs[0].numel() < size):
+        bufs = [torch.empty(max(size, _CHUNK), dtype=torch.float32) for _ in range(max(count, len(bufs)))]
+        _scratch_cache.bufs = bufs
+    return [b[:size] for b in bufs[:count]]
+
+
 def _elementwise(flats: Sequence[Tensor], shape: torch.Size, out: Tensor | None, step: Step) -> Tensor:
-    """Run ``step(parts, acc, lo)`` over chunks; return the float32 result of shape ``shape``.
+    """Run ``step(parts, acc, lo)`` over chunks; return the result of shape ``shape`` (float32 unless ``out``).
 
     ``parts`` are float32 copies of the inputs' entries ``[lo, lo + len(acc))``
-    (the step may change them), ``acc`` the matching slice of the result.
+    (the step may change them), ``acc`` the float32 slice of the result, or
+    (``out`` of a 2-byte float dtype) a float32 chunk rounded into ``out``
+    after the step: elementwise, so the same as rounding the whole result.
     """
     device = flats[0].device
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=device)
-    elif out.shape != shape or out.dtype != torch.float32 or out.device != device or not out.is_contiguous():
+    elif out.shape != shape or out.dtype not in _OUT_DTYPES or out.device != device or not out.is_contiguous():
         raise InvalidArgument(
-            f"out must be a contiguous float32 tensor of shape {tuple(shape)} on {device}, "
+            f"out must be a contiguous float32, bfloat16 or float16 tensor of shape {tuple(shape)} on {device}, "
             f"got {out.dtype}{tuple(out.shape)} on {out.device}"
         )
     n = out.numel()
     size = _chunk_size(n, device)
     flat_out = out.view(-1)
-    bufs = [torch.empty(size, dtype=torch.float32, device=device) for _ in flats]
+    rounded = out.dtype != torch.float32
+    bufs = _scratch(len(flats) + rounded, size, device)
     for lo in range(0, n, size):
         hi = min(n, lo + size)
-        parts = [b[: hi - lo].copy_(f[lo:hi]) for b, f in zip(bufs, flats, strict=True)]
-        step(parts, flat_out[lo:hi], lo)
+        parts = [b[: hi - lo].copy_(f[lo:hi]) for b, f in zip(bufs[: len(flats)], flats, strict=True)]
+        if rounded:
+            acc = bufs[-1][: hi - lo]
+            step(parts, acc, lo)
+            flat_out[lo:hi].copy_(acc)
+        else:
+            step(parts, flat_out[lo:hi], lo)
     return out
 
 
@@ -733,8 +761,10 @@ def merge_tensor(
 ) -> Tensor:
     """Merge one tensor's deltas with ``method``: checks, defaults, then the function.
 
-    ``out``: a contiguous float32 tensor of the deltas' shape to write the
-    result into (returned); by default a new one.
+    ``out``: a contiguous tensor of the deltas' shape to write the result
+    into (returned); by default a new float32 one. A bfloat16 or float16
+    ``out`` gets the float32 result rounded to it, chunk by chunk (the same
+    bytes as rounding the whole float32 result, without it in memory).
     """
     row = get_method(method)
     row.check_inputs(len(deltas))
