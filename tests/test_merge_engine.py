@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,8 +213,19 @@ def test_apply_in_one_pass_equals_the_stored_patch_applied_later(shared, models,
         assert (tmp_path / "fused" / n).read_bytes() == (later / n).read_bytes(), n
 
 
-def test_corrupt_input_blob_stops_the_merge_with_no_model_and_no_ref(models, tmp_path):
-    from patchctl.errors import DigestMismatch
+def test_apply_without_direct_io_writes_the_same_model_and_patch(shared, models, tmp_path, monkeypatch):
+    kw = {"weights": [0.7, 0.3]}
+    direct = shared.merge(["ft:v1", "ft2:v1"], apply_to=tmp_path / "direct", base=models.base, **kw)
+    _refuse_direct_io(monkeypatch)
+    plain = shared.merge(["ft:v1", "ft2:v1"], apply_to=tmp_path / "plain", base=models.base, **kw)
+    assert plain.digest == direct.digest
+    for p in (tmp_path / "direct").iterdir():
+        assert (tmp_path / "plain" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_input_blob_stops_the_merge_with_no_model_and_no_ref(models, tmp_path, damage):
+    from patchctl.errors import DigestMismatch, InvalidPatch
 
     with Registry(tmp_path / "reg") as reg:
         reg.push(models.finetune, "ft:v1", base=models.base)
@@ -223,13 +235,72 @@ def test_corrupt_input_blob_stops_the_merge_with_no_model_and_no_ref(models, tmp
         path.chmod(0o644)
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 1
-        path.write_bytes(bytes(data))
-        with pytest.raises(DigestMismatch, match=f"object {entry.digest} is corrupt"):
+        path.write_bytes(bytes(data) if damage == "flip" else bytes(data[:-2]))
+        error, match = ((DigestMismatch, f"object {entry.digest} is corrupt") if damage == "flip"
+                        else (InvalidPatch, f"blob {entry.digest} does not have the {entry.size} bytes"))
+        with pytest.raises(error, match=match):
             reg.merge(["ft:v1", "ft2:v1"], "m:v1", apply_to=tmp_path / "out", base=models.base)
         assert not (tmp_path / "out").exists()
         assert not [p for p in tmp_path.iterdir() if "patchctl-tmp" in p.name]
         with pytest.raises(NotFound):
             reg.resolve("m:v1")
+
+
+def _refuse_direct_io(monkeypatch) -> None:
+    """Make every DirectFile fall back to plain writes, as on a filesystem without O_DIRECT."""
+    import fcntl
+
+    real = fcntl.fcntl
+
+    def fake(fd, cmd, *args):
+        if cmd == fcntl.F_SETFL:
+            raise OSError(22, "Invalid argument")
+        return real(fd, cmd, *args)
+
+    monkeypatch.setattr(fcntl, "fcntl", fake)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_file_writes_exactly_the_bytes_given_whatever_their_alignment(tmp_path, monkeypatch, direct):
+    from patchctl.registry.merging import _Buffers
+    from patchctl.registry.store import DirectFile
+
+    if not direct:
+        _refuse_direct_io(monkeypatch)
+    monkeypatch.setattr(DirectFile, "_free", [])
+    monkeypatch.setattr(DirectFile, "CHUNK", 1 << 16)  # several staging buffers' worth below
+    g = torch.Generator().manual_seed(3)
+    bufs = _Buffers()
+    pieces: list[bytes] = []
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    f = DirectFile(fd)
+    assert f.fileno() == fd and not f.closed
+
+    def write(data) -> None:
+        pieces.append(bytes(data))
+        f.write(data)
+
+    staged = [0]
+    stage = DirectFile._stage
+    monkeypatch.setattr(DirectFile, "_stage", lambda self, src: (staged.__setitem__(0, staged[0] + len(src)),
+                                                                 stage(self, src))[1])
+    write(b"h" * 100)  # a header: staged
+    for aligned, n in [(True, 40_000), (False, 3), (True, 70_001), (True, 0), (False, 1 << 17), (True, 1 << 17)]:
+        size = sum(map(len, pieces))
+        # aligned: the address is congruent to the file offset (written straight from memory); else off by 2
+        t = bufs.get(f"b{n}", torch.uint8, (n,), lead=size if aligned else size + 2)
+        t.copy_(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8))
+        write(memoryview(t.numpy()))
+    write(bytearray(b"tail"))
+    f.close()
+    assert f.closed
+    total = sum(map(len, pieces))
+    assert (tmp_path / "f").stat().st_size == total
+    if direct and f.direct:
+        assert staged[0] < total - 200_000  # the aligned tensors did not go through the staging buffer
+    else:
+        assert staged[0] == 0 and not f.direct
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])

@@ -541,6 +541,7 @@ def _check_apply(loaded: list[_Input], out: Path, base: str | os.PathLike[str], 
 # -- the work -------------------------------------------------------------------------
 # -- the streaming pass: merged diff blobs and (--apply) the merged model, one read of each input --
 _PIECE = 4 << 20  # bytes hashed and read or written per step (stays in cache between the two)
+_SLOTS = 4  # output buffers in flight: a tensor is merged while the previous ones are still being written
 
 
 @dataclass(frozen=True)
@@ -556,48 +557,80 @@ class _Buffers:
     """Named byte buffers reused from tensor to tensor, grown to the largest asked for.
 
     A fresh allocation of a large tensor is a fresh mmap: every page of it
-    faults again, which cost more than the arithmetic.
+    faults again, which cost more than the arithmetic. A buffer starts
+    ``lead`` bytes after a page boundary, so that a tensor bound for file
+    offset ``lead`` (mod the page size) can be written with direct I/O
+    straight from it (:class:`~patchctl.registry.store.DirectFile`).
     """
+
+    PAGE = 4096
 
     def __init__(self) -> None:
         self._bufs: dict[str, Any] = {}
 
-    def get(self, name: str, dtype: Any, shape: Sequence[int]) -> torch.Tensor:
+    def get(self, name: str, dtype: Any, shape: Sequence[int], lead: int = 0) -> torch.Tensor:
         import torch
 
         n = math.prod(shape) * dtype.itemsize
         buf = self._bufs.get(name)
-        if buf is None or buf.numel() < n:
-            buf = self._bufs[name] = torch.empty(max(n, 1), dtype=torch.uint8)
-        return buf[:n].view(dtype).view(tuple(shape))
+        if buf is None or buf.numel() < n + 2 * self.PAGE:
+            buf = self._bufs[name] = torch.empty(n + 2 * self.PAGE, dtype=torch.uint8)
+        start = -buf.data_ptr() % self.PAGE + lead % self.PAGE
+        return buf[start : start + n].view(dtype).view(tuple(shape))
 
 
-def _read_blob_into(store: Any, entry: TensorEntry, out: torch.Tensor) -> None:
-    """Read a raw blob into ``out`` (its size in bytes), verifying its sha256 as it comes."""
-    import hashlib
-
-    import torch
-
-    from ..errors import DigestMismatch, InvalidPatch
-
-    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(bytearray())
-    h = hashlib.sha256()
-    pos = 0
+def _import_torch() -> Any:
+    """torch, imported with the cyclic GC paused: its import makes ~10⁵ objects, and the collections
+    they trigger cost ~0.3 s (restored right after)."""
+    collect = gc.isenabled()
+    gc.disable()
     try:
-        with open(store.blob_path(entry.digest), "rb") as f:
-            while pos < len(view):
-                got = f.readinto(view[pos : pos + _PIECE])
-                if not got:
-                    break
-                h.update(view[pos : pos + got])
-                pos += got
-            extra = f.read(1)
+        import torch
+    finally:
+        if collect:
+            gc.enable()
+    return torch
+
+
+def _map(fd: int, start: int, nbytes: int) -> tuple[Any, int]:
+    """A private (copy-on-write) mapping of ``nbytes`` from ``start`` of a file, and the offset of ``start`` in it.
+
+    Reading a tensor through the page cache's own pages saves the copy a
+    ``read()`` into a buffer makes; writes to the mapping (there are none)
+    would stay private.
+    """
+    import mmap
+
+    off = start - start % mmap.ALLOCATIONGRANULARITY
+    return mmap.mmap(fd, start + nbytes - off, access=mmap.ACCESS_COPY, offset=off), start - off
+
+
+def _map_blob(store: Any, entry: TensorEntry) -> Any:
+    """A raw blob's bytes, mapped (``b""`` for an empty one); its size checked against its shape."""
+    from ..errors import InvalidPatch
+    from ._safetensors import ITEMSIZE
+
+    try:
+        fd = os.open(store.blob_path(entry.digest), os.O_RDONLY)
     except FileNotFoundError:
         raise NotFound(f"object {entry.digest} is not in the registry") from None
-    if pos != len(view) or extra:
-        raise InvalidPatch(f"blob {entry.digest} does not have the {entry.size} bytes its manifest says")
-    if "sha256:" + h.hexdigest() != entry.digest:
-        raise DigestMismatch(f"object {entry.digest} is corrupt: its bytes hash to something else (run `patchctl fsck`)")
+    try:
+        size = os.fstat(fd).st_size
+        if size != math.prod(entry.shape) * ITEMSIZE[entry.dtype]:
+            raise InvalidPatch(f"blob {entry.digest} does not have the {entry.size} bytes its manifest says")
+        return _map(fd, 0, size)[0] if size else b""
+    finally:
+        os.close(fd)
+
+
+def _check_blob(data: Any, digest: str) -> None:
+    """Verify a blob's bytes (hashlib releases the GIL while it hashes a large buffer)."""
+    import hashlib
+
+    from ..errors import DigestMismatch
+
+    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise DigestMismatch(f"object {digest} is corrupt: its bytes hash to something else (run `patchctl fsck`)")
 
 
 def _put_tensor(store: Any, t: torch.Tensor) -> TensorEntry:
@@ -606,63 +639,131 @@ def _put_tensor(store: Any, t: torch.Tensor) -> TensorEntry:
     from .store import BlobWriter
 
     data = tensor_to_bytes(t)
-    with BlobWriter(store) as w:
+    with BlobWriter(store, direct=True) as w:  # not read back here: around the page cache
         for lo in range(0, len(data), _PIECE):
             w.write(data[lo : lo + _PIECE])
         digest = w.commit()
     return TensorEntry(digest, dtype_name(t.dtype), tuple(t.shape), "raw", len(data))
 
 
-class _Reader:
-    """Loads an item's inputs: each input's delta (raw blobs into reused buffers, hashes verified) and the base tensor.
+class _Verifier:
+    """Hashes the raw blobs of a merge's inputs on a thread of its own, started before anything else.
 
-    Buffers are double-buffered by ``slot``: one set is read while the other is merged.
+    Started before torch is imported, it checks the inputs while the import
+    (single-threaded) runs, then beside the merge. Each blob is mapped,
+    hashed (hashlib releases the GIL) and unmapped, one at a time. The
+    merge uses the same bytes through mappings of its own, and commits
+    nothing before :meth:`wait` has returned; :meth:`check` raises a
+    mismatch found so far, so a corrupt input stops the merge early.
     """
 
-    def __init__(self, p: _Plan, store: Any):
-        self.p, self.store = p, store
-        self.bufs = [_Buffers(), _Buffers()]
-        self.fds: dict[int, int] = {}
+    def __init__(self, store: Any, entries: Sequence[TensorEntry]):
+        import threading
 
-    def delta(self, target: str, k: int, slot: int) -> torch.Tensor:
+        self.store = store
+        self.entries = list({e.digest: e for e in entries}.values())
+        self.digests = {e.digest for e in self.entries}
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="patchctl-merge-verify", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def of(cls, store: Any, manifests: Sequence[Manifest]) -> _Verifier:
+        """A verifier for the raw blobs of the diff and sparse patches among ``manifests``."""
+        return cls(store, [e for m in manifests if m.kind != "lora" for e in m.tensors.values() if e.encoding == "raw"])
+
+    @classmethod
+    def start(cls, reg: Registry, inputs: Sequence[str]) -> _Verifier | None:
+        """:meth:`of` the ``inputs``; None where one does not resolve (the plan then says why)."""
+        try:
+            return cls.of(reg.store, [reg.manifest(reg.resolve(ref)) for ref in inputs])
+        except (PatchctlError, TypeError):
+            return None
+
+    def _run(self) -> None:
+        try:
+            for e in self.entries:
+                if self._stop.is_set():
+                    return
+                data = _map_blob(self.store, e)
+                try:
+                    _check_blob(data, e.digest)
+                finally:
+                    if data:
+                        data.close()
+        except BaseException as exc:  # noqa: BLE001 - raised in the merging thread by check()/wait()
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise the failure found so far, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def wait(self) -> None:
+        """Wait until every blob is checked; raise the failure, if any."""
+        self._thread.join()
+        self.check()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Reader:
+    """Loads an item's inputs: each input's delta and the base tensor, as tensors over mapped file pages.
+
+    Raw blobs are mapped, not read: the :class:`_Verifier` hashes them. A
+    sparse-encoded or LoRA input is decoded (and verified) as
+    :class:`PatchView` does. Zero deltas (an input that does not change a
+    target) come from reused buffers.
+    """
+
+    def __init__(self, p: _Plan, store: Any, verifier: _Verifier):
+        self.p, self.store, self.verifier = p, store, verifier
+        self.zeros = _Buffers()
+        self.fds: dict[int, int] = {}  # the base's shards, open
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def delta(self, target: str, k: int) -> torch.Tensor:
         """Input ``k``'s delta for ``target`` (a zero tensor where that input does not change it)."""
         import torch
 
         from ._safetensors import torch_dtype
 
-        inp, bufs = self.p.inputs[k], self.bufs[slot]
+        inp = self.p.inputs[k]
         c = inp.changes.get(target)
         if c is None:
-            return bufs.get(f"zero{k}", torch.bfloat16, self.p.shapes[target]).zero_()
+            return self.zeros.get(f"zero{k}", torch.bfloat16, self.p.shapes[target]).zero_()
         entry = None if inp.lora else inp.view.m.tensors.get(c.sources[0])
-        if entry is None or entry.encoding != "raw":  # sparse-encoded, LoRA: decoded as PatchView does
+        if entry is None or entry.encoding != "raw":  # sparse-encoded, LoRA: decoded (and verified) as PatchView does
             return inp.view.value(c, "cpu")
-        t = bufs.get(f"in{k}", torch_dtype(entry.dtype), entry.shape)
-        _read_blob_into(self.store, entry, t)
-        return t
+        if entry.digest not in self.verifier.digests:  # not in the manifests the verifier saw: never merged unchecked
+            raise PatchctlError(f"internal error: blob {entry.digest} of {inp.ref} is not being verified")
+        data = _map_blob(self.store, entry)
+        if not data:
+            return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+        return torch.frombuffer(data, dtype=torch_dtype(entry.dtype)).view(entry.shape)
 
-    def base(self, item: _Item, slot: int) -> torch.Tensor:
-        """The base tensor of an apply item, read from its shard."""
+    def base(self, item: _Item) -> torch.Tensor:
+        """The base tensor of an apply item, from its shard."""
         import torch
 
         from ._safetensors import torch_dtype
 
         info = item.info
-        t = self.bufs[slot].get("base", torch_dtype(info.dtype), info.shape)
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         fd = self.fds.get(item.shard)
         if fd is None:
             fd = self.fds[item.shard] = os.open(self.p.base.files[item.shard].path, os.O_RDONLY)
-        view, pos = memoryview(t.view(-1).view(torch.uint8).numpy()), 0
-        while pos < info.nbytes:
-            got = os.preadv(fd, [view[pos:]], info.start + pos)
-            if got <= 0:
-                raise InvalidArgument(f"{self.p.base.files[item.shard].path}: tensor {info.name!r} is truncated")
-            pos += got
-        return t
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        data, off = _map(fd, info.start, info.nbytes)
+        return torch.frombuffer(data, dtype=torch.uint8, offset=off, count=info.nbytes).view(
+            torch_dtype(info.dtype)).view(info.shape)
 
 
 class _Shards:
@@ -670,6 +771,7 @@ class _Shards:
 
     def __init__(self, p: _Plan, folder: Path):
         self.p, self.folder = p, folder
+        self.offsets: dict[int, dict[str, int]] = {}  # shard -> tensor name -> file offset
         self.shard = -1
         self.f: Any = None
         self.w: Any = None
@@ -679,21 +781,31 @@ class _Shards:
             self._next_shard()
         self.w.write(item.info.name, applied)
 
+    def offset(self, item: _Item) -> int:
+        """Where ``item``'s bytes go in its shard file."""
+        from ._safetensors import header_bytes
+
+        if item.shard not in self.offsets:
+            sf = self.p.base.files[item.shard]
+            head, spans = header_bytes([(i.name, i.dtype, i.shape) for i in sf], sf.metadata or None)
+            self.offsets[item.shard] = {name: len(head) + a for name, (a, _) in spans.items()}
+        return self.offsets[item.shard][item.info.name]
+
     def _next_shard(self) -> None:
         from ._safetensors import StreamingWriter
+        from .store import DirectFile
 
         self._close_shard()
         self.shard += 1
         sf = self.p.base.files[self.shard]
-        self.f = open(self.folder / sf.path.name, "wb")  # noqa: SIM115 - closed in _close_shard
+        fd = os.open(self.folder / sf.path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self.f = DirectFile(fd)  # around the page cache: nothing reads the model back here
         self.w = StreamingWriter(self.f, [(i.name, i.dtype, i.shape) for i in sf], sf.metadata or None)
 
     def _close_shard(self) -> None:
         if self.f is not None:
             self.w.close()
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
+            self.f.close()  # no fsync: an export, not registry state (docs/design.md, "merge --apply")
             self.f = None
 
     def finish(self) -> None:
@@ -703,7 +815,7 @@ class _Shards:
 
     def abort(self) -> None:
         if self.f is not None:
-            self.f.close()
+            self.f.abort()
             self.f = None
 
 
@@ -728,7 +840,7 @@ def _copy_side_files(base: Any, folder: Path) -> None:
     copy_side_files(base, folder)
 
 
-def _stream(p: _Plan, store: Any, alpha: float | None, beta: float, folder: Path | None,
+def _stream(p: _Plan, store: Any, verifier: _Verifier, alpha: float | None, beta: float, folder: Path | None,
             progress: Progress, done: list[int], total: int) -> dict[str, TensorEntry]:
     """Merge every target once; store each as a blob and (``folder``) write base + merged shard by shard.
 
@@ -750,62 +862,64 @@ def _stream(p: _Plan, store: Any, alpha: float | None, beta: float, folder: Path
 
     out_dtype = getattr(torch, p.dtype)
     items = _items(p, folder is not None)
-    reader = _Reader(p, store)
     shards = _Shards(p, folder) if folder is not None else None
     tensors: dict[str, TensorEntry] = {}
 
     def put(target: str, stored: torch.Tensor) -> None:
         tensors[target] = _put_tensor(store, stored)
 
-    outs, work = [_Buffers(), _Buffers()], _Buffers()
-    pending: list[list[Future[None]]] = [[], []]
+    def write(item: _Item, base: torch.Tensor, stored: torch.Tensor | None = None, out: Any = None) -> None:
+        """``base + stored`` (or ``base`` as it is) into the model's shard, on the model's writer thread."""
+        assert shards is not None
+        shards(item, base if stored is None else combine(base, stored, out=out))
+
+    outs, work = [_Buffers() for _ in range(_SLOTS)], _Buffers()
+    pending: list[list[Future[None]]] = [[] for _ in range(_SLOTS)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     collect = gc.isenabled()
     gc.disable()  # thousands of chunk-sized tensor views would trigger full collections of torch's objects
     # two blob writers: each blob's fsync waits on the device, so two keep it busy
-    pools = [ThreadPoolExecutor(w, f"patchctl-merge-{s}") for s, w in (("read", 2), ("blobs", 2), ("model", 1))]
-    rx, bx, mx = pools
-
-    def load(n: int) -> tuple[list[Future[torch.Tensor]], Future[torch.Tensor] | None]:
-        item, slot = items[n], n % 2
-        deltas = [] if item.target is None else [rx.submit(reader.delta, item.target, k, slot)
-                                                 for k in range(len(p.inputs))]
-        return deltas, (rx.submit(reader.base, item, slot) if item.info is not None else None)
+    pools = [ThreadPoolExecutor(w, f"patchctl-merge-{s}") for s, w in (("blobs", _SLOTS - 1), ("model", 1))]
+    bx, mx = pools
+    reader = _Reader(p, store, verifier)
 
     try:
-        nxt = load(0) if items else None
         for n, item in enumerate(items):
-            assert nxt is not None
-            deltas = [f.result() for f in nxt[0]]
-            base = nxt[1].result() if nxt[1] is not None else None
-            nxt = load(n + 1) if n + 1 < len(items) else None
-            slot = n % 2
+            verifier.check()  # a corrupt input stops the merge as soon as it is found
+            deltas = [] if item.target is None else [reader.delta(item.target, k) for k in range(len(p.inputs))]
+            base = reader.base(item) if item.info is not None else None
+            slot = n % _SLOTS
             for f in pending[slot]:
                 f.result()  # the buffers of this slot are free again
             pending[slot] = []
-            applied = None
             if item.target is not None:
                 t = item.target
                 shape = p.shapes[t]
+                stored = outs[slot].get("stored", out_dtype, shape)
+                # rounded into the stored dtype chunk by chunk where nothing scales the float32 result first
+                direct = p.device == "cpu" and alpha is None and out_dtype in (torch.bfloat16, torch.float16)
                 merged = merge_tensor(p.method, [d.to(p.device) for d in deltas], p.weights, generator_seed=p.seed,
-                                      name=t, params=p.per_tensor[t],
-                                      out=work.get("merged", torch.float32, shape) if p.device == "cpu" else None)
-                if alpha is not None:
-                    merged.mul_(lines_scale(t, p.num_blocks, alpha, beta))
-                stored = outs[slot].get("stored", out_dtype, shape).copy_(merged)
+                                      name=t, params=p.per_tensor[t], out=stored if direct
+                                      else work.get("merged", torch.float32, shape) if p.device == "cpu" else None)
+                del deltas
+                if not direct:
+                    if alpha is not None:
+                        merged.mul_(lines_scale(t, p.num_blocks, alpha, beta))
+                    stored.copy_(merged)
                 del merged
                 pending[slot].append(bx.submit(put, t, stored))
-                if base is not None:
-                    applied = combine(base, stored, out=outs[slot].get("applied", base.dtype, base.shape))
+                if base is not None:  # base + merged is made on the model's writer thread
+                    applied = outs[slot].get("applied", base.dtype, base.shape, shards.offset(item))
+                    pending[slot].append(mx.submit(write, item, base, stored, applied))
                 _tick(p, t, progress, done, total)
             elif base is not None:
-                applied = outs[slot].get("applied", base.dtype, base.shape).copy_(base)
-            if shards is not None and applied is not None:
-                pending[slot].append(mx.submit(shards, item, applied))
+                pending[slot].append(mx.submit(write, item, base))  # a mapping of its own: written as it is
+            del base
         for fs in pending:
             for f in fs:
                 f.result()
+        verifier.wait()  # every input checked before the model is finished and the patch committed
         if shards is not None:
             shards.finish()
     finally:
@@ -977,90 +1091,98 @@ def merge(
     ``search``: the record of a coefficient search that chose these settings
     (see :mod:`patchctl.registry.search`); kept in the recipe.
     """
-    import torch
-
-    from ..patches.lines import lines_scale, single_patch_beta
-    from ..patches.lora import svd_lora
     from .names import parse_ref
 
     if ref is not None:
         parse_ref(ref)
-    p = plan(reg, inputs, method=method, weights=weights, params=params, overrides=overrides, lines=lines,
-             lines_beta=lines_beta, as_lora=as_lora, rank=rank, dtype=dtype, device=device, seed=seed,
-             apply_to=apply_to, base=base)
-    out_dtype = getattr(torch, p.dtype)
-    passes = 2 if p.lines == "auto" else 1
-    total = passes * sum(math.prod(s) * 4 for s in p.shapes.values())
-    done = [0]
-    tensors: dict[str, TensorEntry] = {}
-    ranks: dict[str, int] = {}
-    errors: dict[str, float] = {}
-    dropped: list[str] = []
-    tail_sq = total_sq = 0.0
-    fused = p.as_lora is None  # a diff: one streaming pass stores it and (apply) writes the model
-    with reg.store.writing(), (staged(Path(apply_to)) if fused and p.base is not None
-                               else contextlib.nullcontext()) as folder:
-        alpha = _lines_alpha(p, progress, done, total)
-        beta = p.lines_beta if p.lines_beta is not None else (single_patch_beta(alpha) if alpha is not None else 0.0)
-        if folder is not None:
-            _copy_side_files(p.base, folder)
-        if fused:
-            tensors = _stream(p, reg.store, alpha, beta, folder, progress, done, total)
-        for t in p.targets if not fused else ():
-            scale = lines_scale(t, p.num_blocks, alpha, beta) if alpha is not None else 1.0
-            module = t.removesuffix(".weight")
-            if p.as_lora == "cat":
-                a, b = _cat_factors(p, t, scale)
-                ka, kb = _lora_keys(module, _is_embedding(p, t))
-                tensors[ka] = reg._write_tensor(ka, a.to(out_dtype).cpu().contiguous())
-                tensors[kb] = reg._write_tensor(kb, b.to(out_dtype).cpu().contiguous())
-                ranks[module] = int(a.shape[0])
-                del a, b
-                _tick(p, t, progress, done, total)
-                continue
-            deltas = _deltas(p, t)
-            merged = _merged(p, t, deltas)
-            del deltas
-            if alpha is not None:
-                merged = merged * scale
-            if p.as_lora == "svd":
-                sq = float(merged.square().sum(dtype=torch.float64))
-                total_sq += sq
-                if merged.dim() != 2 or not t.endswith(".weight"):
-                    dropped.append(t)
-                    errors[t] = 1.0 if sq > 0 else 0.0
-                    tail_sq += sq
-                else:
-                    emb = _is_embedding(p, t)
-                    mat = merged.T if (emb or p.fan_in_fan_out) else merged
-                    a, b, err = svd_lora(mat, int(p.rank or 0), seed=p.seed)
-                    errors[t] = err
-                    tail_sq += err * err * sq
-                    ka, kb = _lora_keys(module, emb)
+    # a diff output maps every raw input blob: hash them from now on, beside torch's import and the merge
+    verifier = _Verifier.start(reg, inputs) if as_lora is None and not isinstance(inputs, str) else None
+    try:
+        torch = _import_torch()
+
+        from ..patches.lines import lines_scale, single_patch_beta
+        from ..patches.lora import svd_lora
+
+        p = plan(reg, inputs, method=method, weights=weights, params=params, overrides=overrides, lines=lines,
+                 lines_beta=lines_beta, as_lora=as_lora, rank=rank, dtype=dtype, device=device, seed=seed,
+                 apply_to=apply_to, base=base)
+        out_dtype = getattr(torch, p.dtype)
+        passes = 2 if p.lines == "auto" else 1
+        total = passes * sum(math.prod(s) * 4 for s in p.shapes.values())
+        done = [0]
+        tensors: dict[str, TensorEntry] = {}
+        ranks: dict[str, int] = {}
+        errors: dict[str, float] = {}
+        dropped: list[str] = []
+        tail_sq = total_sq = 0.0
+        fused = p.as_lora is None  # a diff: one streaming pass stores it and (apply) writes the model
+        with reg.store.writing(), (staged(Path(apply_to)) if fused and p.base is not None
+                                   else contextlib.nullcontext()) as folder:
+            alpha = _lines_alpha(p, progress, done, total)
+            beta = p.lines_beta if p.lines_beta is not None else (single_patch_beta(alpha) if alpha is not None else 0.0)
+            if folder is not None:
+                _copy_side_files(p.base, folder)
+            if fused:
+                verifier = verifier or _Verifier.of(reg.store, [i.view.m for i in p.inputs])
+                tensors = _stream(p, reg.store, verifier, alpha, beta, folder, progress, done, total)
+            for t in p.targets if not fused else ():
+                scale = lines_scale(t, p.num_blocks, alpha, beta) if alpha is not None else 1.0
+                module = t.removesuffix(".weight")
+                if p.as_lora == "cat":
+                    a, b = _cat_factors(p, t, scale)
+                    ka, kb = _lora_keys(module, _is_embedding(p, t))
                     tensors[ka] = reg._write_tensor(ka, a.to(out_dtype).cpu().contiguous())
                     tensors[kb] = reg._write_tensor(kb, b.to(out_dtype).cpu().contiguous())
-                    ranks[module] = int(p.rank or 0)
-            del merged
-            _tick(p, t, progress, done, total)
-        first = p.inputs[0].view.m
-        meta = dict(metadata or {})
-        rel_error = None
-        if p.as_lora == "svd":
-            rel_error = math.sqrt(tail_sq / total_sq) if total_sq > 0 else 0.0
-            meta["svd"] = {"rank": p.rank, "rel_error": rel_error, "tensor_rel_errors": errors, "dropped": dropped}
-        m = Manifest(
-            kind="diff" if p.as_lora is None else "lora",
-            base=dict(first.base),
-            tensors=tensors,
-            params={} if p.as_lora is None else _peft_params(p, ranks, str(first.base.get("name") or "")),
-            parents=tuple(i.digest for i in p.inputs),
-            recipe=_recipe(p, alpha, beta) if search is None else {**_recipe(p, alpha, beta), "search": search},
-            metadata=meta,
-        )
-        msg = message or f"merge {p.method} of {', '.join(i.ref for i in p.inputs)} on {p.device}"
-        if apply_to is not None:
-            msg += f"; applied to {Path(apply_to).resolve()}"
-        digest = reg.commit(m, ref, msg)
+                    ranks[module] = int(a.shape[0])
+                    del a, b
+                    _tick(p, t, progress, done, total)
+                    continue
+                deltas = _deltas(p, t)
+                merged = _merged(p, t, deltas)
+                del deltas
+                if alpha is not None:
+                    merged = merged * scale
+                if p.as_lora == "svd":
+                    sq = float(merged.square().sum(dtype=torch.float64))
+                    total_sq += sq
+                    if merged.dim() != 2 or not t.endswith(".weight"):
+                        dropped.append(t)
+                        errors[t] = 1.0 if sq > 0 else 0.0
+                        tail_sq += sq
+                    else:
+                        emb = _is_embedding(p, t)
+                        mat = merged.T if (emb or p.fan_in_fan_out) else merged
+                        a, b, err = svd_lora(mat, int(p.rank or 0), seed=p.seed)
+                        errors[t] = err
+                        tail_sq += err * err * sq
+                        ka, kb = _lora_keys(module, emb)
+                        tensors[ka] = reg._write_tensor(ka, a.to(out_dtype).cpu().contiguous())
+                        tensors[kb] = reg._write_tensor(kb, b.to(out_dtype).cpu().contiguous())
+                        ranks[module] = int(p.rank or 0)
+                del merged
+                _tick(p, t, progress, done, total)
+            first = p.inputs[0].view.m
+            meta = dict(metadata or {})
+            rel_error = None
+            if p.as_lora == "svd":
+                rel_error = math.sqrt(tail_sq / total_sq) if total_sq > 0 else 0.0
+                meta["svd"] = {"rank": p.rank, "rel_error": rel_error, "tensor_rel_errors": errors, "dropped": dropped}
+            m = Manifest(
+                kind="diff" if p.as_lora is None else "lora",
+                base=dict(first.base),
+                tensors=tensors,
+                params={} if p.as_lora is None else _peft_params(p, ranks, str(first.base.get("name") or "")),
+                parents=tuple(i.digest for i in p.inputs),
+                recipe=_recipe(p, alpha, beta) if search is None else {**_recipe(p, alpha, beta), "search": search},
+                metadata=meta,
+            )
+            msg = message or f"merge {p.method} of {', '.join(i.ref for i in p.inputs)} on {p.device}"
+            if apply_to is not None:
+                msg += f"; applied to {Path(apply_to).resolve()}"
+            digest = reg.commit(m, ref, msg)
+    finally:
+        if verifier is not None:
+            verifier.cancel()
     applied = None
     if folder is not None:
         applied = Path(apply_to)  # type: ignore[arg-type]
