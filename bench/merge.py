@@ -207,9 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mergekit-venv", type=Path, default=None, help="default WORK/venv-mergekit")
     ap.add_argument("--setup", action="store_true", help="create the mergekit venv if it is missing")
     ap.add_argument("--rounds", type=int, default=1, help="times each timed step runs, interleaved (default 1)")
+    ap.add_argument("--methods", default="ta,ties", help="comma-separated methods to time: ta, ties (default both)")
     ap.add_argument("--no-shard-variant", action="store_true", help="skip mergekit TA with --out-shard-size 200M")
+    ap.add_argument("--no-raw", action="store_true", help="skip the raw read + write of the same bytes")
     ap.add_argument("--keep", action="store_true", help="keep the pushed registry")
     args = ap.parse_args(argv)
+    methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+    if not methods or set(methods) - {"ta", "ties"}:
+        ap.error(f"--methods: choose from ta, ties (got {args.methods!r})")
 
     py = sys.executable
     exe = Path(py).parent / "patchctl"
@@ -306,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(1, args.rounds + 1):
         print(f"\nround {rnd}:")
         for method, short in (("task_arithmetic", "TA"), ("ties", "TIES")):
+            if short.lower() not in methods:
+                continue
             extra = ["--method", "ties", "--density", f"{DENSITY:g}"] if method == "ties" else []
             mk_out, pc_out = run_dir / f"out-mk-{short}", run_dir / f"out-pc-{short}"
             reg = run_dir / "registry"
@@ -320,10 +327,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(mk_out, ignore_errors=True)
             shutil.rmtree(pc_out, ignore_errors=True)
             step(f"patchctl {short} merge (patch only)", merge, None, reg, rnd)
-        copy = run_dir / "raw-copy"
-        step("raw read 4 models + write 1", [py, "-c", RAW, str(base), *map(str, fts), str(copy)], copy, None, rnd)
-        shutil.rmtree(copy, ignore_errors=True)
-        if not args.no_shard_variant:
+        if not args.no_raw:
+            copy = run_dir / "raw-copy"
+            step("raw read 4 models + write 1", [py, "-c", RAW, str(base), *map(str, fts), str(copy)], copy, None, rnd)
+            shutil.rmtree(copy, ignore_errors=True)
+        if not args.no_shard_variant and "ta" in methods:
             mk_out = run_dir / "out-mk-TA-200M"
             step("mergekit TA --out-shard-size 200M",
                  [str(mk_yaml), str(cfgs["task_arithmetic"]), str(mk_out), "--no-copy-tokenizer",
@@ -355,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         wall, rss = med(label, 0), med(label, 1)
         rw = ratio(label, mkref, 0) if label != mkref and not label.startswith("raw") else None
         rr = ratio(label, mkref, 1) if rw is not None else None
-        xr = ratio(label, raw, 0) if label != raw else None
+        xr = ratio(label, raw, 0) if label != raw and raw in results else None
         goal = ""
         if label.endswith("merge --apply"):
             method = "ties" if "TIES" in label else "task_arithmetic"
