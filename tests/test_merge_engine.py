@@ -223,9 +223,13 @@ def test_apply_without_direct_io_writes_the_same_model_and_patch(shared, models,
         assert (tmp_path / "plain" / p.name).read_bytes() == p.read_bytes(), p.name
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_corrupt_input_blob_stops_the_merge_with_no_model_and_no_ref(models, tmp_path, damage):
+@pytest.mark.parametrize("verifier", ["process", "thread"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
+def test_corrupt_input_blob_stops_the_merge_with_no_model_and_no_ref(models, tmp_path, monkeypatch, damage, verifier):
     from patchctl.errors import DigestMismatch, InvalidPatch
+
+    if verifier == "thread":  # no interpreter to start the verifier's process with: a thread checks instead
+        monkeypatch.setattr(sys, "executable", "")
 
     with Registry(tmp_path / "reg") as reg:
         reg.push(models.finetune, "ft:v1", base=models.base)
@@ -236,8 +240,11 @@ def test_corrupt_input_blob_stops_the_merge_with_no_model_and_no_ref(models, tmp
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 1
         path.write_bytes(bytes(data) if damage == "flip" else bytes(data[:-2]))
-        error, match = ((DigestMismatch, f"object {entry.digest} is corrupt") if damage == "flip"
-                        else (InvalidPatch, f"blob {entry.digest} does not have the {entry.size} bytes"))
+        if damage == "remove":
+            path.unlink()
+        error, match = {"flip": (DigestMismatch, f"object {entry.digest} is corrupt"),
+                        "truncate": (InvalidPatch, f"blob {entry.digest} does not have the {entry.size} bytes"),
+                        "remove": (NotFound, f"object {entry.digest} is not in the registry")}[damage]
         with pytest.raises(error, match=match):
             reg.merge(["ft:v1", "ft2:v1"], "m:v1", apply_to=tmp_path / "out", base=models.base)
         assert not (tmp_path / "out").exists()

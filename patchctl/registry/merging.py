@@ -540,7 +540,6 @@ def _check_apply(loaded: list[_Input], out: Path, base: str | os.PathLike[str], 
 
 # -- the work -------------------------------------------------------------------------
 # -- the streaming pass: merged diff blobs and (--apply) the merged model, one read of each input --
-_PIECE = 4 << 20  # bytes hashed and read or written per step (stays in cache between the two)
 _SLOTS = 4  # output buffers in flight: a tensor is merged while the previous ones are still being written
 
 
@@ -605,32 +604,63 @@ def _map(fd: int, start: int, nbytes: int) -> tuple[Any, int]:
     return mmap.mmap(fd, start + nbytes - off, access=mmap.ACCESS_COPY, offset=off), start - off
 
 
-def _map_blob(store: Any, entry: TensorEntry) -> Any:
-    """A raw blob's bytes, mapped (``b""`` for an empty one); its size checked against its shape."""
-    from ..errors import InvalidPatch
+def _blob_error(problem: str, entry: TensorEntry) -> PatchctlError:
+    """The error for an input blob that is ``missing``, of the wrong ``size`` or ``corrupt``."""
+    from ..errors import DigestMismatch, InvalidPatch
+
+    if problem == "missing":
+        return NotFound(f"object {entry.digest} is not in the registry")
+    if problem == "size":
+        return InvalidPatch(f"blob {entry.digest} does not have the {entry.size} bytes its manifest says")
+    return DigestMismatch(f"object {entry.digest} is corrupt: its bytes hash to something else (run `patchctl fsck`)")
+
+
+def _nbytes(entry: TensorEntry) -> int:
     from ._safetensors import ITEMSIZE
 
+    return math.prod(entry.shape) * ITEMSIZE[entry.dtype]
+
+
+def _map_blob(store: Any, entry: TensorEntry) -> Any:
+    """A raw blob's bytes, mapped (``b""`` for an empty one); its size checked against its shape."""
     try:
         fd = os.open(store.blob_path(entry.digest), os.O_RDONLY)
     except FileNotFoundError:
-        raise NotFound(f"object {entry.digest} is not in the registry") from None
+        raise _blob_error("missing", entry) from None
     try:
         size = os.fstat(fd).st_size
-        if size != math.prod(entry.shape) * ITEMSIZE[entry.dtype]:
-            raise InvalidPatch(f"blob {entry.digest} does not have the {entry.size} bytes its manifest says")
+        if size != _nbytes(entry):
+            raise _blob_error("size", entry)
         return _map(fd, 0, size)[0] if size else b""
     finally:
         os.close(fd)
 
 
-def _check_blob(data: Any, digest: str) -> None:
-    """Verify a blob's bytes (hashlib releases the GIL while it hashes a large buffer)."""
-    import hashlib
-
-    from ..errors import DigestMismatch
-
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-        raise DigestMismatch(f"object {digest} is corrupt: its bytes hash to something else (run `patchctl fsck`)")
+# The verifier's own process: reads "DIGEST SIZE PATH" lines, hashes each file through a mapping and
+# answers "ok", or "missing|size|corrupt DIGEST" for the first bad one. It needs only the standard
+# library, so it starts in milliseconds (-I -S), and hashing there takes no turns at this process's GIL.
+_VERIFY = r"""
+import hashlib, mmap, os, sys
+for line in sys.stdin:
+    digest, size, path = line.rstrip("\n").split(" ", 2)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        sys.exit(print("missing", digest, flush=True))
+    try:
+        n = os.fstat(fd).st_size
+        if n != int(size):
+            sys.exit(print("size", digest, flush=True))
+        h = hashlib.sha256()
+        if n:
+            with mmap.mmap(fd, n, access=mmap.ACCESS_READ) as m:
+                h.update(m)
+    finally:
+        os.close(fd)
+    if "sha256:" + h.hexdigest() != digest:
+        sys.exit(print("corrupt", digest, flush=True))
+print("ok", flush=True)
+"""
 
 
 def _put_tensor(store: Any, t: torch.Tensor) -> TensorEntry:
@@ -640,32 +670,35 @@ def _put_tensor(store: Any, t: torch.Tensor) -> TensorEntry:
 
     data = tensor_to_bytes(t)
     with BlobWriter(store, direct=True) as w:  # not read back here: around the page cache
-        for lo in range(0, len(data), _PIECE):
-            w.write(data[lo : lo + _PIECE])
+        w.write(data)  # one hash call and one write (from the page-aligned buffer): few turns at the GIL
         digest = w.commit()
     return TensorEntry(digest, dtype_name(t.dtype), tuple(t.shape), "raw", len(data))
 
 
 class _Verifier:
-    """Hashes the raw blobs of a merge's inputs on a thread of its own, started before anything else.
+    """Hashes the raw blobs of a merge's inputs beside the merge, started before anything else.
 
     Started before torch is imported, it checks the inputs while the import
-    (single-threaded) runs, then beside the merge. Each blob is mapped,
-    hashed (hashlib releases the GIL) and unmapped, one at a time. The
-    merge uses the same bytes through mappings of its own, and commits
+    (single-threaded) runs, then beside the merge. The hashing runs in a
+    small process of its own (:data:`_VERIFY`): in a thread it took turns at
+    the GIL with the merge's thousands of short torch calls, which cost both
+    sides about a second here. Where that process cannot start, a thread
+    does the same. Each blob is mapped, hashed and unmapped, one at a time.
+    The merge uses the same files through mappings of its own and commits
     nothing before :meth:`wait` has returned; :meth:`check` raises a
     mismatch found so far, so a corrupt input stops the merge early.
     """
 
-    def __init__(self, store: Any, entries: Sequence[TensorEntry]):
+    def __init__(self, store: Any, entries: Sequence[TensorEntry], process: bool = True):
         import threading
 
         self.store = store
         self.entries = list({e.digest: e for e in entries}.values())
         self.digests = {e.digest for e in self.entries}
         self.error: BaseException | None = None
+        self._proc: Any = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="patchctl-merge-verify", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(process,), name="patchctl-merge-verify", daemon=True)
         self._thread.start()
 
     @classmethod
@@ -681,19 +714,53 @@ class _Verifier:
         except (PatchctlError, TypeError):
             return None
 
-    def _run(self) -> None:
+    def _run(self, process: bool) -> None:
         try:
-            for e in self.entries:
-                if self._stop.is_set():
-                    return
-                data = _map_blob(self.store, e)
-                try:
-                    _check_blob(data, e.digest)
-                finally:
-                    if data:
-                        data.close()
+            if not (process and self._in_process()):
+                self._in_thread()
         except BaseException as exc:  # noqa: BLE001 - raised in the merging thread by check()/wait()
             self.error = exc
+
+    def _in_process(self) -> bool:
+        """Check every blob in the verifier process; False where it could not run (then the thread does it)."""
+        import subprocess
+        import sys
+
+        paths = [str(self.store.blob_path(e.digest)) for e in self.entries]
+        if not sys.executable or any("\n" in p for p in paths):
+            return False  # no interpreter to start, or a path the line format cannot carry
+        lines = "".join(f"{e.digest} {_nbytes(e)} {p}\n" for e, p in zip(self.entries, paths, strict=True))
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _VERIFY], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            if self._stop.is_set():  # cancelled while it started
+                self._proc.kill()
+            out, _ = self._proc.communicate(lines)
+        except (OSError, ValueError):
+            return False
+        if self._stop.is_set():
+            return True
+        problem, _, digest = out.strip().partition(" ")
+        if problem == "ok" and self._proc.returncode == 0:
+            return True
+        entry = next((e for e in self.entries if e.digest == digest), None)
+        if problem in ("missing", "size", "corrupt") and entry is not None:
+            raise _blob_error(problem, entry)
+        return False  # the process failed some other way: check in this process instead
+
+    def _in_thread(self) -> None:
+        import hashlib
+
+        for e in self.entries:
+            if self._stop.is_set():
+                return
+            data = _map_blob(self.store, e)
+            try:
+                if "sha256:" + hashlib.sha256(data).hexdigest() != e.digest:  # releases the GIL as it hashes
+                    raise _blob_error("corrupt", e)
+            finally:
+                if data:
+                    data.close()
 
     def check(self) -> None:
         """Raise the failure found so far, if any."""
@@ -707,6 +774,8 @@ class _Verifier:
 
     def cancel(self) -> None:
         self._stop.set()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
         self._thread.join()
 
 
