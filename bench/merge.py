@@ -3,6 +3,7 @@
     python bench/merge.py               # full size: synthetic Llama, 468.2M params, bf16, 2 shards
     python bench/merge.py --layers 2    # quick run (99M params)
     python bench/merge.py --rounds 2    # every timed step twice, interleaved
+    python bench/merge.py --methods ta --no-raw --no-shard-variant   # task arithmetic against mergekit only
 
 Inputs (built or reused under ``bench/_work/`` by ``bench/_synth.py``): a base
 and three fine-tunes of it (``dense``, ``sparse`` and ``lowrank``), merged with

@@ -29,14 +29,18 @@ nothing.
 
 **Streaming.** A diff output is made in one pass (:func:`_stream`): target by
 target (sorted by name), or with ``--apply`` base tensor by base tensor in
-each shard's data order. Each input's blob is read once into a reused buffer
-(its hash verified as it comes), the tensor merged in float32 into a reused
-buffer, optionally LiNeS-scaled, rounded to the output dtype and stored as a
-blob; with ``--apply``, ``combine(base, stored)`` is written to the model's
-shard from the same tensor, so the model is byte-identical to ``patchctl
-apply`` of the stored merge (no second read of the patch). Reading the next
-tensor, merging this one and writing the previous one overlap on threads;
-memory is a few copies of the largest tensor. LiNeS ``auto`` needs the
+each shard's data order. Each input's blob (and base tensor) is mapped, not
+copied; the tensor merged in float32 chunks, rounded to the output dtype into
+a reused buffer (LiNeS: scaled in float32 first) and stored as a blob; with
+``--apply``, ``combine(base, stored)`` is written to the model's shard from
+the same tensor, so the model is byte-identical to ``patchctl apply`` of the
+stored merge (no second read of the patch). Every raw input blob is hashed by
+a :class:`_Verifier` started before torch is imported; nothing is committed
+before all of them have matched. Outputs go around the page cache
+(:class:`~patchctl.registry.store.DirectFile`); the ``--apply`` shards are not
+fsynced (an export), the blobs are. Merging this tensor and storing and
+writing the previous ones overlap on threads; memory is a few copies of the
+largest tensor. LiNeS ``auto`` needs the
 model-wide L1 norms first, so it makes one more pass that merges each
 tensor, accumulates :func:`~patchctl.patches.lines.l1_norms` and discards
 it. LoRA outputs keep a per-target loop and apply the stored patch after.
@@ -716,7 +720,7 @@ class _Verifier:
 
     def _run(self, process: bool) -> None:
         try:
-            if not (process and self._in_process()):
+            if self.entries and not (process and self._in_process()):
                 self._in_thread()
         except BaseException as exc:  # noqa: BLE001 - raised in the merging thread by check()/wait()
             self.error = exc
@@ -913,13 +917,15 @@ def _stream(p: _Plan, store: Any, verifier: _Verifier, alpha: float | None, beta
             progress: Progress, done: list[int], total: int) -> dict[str, TensorEntry]:
     """Merge every target once; store each as a blob and (``folder``) write base + merged shard by shard.
 
-    The stages overlap: two threads load the next tensor's inputs (verifying
-    their hashes) while this one merges the current tensor, two store the
-    merged blobs (manifest keys are sorted, so the order they finish in does
-    not matter) and one writes the model's shards in order. Buffers are reused (two sets on
-    each side), so memory is bounded by a few copies of the largest tensor.
-    The arithmetic runs on one intra-op thread: the stages already fill the
-    cores, and chunk-sized operations only lose to thread hand-offs.
+    The stages overlap: this thread maps the inputs and merges the current
+    tensor while ``_SLOTS - 1`` threads store the previous merged blobs
+    (manifest keys are sorted, so the order they finish in does not matter)
+    and one makes ``base + merged`` and writes the model's shards in order;
+    the :class:`_Verifier` hashes the inputs meanwhile. Output buffers are
+    reused (``_SLOTS`` sets), so memory is bounded by a few copies of the
+    largest tensor. The arithmetic runs on one intra-op thread: the stages
+    already fill the cores, and chunk-sized operations only lose to thread
+    hand-offs.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
