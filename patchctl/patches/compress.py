@@ -485,10 +485,6 @@ def _select(
     return idx, signs, sum(abs_sums)
 
 
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
 def _cast_values(f: _Flat, vals: torch.Tensor, values_dtype: torch.dtype) -> torch.Tensor:
     out = vals.to(values_dtype)
     if out.numel() and not bool(torch.isfinite(out).all()):

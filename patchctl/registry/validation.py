@@ -265,9 +265,16 @@ def validate_merge(
         "rows": rows,
         "min_normalized": min(targets) if targets else None,
         "verdict": verdict,
-        **({"search": search} if search is not None else {}),
     }
-    summary["record"] = records.add_validation(reg.store, merged, summary)
+    return _recorded(reg, merged, summary, search)
+
+
+def _recorded(reg: Registry, subject: str, summary: dict[str, Any], search: dict[str, Any] | None) -> dict[str, Any]:
+    """``summary`` (with the ``search`` record that chose the subject, if any) stored as a validation
+    record of ``subject``; its digest added as ``summary["record"]``."""
+    if search is not None:
+        summary["search"] = search
+    summary["record"] = records.add_validation(reg.store, subject, summary)
     return summary
 
 
@@ -324,10 +331,8 @@ def validate_port(
         "rows": rows,
         "min_recovered": min(rec) if rec else None,
         "verdict": "pass" if not rec or min(rec) >= gate else "fail",
-        **({"search": search} if search is not None else {}),
     }
-    summary["record"] = records.add_validation(reg.store, ported, summary)
-    return summary
+    return _recorded(reg, ported, summary, search)
 
 
 def validate_derived(
@@ -358,7 +363,5 @@ def validate_derived(
         rows.append({"suite": s.digest, "task": s.task, "base": b, "source": src, "derived": d,
                      "gain_kept": (d - b) / (src - b) if src - b > 1e-9 else None})
     summary = {"type": kind, "derived": derived, "source": source, "split": split,
-               "device": res[0]["device"] if res else None, "rows": rows, "verdict": "info",
-               **({"search": search} if search is not None else {})}
-    summary["record"] = records.add_validation(reg.store, derived, summary)
-    return summary
+               "device": res[0]["device"] if res else None, "rows": rows, "verdict": "info"}
+    return _recorded(reg, derived, summary, search)
