@@ -3,6 +3,7 @@
     python bench/compress.py                    # 50M-entry Gaussian fp16 vector (a few minutes)
     python bench/compress.py --n 5000000 --reps 2   # quick run
     python bench/compress.py --real diff.safetensors  # also bits/param of a real task vector
+    python bench/compress.py --skip-gaussian --steps --threads 1 --densities 0.2  # each step, C vs numpy
 
 Prints three tables for a Gaussian "patch" tau of --n fp16 entries:
 
@@ -197,6 +198,29 @@ def real(args) -> None:
     print("   bits include headers; 'values' stores fp16 values (16 bits each) on top of the positions")
 
 
+def steps(args) -> None:
+    """sparsify, encode and decode timed alone (best of --reps), C kernels against the numpy path."""
+    n = args.n
+    tau = torch.randn(n, generator=torch.Generator().manual_seed(args.seed)).to(torch.float16)
+    stream = lambda: iter([("tau", tau)])  # noqa: E731
+    lib = native.lib
+    print(f"\nsteps, {n:,} fp16 entries, torch threads {torch.get_num_threads()}, best of {args.reps} (ms)")
+    print(f"{'d':>6} {'path':>6} {'sparsify':>9} {'encode':>8} {'decode':>8}")
+    for d in args.densities:
+        for name, kernels in (("C", lib), ("numpy", None)):
+            if name == "C" and lib is None:
+                continue
+            native.lib = kernels
+            try:
+                t_sp, sp = min((timed(select, stream, d) for _ in range(args.reps)), key=lambda r: r[0])
+                t_en, data = min((timed(encode, sp) for _ in range(args.reps)), key=lambda r: r[0])
+                t_de = min(timed(decode, data)[0] for _ in range(args.reps))
+            finally:
+                native.lib = lib
+            print(f"{d:>6.2f} {name:>6} {1e3 * t_sp:>9.1f} {1e3 * t_en:>8.1f} {1e3 * t_de:>8.1f}")
+            del sp, data
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=50_000_000, help="entries of the Gaussian vector")
@@ -208,11 +232,14 @@ def main() -> None:
     p.add_argument("--no-zstd19", action="store_true", help="skip table 3")
     p.add_argument("--real", type=str, default=None, help="a safetensors diff (task vector) file")
     p.add_argument("--skip-gaussian", action="store_true")
+    p.add_argument("--steps", action="store_true", help="also time sparsify/encode/decode alone, C against numpy")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.skip_gaussian:
         gaussian(args)
+    if args.steps:
+        steps(args)
     if args.real:
         real(args)
 
