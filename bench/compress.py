@@ -42,7 +42,7 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from patchctl import native  # noqa: E402
+from patchctl.patches import native  # noqa: E402
 from patchctl.patches.codec import decode, encode, to_dense  # noqa: E402
 from patchctl.patches.compress import entropy_bound_bits, relative_l2_error, sparsify  # noqa: E402
 

@@ -58,8 +58,8 @@ ROOT = HERE.parent
 TARGETS = ("safetensors", "manifest", "peft", "codec")
 STATS = "ATHERIS-STATS "
 # the parsers the targets reach, imported under instrumentation (with every patchctl module they import)
-PARSERS = ("patchctl.registry._safetensors", "patchctl.registry.manifest", "patchctl.registry.canonical",
-           "patchctl.registry.importers", "patchctl.patches.codec")
+PARSERS = ("patchctl.registry.formats.safetensors", "patchctl.registry.store.manifest", "patchctl.registry.formats.canonical",
+           "patchctl.registry.ops.importing", "patchctl.patches.codec")
 
 
 # ---------------------------------------------------------------------------- the child: one target under libFuzzer

@@ -119,7 +119,7 @@ def gaussian(rng_seed: int, n: int, scale: float = 1.0):
 def synth_patch(reg: Any, ref: str | None, tensors: dict[str, bytes], fingerprint: str = FAKE_FP,
                 base_name: str = "synthetic-base", metadata: dict | None = None, move_latest: bool = False) -> str:
     """Store a float32 ``diff`` patch whose tensors have exactly these bytes (1-D); its digest."""
-    from patchctl.registry.manifest import Manifest, TensorEntry
+    from patchctl.registry.store.manifest import Manifest, TensorEntry
 
     entries = {}
     for name, data in tensors.items():
@@ -149,7 +149,7 @@ def write_diff_file(path: Path, base: Path, seed: int, scale: float = 1e-3) -> P
     """A diff safetensors file for ``base``: every base tensor, Gaussian values."""
     from safetensors.numpy import save_file
 
-    from patchctl.registry._safetensors import SafetensorsFile
+    from patchctl.registry.formats.safetensors import SafetensorsFile
 
     f = SafetensorsFile(base / "model.safetensors")
     tensors = {n: gaussian(seed * 7919 + i, int(info.numel), scale).reshape(info.shape)
@@ -175,7 +175,7 @@ def file_state(reg: Path) -> dict[str, int]:
 
 
 def refs_of(reg_path: Path) -> dict[str, str]:
-    from patchctl.registry.store import Store
+    from patchctl.registry.store.folder import Store
 
     store = Store.open(reg_path, create=False)
     out = {}
@@ -189,7 +189,7 @@ def refs_of(reg_path: Path) -> dict[str, str]:
 def incomplete_refs(reg: Any) -> list[str]:
     """Refs whose manifest is missing, does not parse or verify, or lacks a blob."""
     from patchctl.errors import PatchctlError
-    from patchctl.registry import manifest as manifest_mod
+    from patchctl.registry.store import manifest as manifest_mod
 
     bad = []
     for r in reg.store.iter_refs():
@@ -229,7 +229,7 @@ def check_registry(reg_path: Path, must_keep: dict[str, str]) -> Check:
 
 
 def _ref(s: str) -> Any:
-    from patchctl.registry.names import parse_ref
+    from patchctl.registry.store.names import parse_ref
 
     return parse_ref(s)
 
@@ -788,7 +788,7 @@ class Targets:
         self.adapter.mkdir(parents=True, exist_ok=True)
 
     def safetensors(self, data: bytes) -> None:
-        from patchctl.registry._safetensors import SafetensorsFile
+        from patchctl.registry.formats.safetensors import SafetensorsFile
 
         self.path.write_bytes(data)
         f = SafetensorsFile(self.path)
@@ -799,13 +799,13 @@ class Targets:
 
     @staticmethod
     def manifest(data: bytes) -> None:
-        from patchctl.registry import manifest
+        from patchctl.registry.store import manifest
 
         m = manifest.parse(data)
         assert manifest.parse(m.to_bytes()).to_bytes() == m.to_bytes()  # what parses, round-trips
 
     def peft(self, data: bytes) -> None:
-        from patchctl.registry.importers import ADAPTER_CONFIG, read_peft_config
+        from patchctl.registry.ops.importing import ADAPTER_CONFIG, read_peft_config
 
         (self.adapter / ADAPTER_CONFIG).write_bytes(data)
         read_peft_config(self.adapter)  # the file reader itself: its JSON errors too, not only the checker
@@ -826,8 +826,8 @@ def seed_inputs() -> dict[str, list[bytes]]:
     import torch
 
     from patchctl.patches.codec import SparseTensor, encode
-    from patchctl.registry._safetensors import header_bytes
-    from patchctl.registry.manifest import Manifest, TensorEntry
+    from patchctl.registry.formats.safetensors import header_bytes
+    from patchctl.registry.store.manifest import Manifest, TensorEntry
 
     st_seeds = []
     for entries, meta in [([("a", "float32", (2, 3)), ("b", "float16", (4,)), ("c", "int8", (0,))], None),

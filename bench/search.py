@@ -74,7 +74,7 @@ def compress_table(reg, densities, budget):
     for d in densities:
         for t in TASKS:
             default = reg.compress(f"{t}:v1", f"{t}:d{d}-k1", density=d, kappa=1.0, move_latest=False)
-            from patchctl.registry.validation import validate_derived
+            from patchctl.registry.ops.validation import validate_derived
 
             g_def = gains(validate_derived(reg, default.source, default.digest, [reg.resolve(f"evals/{t}:v1")]))[0]
             res = reg.compress(f"{t}:v1", f"{t}:d{d}-searched", density=d, search=True, budget=budget,

@@ -53,7 +53,7 @@ from patchctl.server.process import serving  # noqa: E402
 def make_registry(root: Path, blobs: int, mib: int) -> list[str]:
     sys.path.insert(0, str(ROOT))
     from patchctl import Registry
-    from patchctl.registry.manifest import Manifest, TensorEntry
+    from patchctl.registry.store.manifest import Manifest, TensorEntry
 
     digests = []
     with Registry(root) as reg:

@@ -64,7 +64,7 @@ def kernels(request, monkeypatch):
 
     The "native" run is skipped where the extension was not built (no C compiler).
     """
-    from patchctl import native
+    from patchctl.patches import native
 
     if request.param == "native":
         if native.lib is None:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import patchctl
-from patchctl import BaseMismatch, DigestMismatch, Registry, compose
+from patchctl import BaseMismatch, DigestMismatch, Registry
 from patchctl.errors import (
     DeviceUnavailable,
     InvalidArgument,
@@ -22,6 +22,7 @@ from patchctl.errors import (
 )
 from patchctl.patches.apply import apply_pins, combine
 from patchctl.patches.merge import METHODS, merge_tensor
+from patchctl.registry.ops import compose
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
 

@@ -10,9 +10,9 @@ import textwrap
 
 import torch
 
-from patchctl.registry import canonical
-from patchctl.registry._safetensors import SafetensorsFile, write_file
-from patchctl.registry.manifest import Manifest, TensorEntry, parse
+from patchctl.registry.formats import canonical
+from patchctl.registry.formats.safetensors import SafetensorsFile, write_file
+from patchctl.registry.store.manifest import Manifest, TensorEntry, parse
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -21,7 +21,7 @@ FP = "sha256:" + "f" * 64
 SCRIPT = textwrap.dedent(
     """
     import sys, json
-    from patchctl.registry.manifest import Manifest, TensorEntry
+    from patchctl.registry.store.manifest import Manifest, TensorEntry
     order = json.loads(sys.argv[1])
     ents = {"b.weight": TensorEntry(%r, "float32", (2, 3), "raw", 24),
             "a.weight": TensorEntry(%r, "bfloat16", (4,), "raw", 8)}

@@ -20,9 +20,9 @@ from patchctl import Registry
 from patchctl.errors import InvalidArgument, InvalidPatch, NotFound, UnsupportedPatch
 from patchctl.patches import codec
 from patchctl.patches.compress import entropy_bound_bits, relative_l2_error, sparsify
-from patchctl.registry.checkpoint import Checkpoint
-from patchctl.registry.manifest import Manifest
-from patchctl.registry.names import parse_ref
+from patchctl.registry.formats.checkpoint import Checkpoint
+from patchctl.registry.store.manifest import Manifest
+from patchctl.registry.store.names import parse_ref
 
 from .conftest import snapshot
 
@@ -316,7 +316,7 @@ def test_bad_compress_is_one_clear_error_and_writes_nothing(shared, cli, ref, kw
 
 
 def test_max_size_picks_the_largest_density_that_fits(registry, models, cli):
-    from patchctl.registry.compressing import stored_size
+    from patchctl.registry.ops.compressing import stored_size
 
     registry.push(models.finetune, "ft:v1", base=models.base)
     full = stored_size(registry, "ft:v1", density=0.05)

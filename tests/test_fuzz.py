@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 
 from patchctl import Registry
 from patchctl.errors import InvalidCheckpoint, InvalidPatch, PatchctlError
-from patchctl.registry import manifest as manifest_mod
-from patchctl.registry._safetensors import SafetensorsFile
-from patchctl.registry.importers import check_peft_config
+from patchctl.registry.formats.safetensors import SafetensorsFile
+from patchctl.registry.ops.importing import check_peft_config
+from patchctl.registry.store import manifest as manifest_mod
 
 from .test_reliability import R
 
@@ -252,7 +252,7 @@ def test_pull_of_a_manifest_with_nan_is_refused_and_stores_nothing(tmp_path):
         p = o.store._path("manifests", bad_digest)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(bad)
-        from patchctl.registry.names import Ref
+        from patchctl.registry.store.names import Ref
 
         o.store.move_ref(Ref("evil", "v1"), bad_digest, "planted")
     with Registry(tmp_path / "dst") as reg:

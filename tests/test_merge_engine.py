@@ -26,8 +26,8 @@ from patchctl.errors import (
     ShapeMismatch,
     UnsupportedPatch,
 )
-from patchctl.registry.checkpoint import Checkpoint
-from patchctl.registry.manifest import Manifest
+from patchctl.registry.formats.checkpoint import Checkpoint
+from patchctl.registry.store.manifest import Manifest
 
 from .conftest import snapshot
 
@@ -269,8 +269,8 @@ def _refuse_direct_io(monkeypatch) -> None:
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_direct_file_writes_exactly_the_bytes_given_whatever_their_alignment(tmp_path, monkeypatch, direct):
-    from patchctl.registry.merging import _Buffers
-    from patchctl.registry.store import DirectFile
+    from patchctl.registry.ops.merging import _Buffers
+    from patchctl.registry.store.folder import DirectFile
 
     if not direct:
         _refuse_direct_io(monkeypatch)
@@ -373,7 +373,7 @@ def test_mixed_svd_leaves_out_1d_tensors_and_counts_them_in_the_error(shared):
 def test_sparse_input_merges_as_its_dense_decoding(shared):
     from patchctl.patches import codec
     from patchctl.patches.compress import sparsify
-    from patchctl.registry.manifest import TensorEntry
+    from patchctl.registry.store.manifest import TensorEntry
 
     tau = deltas_of(shared, "ft:v1")
     names = [n for n in sorted(tau) if n.startswith("encoder.layer.1.attention.")]

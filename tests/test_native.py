@@ -18,9 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from patchctl import native
 from patchctl.errors import InvalidArgument, InvalidPatch
-from patchctl.patches import codec
+from patchctl.patches import codec, native
 from patchctl.patches.compress import sparsify
 
 needs_native = pytest.mark.skipif(native.lib is None, reason="patchctl._kernels is not built here")
@@ -35,7 +34,7 @@ def test_kernels_are_built_where_a_c_compiler_exists():
 
 
 def test_patchctl_native_0_turns_the_kernels_off_in_a_new_process():
-    code = "from patchctl import native; print(native.available())"
+    code = "from patchctl.patches import native; print(native.available())"
     env = dict(os.environ, PATCHCTL_NATIVE="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

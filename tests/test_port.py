@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from patchctl import BaseMismatch, Registry
 from patchctl.errors import InvalidArgument, ShapeMismatch
 from patchctl.patches import port as pm
-from patchctl.registry.checkpoint import Checkpoint
-from patchctl.registry.manifest import Manifest, TensorEntry
+from patchctl.registry.formats.checkpoint import Checkpoint
+from patchctl.registry.store.manifest import Manifest, TensorEntry
 
 from .conftest import snapshot
 

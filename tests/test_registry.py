@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from patchctl import BaseMismatch, Registry
-from patchctl.registry._safetensors import SafetensorsFile
-from patchctl.registry.checkpoint import Checkpoint, fingerprint_tensors
+from patchctl.registry.formats.checkpoint import Checkpoint, fingerprint_tensors
+from patchctl.registry.formats.safetensors import SafetensorsFile
 
 
 def _files(path):

@@ -22,7 +22,7 @@ import torch
 
 from patchctl import Registry
 from patchctl.errors import DigestMismatch, NotFound, PickleRefused
-from patchctl.registry.names import Ref
+from patchctl.registry.store.names import Ref
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ def test_fsck_is_clean_right_after_a_kill_between_a_file_and_its_index_update(re
     code = (
         "import os, signal, sys\n"
         "from patchctl import Registry\n"
-        "from patchctl.registry.manifest import Manifest\n"
+        "from patchctl.registry.store.manifest import Manifest\n"
         f"reg = Registry({str(reg_path)!r})\n"
         "m = reg.manifest('a:v1')\n"
         "m2 = Manifest(m.kind, m.base, m.tensors, metadata={'v': 2})\n"
@@ -165,7 +165,7 @@ def test_a_ref_move_waits_for_gc_and_never_points_at_what_gc_deleted(reg_path):
 
 def test_merge_holds_the_writer_lock_until_its_ref_moves(reg_path, monkeypatch):
     """gc started between a merge's commit and its ref move waits, and then keeps the merged patch."""
-    from patchctl.registry import records
+    from patchctl.registry.store import records
 
     with Registry(reg_path) as reg:
         for k in ("a", "b"):

@@ -21,8 +21,8 @@ from patchctl.errors import (
     NotFound,
     PatchctlError,
 )
-from patchctl.registry import remotes
-from patchctl.registry.names import Ref
+from patchctl.registry.remote import transfer as remotes
+from patchctl.registry.store.names import Ref
 
 from .conftest import snapshot
 from .test_server import TOKEN, make_patch, serving
@@ -152,7 +152,7 @@ class StandIn:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
-        from patchctl.registry.store import Store
+        from patchctl.registry.store.folder import Store
 
         store = Store.open(self.root, create=False)
         m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", h.path)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from patchctl import Registry
-from patchctl.registry.manifest import Manifest, TensorEntry
+from patchctl.registry.store.manifest import Manifest, TensorEntry
 from patchctl.server import process as server_process
 from patchctl.server.process import free_port
 

@@ -79,7 +79,7 @@ def test_bad_merge_fails_the_gate_and_moves_no_tag(filled):
         res = reg.merge(["wordnet:v1", "fortunes:v1"], "bad:v1", params={"lambda": 5.0})
         assert res.validation["verdict"] == "fail" and not res.moved
         assert res.validation["min_normalized"] < 0.9
-        assert reg.store.ref_target(__import__("patchctl.registry.names", fromlist=["x"]).parse_ref("bad:v1")) is None
+        assert reg.store.ref_target(__import__("patchctl.registry.store.names", fromlist=["x"]).parse_ref("bad:v1")) is None
         assert reg.show(res.digest)["validations"][-1]["verdict"] == "fail"  # kept, marked failed
 
 
@@ -191,7 +191,7 @@ def _smoothed_argmax(curve, grid):
 
 
 def test_search_choice_ignores_the_test_split_and_is_deterministic(tmp_path, trained, minilm_dir):
-    from patchctl.registry.search import LAMBDA_GRID
+    from patchctl.registry.ops.search import LAMBDA_GRID
 
     chosen = []
     for offset in (0, 100):
@@ -213,7 +213,7 @@ def test_search_choice_ignores_the_test_split_and_is_deterministic(tmp_path, tra
 
 # ----------------------------------------------------------- compress --search, port validation and --search
 def test_compress_search_chooses_kappa_on_validation_only_and_is_deterministic(tmp_path, trained, minilm_dir):
-    from patchctl.registry.search import kappa_grid
+    from patchctl.registry.ops.search import kappa_grid
 
     seen = []
     for offset in (0, 100):
@@ -333,7 +333,7 @@ def test_cli_port_exit_code_on_failed_gate(tmp_path, trained, minilm_dir, minilm
 
 
 def test_port_search_chooses_lambda_on_validation_and_is_deterministic(tmp_path, trained, minilm_dir, minilm_v2):
-    from patchctl.registry.search import PORT_LAMBDA_GRID
+    from patchctl.registry.ops.search import PORT_LAMBDA_GRID
 
     seen = []
     for offset in (0, 100):
@@ -357,7 +357,7 @@ def test_port_search_chooses_lambda_on_validation_and_is_deterministic(tmp_path,
 
 
 def test_smoothed_selection_by_hand():
-    from patchctl.registry.search import _choose, _smoothed
+    from patchctl.registry.ops.search import _choose, _smoothed
 
     grid = (0.5, 1.0, 1.5, 2.0)
     pts = {0.5: 0.90, 1.0: 0.96, 1.5: 0.97, 2.0: 0.80}  # a lone high point beside a cliff loses to its neighbour

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from ..registry.registry import Registry
+from patchctl.registry.registry import Registry
 
 RegistryOpt = Annotated[
     Path | None,
@@ -50,7 +50,7 @@ def parse_size(text: str) -> int:
     """``"2MiB"``, ``"1.5MB"``, ``"800k"``, ``"123456"`` → bytes; :class:`InvalidArgument` otherwise."""
     import re
 
-    from ..errors import InvalidArgument
+    from patchctl.errors import InvalidArgument
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else ""

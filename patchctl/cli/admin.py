@@ -6,7 +6,14 @@ from typing import Annotated
 
 import typer
 
-from ._common import JsonOpt, RegistryOpt, console, emit_json, human_bytes, open_registry
+from patchctl.cli._common import (
+    JsonOpt,
+    RegistryOpt,
+    console,
+    emit_json,
+    human_bytes,
+    open_registry,
+)
 
 app = typer.Typer()
 

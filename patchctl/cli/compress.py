@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import (
+from patchctl.cli._common import (
     JsonOpt,
     Progress,
     RegistryOpt,
@@ -63,7 +63,7 @@ def compress(
     shown = {k: v for k, v in res.recipe.items() if k != "search"}
     console.print("recipe " + json.dumps(shown, sort_keys=True), soft_wrap=True, markup=False, highlight=False)
     if res.recipe.get("search"):
-        from .merge import _render_search
+        from patchctl.cli.merge import _render_search
 
         _render_search(res.recipe["search"])
     if res.validation:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ._common import JsonOpt, RegistryOpt, console, emit_json, open_registry, short
+from patchctl.cli._common import JsonOpt, RegistryOpt, console, emit_json, open_registry, short
 
 app = typer.Typer()
 eval_app = typer.Typer(help="Eval suites: labelled data stored in the registry like patches.", no_args_is_help=True)

@@ -6,12 +6,12 @@ import sys
 
 import typer
 
-from ..errors import PatchctlError
-from . import admin, evals, patches
-from . import compress as compress_cli
-from . import merge as merge_cli
-from . import port as port_cli
-from . import remote as remote_cli
+from patchctl.cli import admin, evals, patches
+from patchctl.cli import compress as compress_cli
+from patchctl.cli import merge as merge_cli
+from patchctl.cli import port as port_cli
+from patchctl.cli import remote as remote_cli
+from patchctl.errors import PatchctlError
 
 app = typer.Typer(
     name="patchctl",

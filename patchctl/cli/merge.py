@@ -8,7 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOpt, Progress, RegistryOpt, console, emit_json, human_bytes, open_registry
+from patchctl.cli._common import (
+    JsonOpt,
+    Progress,
+    RegistryOpt,
+    console,
+    emit_json,
+    human_bytes,
+    open_registry,
+)
 
 app = typer.Typer()
 
@@ -45,7 +53,7 @@ def merge(
     json_out: JsonOpt = False,
 ) -> None:
     """Merge patches on one base into a new patch (diff, or LoRA with --as-lora)."""
-    from ..registry.merging import parse_override, parse_weights, read_recipe
+    from patchctl.registry.ops.merging import parse_override, parse_weights, read_recipe
 
     _quick_exit()
 
@@ -102,7 +110,7 @@ def merge(
         console.print(f"wrote {res.applied}")
     v = res.validation or {}
     if v.get("rows"):
-        from .evals import render_merge_validation
+        from patchctl.cli.evals import render_merge_validation
 
         render_merge_validation(v)
     elif v:

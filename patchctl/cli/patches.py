@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.tree import Tree
 
-from ._common import (
+from patchctl.cli._common import (
     JsonOpt,
     Progress,
     RegistryOpt,
@@ -118,12 +118,12 @@ def show(
         sr = recipe.pop("search", None)
         console.print("recipe    " + json.dumps(recipe, sort_keys=True))
         if sr:
-            from .merge import _render_search
+            from patchctl.cli.merge import _render_search
 
             _render_search(sr)
     comp = info["metadata"].get("compression") if info["kind"] == "sparse" else None
     if comp:
-        from .compress import report_lines
+        from patchctl.cli.compress import report_lines
 
         for line in report_lines(comp):
             console.print("compress  " + line, soft_wrap=True, markup=False, highlight=False)

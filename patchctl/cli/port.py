@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ._common import (
+from patchctl.cli._common import (
     JsonOpt,
     Progress,
     RegistryOpt,
@@ -85,7 +85,7 @@ def _render(r: dict[str, Any]) -> None:
         return
     sr = (r.get("recipe_search") or {})
     if sr:
-        from .merge import _render_search
+        from patchctl.cli.merge import _render_search
 
         _render_search(sr)
     v = r.get("validation") or {}

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import (
+from patchctl.cli._common import (
     JsonOpt,
     Progress,
     RegistryOpt,
@@ -36,8 +36,8 @@ def serve(
     registry: RegistryOpt = None,
 ) -> None:
     """Serve the registry read-only over HTTP (OCI-style /v2/ reads and a JSON /api/)."""
-    from ..server.app import read_token_file
-    from ..server.app import serve as run
+    from patchctl.server.app import read_token_file
+    from patchctl.server.app import serve as run
 
     token = read_token_file(token_file) if token_file is not None else None
     if host not in LOOPBACK and token is None:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import tasks
+from patchctl.demo import tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [sys.executable, "-m", "patchctl"]
@@ -54,7 +54,7 @@ def write_suite(work: Path, task_name: str) -> tuple[Path, Path, Path]:
 
 def serve_and_pull(work: Path, base: Path) -> None:
     """`patchctl serve` on loopback; a fresh registry pulls minilm/merged:ta over HTTP and applies it."""
-    from ..server.process import serving
+    from patchctl.server.process import serving
 
     with serving(None) as (url, _):  # the default registry, as the user's
         print(f"\n$ patchctl serve --port {url.rsplit(':', 1)[1]} &", flush=True)

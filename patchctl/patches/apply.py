@@ -105,7 +105,7 @@ def encode_pins(idx: torch.Tensor, values: torch.Tensor) -> bytes:
 
 
 def decode_pins(data: bytes, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..errors import InvalidPatch
+    from patchctl.errors import InvalidPatch
 
     if len(data) < 16 or data[:8] != PINS_MAGIC:
         raise InvalidPatch("pins blob has no valid header")

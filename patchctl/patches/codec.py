@@ -30,7 +30,7 @@ On the CPU, :func:`encode`, :func:`decode` and :func:`to_dense` work in chunks
 of 65536 positions whose temporaries are reused (they stay in cache), and
 split tensors with 2**20 or more kept entries over ``torch.get_num_threads()``
 threads. The bytes do not depend on the number of threads. Where the
-optional C kernels are built (``patchctl/_kernels.c``, :mod:`patchctl.native`),
+optional C kernels are built (``patchctl/_kernels.c``, :mod:`patchctl.patches.native`),
 the index check, the Rice cost and the Rice coder run in C: same bytes.
 
 Byte format, version 1 (all integers little-endian, unsigned)
@@ -123,8 +123,8 @@ import numpy as np
 import torch
 import zstandard
 
-from patchctl import native
 from patchctl.errors import DeviceUnavailable, InvalidPatch
+from patchctl.patches import native
 
 __all__ = ["SparseTensor", "encode", "decode", "to_dense", "MAGIC", "FORMAT_VERSION"]
 

@@ -11,7 +11,7 @@ bfloat16, finite (NaN/Inf raise :class:`InvalidPatch` naming the tensor), and
 the stream must give the same names, shapes and values on every call.
 
 Where the optional C kernels are built (``patchctl/_kernels.c``, loaded by
-:mod:`patchctl.native`), the fp16/bf16 histogram, counting and selection
+:mod:`patchctl.patches.native`), the fp16/bf16 histogram, counting and selection
 passes run in C; the results are identical to the numpy path.
 
 Public API
@@ -71,8 +71,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from patchctl import native
 from patchctl.errors import InvalidArgument, InvalidPatch
+from patchctl.patches import native
 from patchctl.patches.codec import SparseTensor, _pmap, to_dense
 
 __all__ = [

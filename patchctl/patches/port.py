@@ -4,7 +4,7 @@ A port re-anchors a patch made on base θ onto a new base θ′:
 ``θ′_ft = θ′ + λ·(θ_ft − θ)`` — the new patch's delta is ``λ·τ``, keyed by the
 new base's tensor names (task arithmetic carried across versions; for LoRA,
 PortLLM, arXiv:2410.10870, carries the A/B factors as they are). Nothing here
-reads files; :mod:`patchctl.registry.porting` drives it.
+reads files; :mod:`patchctl.registry.ops.porting` drives it.
 
 Three things can differ between the versions, and each is reconciled here:
 

@@ -17,21 +17,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BaseMismatch, InvalidArgument, InvalidReference, NotFound
-from . import manifest as manifest_mod
-from .index import Index
-from .manifest import Manifest, TensorEntry
-from .names import DIGEST_RE, Ref, is_digest, parse_ref
-from .store import Store
+from patchctl.errors import BaseMismatch, InvalidArgument, InvalidReference, NotFound
+from patchctl.registry.store import manifest as manifest_mod
+from patchctl.registry.store.folder import Store
+from patchctl.registry.store.index import Index
+from patchctl.registry.store.manifest import Manifest, TensorEntry
+from patchctl.registry.store.names import DIGEST_RE, Ref, is_digest, parse_ref
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from .checkpoint import Checkpoint
-    from .compressing import CompressResult
-    from .merging import MergeResult
-    from .patchview import PatchView
-    from .porting import PortReport
+    from patchctl.registry.formats.checkpoint import Checkpoint
+    from patchctl.registry.ops.compressing import CompressResult
+    from patchctl.registry.ops.merging import MergeResult
+    from patchctl.registry.ops.porting import PortReport
+    from patchctl.registry.store.views import PatchView
 
 Progress = Callable[[int, int], None] | None
 
@@ -122,19 +122,19 @@ class Registry:
         return manifest_mod.parse(self.store.read_manifest_bytes(digest))
 
     def view(self, ref: str) -> PatchView:
-        from .patchview import PatchView
+        from patchctl.registry.store.views import PatchView
 
         return PatchView(self.store, self.manifest(ref))
 
     # -- writing ---------------------------------------------------------------
     def _write_tensor(self, name: str, t: Any, pins: Any = None) -> TensorEntry:
-        from ._safetensors import dtype_name, tensor_to_bytes
+        from patchctl.registry.formats.safetensors import dtype_name, tensor_to_bytes
 
         data = tensor_to_bytes(t)
         digest = self.store.put_blob(data)
         pin_meta = None
         if pins is not None:
-            from ..patches.apply import encode_pins
+            from patchctl.patches.apply import encode_pins
 
             pdata = encode_pins(*pins)
             pin_meta = {"digest": self.store.put_blob(pdata), "count": int(pins[0].numel()), "size": len(pdata)}
@@ -186,8 +186,8 @@ class Registry:
         Returns the new patch's digest; ``ref`` (``name[:tag]``) points at it,
         and ``name:latest`` too unless ``move_latest`` is false.
         """
-        from . import importers
-        from .checkpoint import Checkpoint
+        from patchctl.registry.formats.checkpoint import Checkpoint
+        from patchctl.registry.ops import importing as importers
 
         parse_ref(ref)  # reject a bad name before any work
         suites = [self.resolve(e) for e in evals or []]
@@ -208,7 +208,7 @@ class Registry:
         tensors: dict[str, TensorEntry] = {}
         with self.store.writing():
             if imp.kind == "lora" and imp.shapes is not None:
-                from .patchview import PatchView, check_against_base
+                from patchctl.registry.store.views import PatchView, check_against_base
 
                 # check every A/B pair against the base before anything is stored
                 zero = "sha256:" + "0" * 64
@@ -229,7 +229,7 @@ class Registry:
                 metadata=metadata or {},
             )
             if suites:
-                from . import records
+                from patchctl.registry.store import records
 
                 for sd in suites:
                     sm = self.manifest(sd)
@@ -254,7 +254,7 @@ class Registry:
         doc["refs"] = self.index.tags_of(digest)
         doc["stored_bytes"] = m.stored_bytes
         doc["num_params"] = m.num_params
-        from . import records
+        from patchctl.registry.store import records
 
         doc["suites"] = records.suites(self.store, digest)
         doc["validations"] = [{"record": k, **v} for k, v in records.validations(self.store, digest)]
@@ -298,29 +298,29 @@ class Registry:
     def pull(self, ref: str, remote: str | None = None, *, progress: Progress = None,
              workers: int = 4) -> dict[str, Any]:
         """Pull ``REMOTE/NAME[:TAG]`` (or ``NAME[:TAG]`` from ``remote``, a name or URL); a summary."""
-        from . import remotes
+        from patchctl.registry.remote import transfer as remotes
 
         return remotes.pull(self, ref, remote, progress=progress, workers=workers)
 
     def publish(self, ref: str, remote: str, *, progress: Progress = None) -> dict[str, Any]:
         """Copy the local ``NAME[:TAG]`` to a registry-folder or ``hf://`` remote; a summary."""
-        from . import remotes
+        from patchctl.registry.remote import transfer as remotes
 
         return remotes.publish(self, ref, remote, progress=progress)
 
     def remotes(self) -> list[dict[str, Any]]:
         """The configured remotes (``remotes.json``)."""
-        from . import remotes
+        from patchctl.registry.remote import transfer as remotes
 
         return [r.to_json() for _, r in sorted(remotes.load_remotes(self.store).items())]
 
     def add_remote(self, name: str, url: str, token_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-        from . import remotes
+        from patchctl.registry.remote import transfer as remotes
 
         return remotes.add_remote(self.store, name, url, token_file).to_json()
 
     def remove_remote(self, name: str) -> dict[str, Any]:
-        from . import remotes
+        from patchctl.registry.remote import transfer as remotes
 
         return remotes.remove_remote(self.store, name).to_json()
 
@@ -334,7 +334,7 @@ class Registry:
             t = self.store.ref_target(r)
             if t:
                 manifests.add(t)
-        from . import records
+        from patchctl.registry.store import records
 
         blobs: set[str] = set()
         fingerprints: set[str] = set()
@@ -430,7 +430,7 @@ class Registry:
             if t is not None and t not in manifests:
                 problems.append(f"ref {r}: points at {t}, which is {'corrupt' if t in corrupt_manifests else 'missing'}")
         if repair is not None:
-            from .remotes import repair as fetch_good_copies
+            from patchctl.registry.remote.transfer import repair as fetch_good_copies
 
             with self.store.writing():
                 # manifests first: a repaired manifest tells the sizes (and names) of its blobs
@@ -468,7 +468,7 @@ class Registry:
     # -- export / apply ----------------------------------------------------------
     def export(self, ref: str, out: str | os.PathLike[str], format: str = "auto", dtype: str | None = None) -> Path:
         """Write a patch as a PEFT folder (``peft``) or a diff safetensors file (``diff``)."""
-        from .exporters import export_diff, export_peft
+        from patchctl.registry.ops.exporting import export_diff, export_peft
 
         view = self.view(ref)
         fmt = format if format != "auto" else ("peft" if view.m.kind == "lora" else "diff")
@@ -488,8 +488,8 @@ class Registry:
 
     def apply(self, ref: str, base: str | os.PathLike[str], out: str | os.PathLike[str], progress: Progress = None) -> Path:
         """Write base + patch as a full HF checkpoint folder (sharded like the base)."""
-        from .checkpoint import Checkpoint
-        from .exporters import apply_to_base
+        from patchctl.registry.formats.checkpoint import Checkpoint
+        from patchctl.registry.ops.exporting import apply_to_base
 
         view = self.view(ref)
         ckpt = Checkpoint(base)
@@ -531,9 +531,9 @@ class Registry:
                   head: str | os.PathLike[str] | None = None, max_len: int = 128,
                   control: bool = False, message: str = "") -> str:
         """Store a JSONL eval suite for ``base``; ``control`` declares it the base's control suite."""
-        from . import records
-        from .checkpoint import Checkpoint
-        from .suites import push_suite
+        from patchctl.registry.formats.checkpoint import Checkpoint
+        from patchctl.registry.ops.suites import push_suite
+        from patchctl.registry.store import records
 
         digest = push_suite(self, path, ref, task=task, base=base, labels=labels, prompts=prompts,
                             head=head, max_len=max_len, message=message)
@@ -545,7 +545,7 @@ class Registry:
 
     def eval_attach(self, ref: str, suite: str) -> bool:
         """Declare that patch ``ref`` is judged by ``suite`` (a target suite)."""
-        from . import records
+        from patchctl.registry.store import records
 
         d, s = self.resolve(ref), self.resolve(suite)
         pm, sm = self.manifest(d), self.manifest(s)
@@ -561,13 +561,13 @@ class Registry:
                  suites: list[str] | None = None, split: str = "test", device: str | None = None,
                  batch_size: int | None = None) -> list[dict[str, Any]]:
         """Compose base + ``refs`` and score it on their suites; records are stored with the patches."""
-        from .validation import validate
+        from patchctl.registry.ops.validation import validate
 
         return validate(self, refs, base=base, suites=suites, split=split, device=device, batch_size=batch_size)
 
     def records(self, ref: str) -> dict[str, Any]:
         """A patch's attached suites and validation records."""
-        from . import records
+        from patchctl.registry.store import records
 
         d = self.resolve(ref)
         return {"suites": records.suites(self.store, d),
@@ -607,24 +607,24 @@ class Registry:
         (``lora_delta``: its ΔW instead). ``as_ref`` defaults to
         ``NAME:TAG-d<density>``. The manifest records the parent, the recipe
         and a size/error report (``metadata["compression"]``). Already sparse
-        patches are refused. See :mod:`patchctl.registry.compressing`.
+        patches are refused. See :mod:`patchctl.registry.ops.compressing`.
 
         ``max_size`` (bytes) chooses the largest density whose stored size
         fits (``density`` may then be None); ``search=True`` chooses κ on the
         validation split of the source's eval suites within ``budget``
-        candidates (:func:`patchctl.registry.search.search_compress`) and then
+        candidates (:func:`patchctl.registry.ops.search.search_compress`) and then
         measures the chosen patch's gain kept on the test split (a
         ``compress-validation`` record). Both are kept in the recipe
         (``search``). The source's eval suites are attached to the result.
         """
-        from . import records
-        from .compressing import compress
+        from patchctl.registry.ops.compressing import compress
+        from patchctl.registry.store import records
 
         size_kw = {"mode": mode, "per_tensor": per_tensor, "seed": seed, "values_dtype": values_dtype,
                    "lora_delta": lora_delta}
         record: dict[str, Any] | None = None
         if max_size is not None:
-            from .search import density_for_size
+            from patchctl.registry.ops.search import density_for_size
 
             density, size_rec = density_for_size(self, ref, max_size, size_kwargs=size_kw)
             record = {"size": size_rec}
@@ -632,7 +632,7 @@ class Registry:
             raise InvalidArgument("give --density, or --max-size to choose it")
         with self.store.writing():  # held from the first candidate on: gc cannot collect them mid-search
             if search:
-                from .search import search_compress
+                from patchctl.registry.ops.search import search_compress
 
                 kappa, rec = search_compress(self, ref, density=density, budget=budget, eval_device=eval_device,
                                              compress_kwargs={**size_kw, "scale": scale})
@@ -647,7 +647,7 @@ class Registry:
         if search:
             from dataclasses import replace
 
-            from .validation import validate_derived
+            from patchctl.registry.ops.validation import validate_derived
 
             res = replace(res, validation=validate_derived(self, res.source, res.digest, suites, device=eval_device,
                                                            search=record))
@@ -693,30 +693,30 @@ class Registry:
         ``apply_to`` with ``base`` also writes the merged full model. Every
         problem is reported before any work; nothing is written on error. The
         same inputs and recipe give the same digest. See
-        :mod:`patchctl.registry.merging`.
+        :mod:`patchctl.registry.ops.merging`.
 
         Unless ``validate`` is false, the merge is then validated
-        (:func:`patchctl.registry.validation.validate_merge`): each constituent's
+        (:func:`patchctl.registry.ops.validation.validate_merge`): each constituent's
         eval suites score the merged model against the constituent alone, the
         base's control suites against the base. A merge whose lowest normalized
         score is under ``gate`` is kept but marked ``fail`` and moves no ref.
 
         ``search=True`` first chooses λ (or LiNeS β, then the density where the
         method has one) on the validation split of the inputs' suites, within
-        ``budget`` candidate merges (:mod:`patchctl.registry.search`); the
+        ``budget`` candidate merges (:mod:`patchctl.registry.ops.search`); the
         whole curve is kept in the recipe.
         """
         from dataclasses import replace
 
-        from . import records
-        from .merging import merge
+        from patchctl.registry.ops.merging import merge
+        from patchctl.registry.store import records
 
         if ref is not None:
             parse_ref(ref)
 
         search_record = None
         if search:
-            from .search import search_merge
+            from patchctl.registry.ops.search import search_merge
 
             params, lines_beta, search_record = search_merge(
                 self, list(inputs), method=method, weights=list(weights) if weights else None,
@@ -735,7 +735,7 @@ class Registry:
             has_suites = any(records.suites(self.store, c, "target") for c in constituents) or bool(
                 records.suites(self.store, "base:" + fp, "control"))
             if validate and has_suites:
-                from .validation import validate_merge
+                from patchctl.registry.ops.validation import validate_merge
 
                 validation = validate_merge(self, res.digest, constituents, base=base, gate=gate,
                                             device=eval_device, batch_size=None, search=search_record)
@@ -782,27 +782,27 @@ class Registry:
         ``OLD_REGEX=NEW`` renames; ``as_ref`` names the result (default
         ``NAME:TAG-on-<8 hex of the new fingerprint>``). The diagnostics are
         computed before anything is written; ``dry_run`` writes nothing. See
-        :mod:`patchctl.registry.porting`.
+        :mod:`patchctl.registry.ops.porting`.
 
         When the patch has eval suites, they are carried to the new base
-        (:func:`~patchctl.registry.porting.port_suites`, attached to the
+        (:func:`~patchctl.registry.ops.porting.port_suites`, attached to the
         ported patch) and, unless ``validate`` is false, the ported patch is
-        validated there (:func:`~patchctl.registry.validation.validate_port`):
+        validated there (:func:`~patchctl.registry.ops.validation.validate_port`):
         the share of the gain it recovers on each suite's test split. A port
         recovering less than ``gate`` on some suite is kept but marked
         ``fail`` and moves no ref. ``search=True`` first chooses λ on the
         validation split within ``budget`` ports
-        (:func:`~patchctl.registry.search.search_port`).
+        (:func:`~patchctl.registry.ops.search.search_port`).
         """
-        from . import records
-        from .porting import port, port_suites
+        from patchctl.registry.ops.porting import port, port_suites
+        from patchctl.registry.store import records
 
         if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not math.isfinite(gate):
             raise InvalidArgument(f"--gate must be a finite number, got {gate!r}")
         kw = {"from_base": from_base, "to_name": to_name, "maps": maps}
         search_record = None
         if search and not dry_run:
-            from .search import search_port
+            from patchctl.registry.ops.search import search_port
 
             lam, search_record = search_port(self, ref, to, budget=budget, eval_device=eval_device, port_kwargs=kw)
         if dry_run:
@@ -811,7 +811,7 @@ class Registry:
             report = port(self, ref, to, lam=lam, as_ref=as_ref, message=message, progress=progress,
                           move_ref=False, search=search_record, **kw)
             assert report.digest is not None and report.ref is not None
-            from .checkpoint import Checkpoint
+            from patchctl.registry.formats.checkpoint import Checkpoint
 
             new = Checkpoint(to)
             src_suites = records.suites(self.store, report.source, "target")
@@ -819,7 +819,7 @@ class Registry:
             for sd in ported:
                 records.attach(self.store, report.digest, sd, "target")
             if validate and ported:
-                from .validation import validate_port
+                from patchctl.registry.ops.validation import validate_port
 
                 report.validation = validate_port(self, report.source, report.digest,
                                                   list(zip(src_suites, ported, strict=True)), old=report.from_path,
@@ -848,7 +848,7 @@ def _base_doc(base: Checkpoint, base_name: str | None, hint: str | None) -> dict
 
 
 def _base_from_hint(hint: str | None) -> Checkpoint:
-    from .checkpoint import Checkpoint
+    from patchctl.registry.formats.checkpoint import Checkpoint
 
     if hint and Path(hint).expanduser().is_dir():
         return Checkpoint(Path(hint).expanduser())

@@ -17,7 +17,7 @@ Design choices:
 
 - *Names* may contain ``/`` (``team/math``): routes use a ``path`` converter,
   and every name, tag and digest is checked against the patterns of
-  :mod:`patchctl.registry.names` before any file path is built from it. The
+  :mod:`patchctl.registry.store.names` before any file path is built from it. The
   :class:`~patchctl.server.guard.Guard` in front rejects encoded dots and
   slashes and dot segments, so a decoded path routes as it was sent.
 - *Blob scope*: a blob is served by its digest under any valid name. OCI scopes blobs to a repository so that a registry can
@@ -51,7 +51,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from ..errors import (
+from patchctl.errors import (
     DigestMismatch,
     InvalidArgument,
     InvalidPatch,
@@ -60,9 +60,9 @@ from ..errors import (
     PatchctlError,
     RegistryError,
 )
-from ..registry.names import DIGEST_RE, TAG_RE, Ref, check_name
-from ..registry.store import Store
-from .guard import Guard, error_body
+from patchctl.registry.store.folder import Store
+from patchctl.registry.store.names import DIGEST_RE, TAG_RE, Ref, check_name
+from patchctl.server.guard import Guard, error_body
 
 MANIFEST_MEDIA_TYPE = "application/vnd.patchctl.manifest.v1+json"
 BLOB_MEDIA_TYPE = "application/octet-stream"
@@ -181,7 +181,7 @@ class _Reader:
         """A :class:`Registry` (SQLite index) for this thread; opened on first use."""
         reg = getattr(self._local, "reg", None)
         if reg is None:
-            from ..registry.registry import Registry
+            from patchctl.registry.registry import Registry
 
             reg = self._local.reg = Registry(self.store.root, create=False)
         return reg

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidCheckpoint, NotFound, PickleRefused
-from ._safetensors import SafetensorsFile, TensorInfo
+from patchctl.errors import InvalidCheckpoint, NotFound, PickleRefused
+from patchctl.registry.formats.safetensors import SafetensorsFile, TensorInfo
 
 if TYPE_CHECKING:
     import torch
@@ -153,7 +153,7 @@ def sample_windows(nbytes: int) -> list[tuple[int, int]]:
 
 def fingerprint_tensors(tensors: dict[str, torch.Tensor]) -> str:
     """The fingerprint of in-memory tensors; equals :meth:`Checkpoint.fingerprint`."""
-    from ._safetensors import dtype_name, tensor_to_bytes
+    from patchctl.registry.formats.safetensors import dtype_name, tensor_to_bytes
 
     h = hashlib.sha256(FINGERPRINT_VERSION)
     for name in sorted(tensors):

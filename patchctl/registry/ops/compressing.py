@@ -101,15 +101,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidArgument, InvalidPatch, UnsupportedPatch
-from .manifest import Manifest, TensorEntry
-from .names import is_digest, parse_ref
-from .patchview import PatchView, lora_modules
+from patchctl.errors import InvalidArgument, InvalidPatch, UnsupportedPatch
+from patchctl.registry.store.manifest import Manifest, TensorEntry
+from patchctl.registry.store.names import is_digest, parse_ref
+from patchctl.registry.store.views import PatchView, lora_modules
 
 if TYPE_CHECKING:
     import torch
 
-    from .registry import Registry
+    from patchctl.registry.registry import Registry
 
 Progress = Callable[[int, int], None] | None
 
@@ -236,7 +236,7 @@ def _plan(reg: Registry, ref: str, lora_delta: bool) -> _Plan:
 
 
 def _check_args(density: Any, mode: str, scale: str, kappa: Any, seed: Any, values_dtype: str) -> float:
-    from ..patches.compress import entropy_bound_bits
+    from patchctl.patches.compress import entropy_bound_bits
 
     if mode not in MODES:
         raise InvalidArgument(f"unknown mode {mode!r}: choose ternary, values or dare")
@@ -297,14 +297,14 @@ def compress(
     """Check, then stream ``ref`` through :func:`~patchctl.patches.compress.sparsify`; see the module docstring.
 
     ``search``: the record of the search that chose these settings
-    (:func:`patchctl.registry.search.search_compress`), kept in the recipe.
+    (:func:`patchctl.registry.ops.search.search_compress`), kept in the recipe.
     ``move_ref=False`` stores the patch without moving any ref (a search
     candidate; ``gc`` collects it).
     """
     import torch
 
-    from ..patches import codec
-    from ..patches.compress import entropy_bound_bits, sparsify
+    from patchctl.patches import codec
+    from patchctl.patches.compress import entropy_bound_bits, sparsify
 
     d = _check_args(density, mode, scale, kappa, seed, values_dtype)
     target_ref = as_ref if as_ref is not None else default_ref(ref, d, mode)
@@ -408,8 +408,8 @@ def stored_size(
     """
     import torch
 
-    from ..patches import codec
-    from ..patches.compress import sparsify
+    from patchctl.patches import codec
+    from patchctl.patches.compress import sparsify
 
     d = _check_args(density, mode, "std", 1.0, seed, values_dtype)
     p = _plan(reg, ref, lora_delta)

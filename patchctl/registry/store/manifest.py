@@ -25,10 +25,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidPatch
-from . import canonical
-from ._safetensors import ITEMSIZE
-from .names import is_digest
+from patchctl.errors import InvalidPatch
+from patchctl.registry.formats import canonical
+from patchctl.registry.formats.safetensors import ITEMSIZE
+from patchctl.registry.store.names import is_digest
 
 SCHEMA_VERSION = 1
 KINDS = ("lora", "diff", "sparse", "suite")

@@ -25,12 +25,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidArgument, NotFound
-from . import canonical
-from .names import check_digest
+from patchctl.errors import InvalidArgument, NotFound
+from patchctl.registry.formats import canonical
+from patchctl.registry.store.names import check_digest
 
 if TYPE_CHECKING:
-    from .store import Store
+    from patchctl.registry.store.folder import Store
 
 
 def subject_path(store: Store, subject: str) -> Path:

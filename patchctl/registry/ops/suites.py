@@ -28,14 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidArgument, InvalidPatch
-from . import canonical
-from .manifest import Manifest, TensorEntry
+from patchctl.errors import InvalidArgument, InvalidPatch
+from patchctl.registry.formats import canonical
+from patchctl.registry.store.manifest import Manifest, TensorEntry
 
 if TYPE_CHECKING:
     import torch
 
-    from .registry import Registry
+    from patchctl.registry.registry import Registry
 
 TASK_TYPES = ("classification", "lm-loss", "multiple-choice", "exact-match")
 SPLITS = ("train", "validation", "test")
@@ -144,9 +144,9 @@ def push_suite(
     message: str = "",
 ) -> str:
     """Store a JSONL eval suite for ``base``; classification needs ``head`` or ``prompts``."""
-    from .checkpoint import Checkpoint
-    from .names import parse_ref
-    from .registry import _base_doc
+    from patchctl.registry.formats.checkpoint import Checkpoint
+    from patchctl.registry.registry import _base_doc
+    from patchctl.registry.store.names import parse_ref
 
     parse_ref(ref)
     task = check_task_type(task)
@@ -189,7 +189,7 @@ def push_suite(
 
 
 def _load_head(path: str | os.PathLike[str], n_labels: int) -> torch.Tensor:
-    from ._safetensors import SafetensorsFile
+    from patchctl.registry.formats.safetensors import SafetensorsFile
 
     f = SafetensorsFile(path)
     if "head" not in f.tensors:
@@ -202,15 +202,15 @@ def _load_head(path: str | os.PathLike[str], n_labels: int) -> torch.Tensor:
 
 def _prompt_head(ckpt: Any, prompts: list[str], max_len: int) -> torch.Tensor:
     """20 × the normalized mean-pooled embedding of each class prompt, from the base."""
-    from ..evals import runtime
-    from ..evals.evaluators import embed
+    from patchctl.evals import runtime
+    from patchctl.evals.evaluators import embed
 
     model, tok = runtime.load_model(ckpt.path, "classification", "cpu")
     return 20.0 * embed(model, tok, prompts, max_len=max_len, device="cpu")
 
 
 def load_suite(reg: Registry, ref: str) -> Suite:
-    from ._safetensors import bytes_to_tensor
+    from patchctl.registry.formats.safetensors import bytes_to_tensor
 
     digest = reg.resolve(ref)
     m = reg.manifest(digest)

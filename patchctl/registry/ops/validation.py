@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BaseMismatch, InvalidArgument, NotFound
-from . import records
-from .suites import Suite, load_suite
+from patchctl.errors import BaseMismatch, InvalidArgument, NotFound
+from patchctl.registry.ops.suites import Suite, load_suite
+from patchctl.registry.store import records
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .registry import Registry
+    from patchctl.registry.formats.checkpoint import Checkpoint
+    from patchctl.registry.registry import Registry
 
 CLASSIFIER = "classification"
 
@@ -37,7 +37,7 @@ def _model_kind(task: str) -> str:
 
 
 def resolve_base(reg: Registry, fingerprint: str, base: str | os.PathLike[str] | None) -> Checkpoint:
-    from .checkpoint import Checkpoint
+    from patchctl.registry.formats.checkpoint import Checkpoint
 
     if base is None:
         path = reg.base_path(fingerprint)
@@ -91,9 +91,9 @@ def score_compositions(
     use_cache: bool = True,
 ) -> list[dict[str, Any]]:
     """Run each (patches, suite) job; one model load per model kind, patches applied in place."""
-    from ..compose import apply as apply_patches
-    from ..evals import runtime
-    from ..evals.evaluators import evaluate
+    from patchctl.evals import runtime
+    from patchctl.evals.evaluators import evaluate
+    from patchctl.registry.ops.compose import apply as apply_patches
 
     dev = runtime.pick_device(device)
     dname = runtime.device_name(dev)
@@ -159,7 +159,7 @@ def _load(ckpt: Checkpoint, task: str, dev: Any, dname: str) -> tuple[Any, Any]:
     ``remove()`` restores the weights bit for bit (tests/test_api.py), in a
     ``finally``. Keyed by the base's fingerprint, so a changed folder reloads.
     """
-    from ..evals import runtime
+    from patchctl.evals import runtime
 
     key = (ckpt_fp_fresh(ckpt), _model_kind(task), dname)
     if key not in _MODELS:
@@ -197,7 +197,7 @@ def validate(
         raise BaseMismatch("the patches were made for different bases: " + ", ".join(sorted(f[:19] for f in fps)))
     if not digests and base is None:
         raise InvalidArgument("validate needs patches or --base")
-    from .checkpoint import Checkpoint
+    from patchctl.registry.formats.checkpoint import Checkpoint
 
     fp = fps.pop() if fps else Checkpoint(base).fingerprint()  # type: ignore[arg-type]
     ckpt = resolve_base(reg, fp, base)
@@ -304,7 +304,7 @@ def validate_port(
     recovers at least ``gate`` (``recovered`` is null where the patch had no
     gain on the old base; such a suite does not fail the port).
     """
-    from .checkpoint import Checkpoint
+    from patchctl.registry.formats.checkpoint import Checkpoint
 
     old_ck, new_ck = Checkpoint(old), Checkpoint(new)
     pairs = [(load_suite(reg, a), load_suite(reg, b)) for a, b in suites]

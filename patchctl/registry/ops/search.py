@@ -2,7 +2,7 @@
 
 The papers choose their scales on held-out data (Task Arithmetic's and TIES's
 λ, LiNeS's β); this module does it for the user. Each candidate setting is
-merged for real (:func:`patchctl.registry.merging.merge`, no ref moved) and
+merged for real (:func:`patchctl.registry.ops.merging.merge`, no ref moved) and
 scored on the **validation** split of the constituents' eval suites; the
 objective is the mean normalized score (merged / constituent alone), or, with
 ``with_control``, ``(2·target + control) / 3`` as LiNeS weighs its forgetting
@@ -47,11 +47,11 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidArgument, NotFound
-from . import records
+from patchctl.errors import InvalidArgument, NotFound
+from patchctl.registry.store import records
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from patchctl.registry.registry import Registry
 
 LAMBDA_GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
 KAPPA_RULE = 0.4  # κ·d of the best ternary scale on the MiniLM task vectors (issue: search)
@@ -128,9 +128,9 @@ def search_merge(
     merge_kwargs: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], float | None, dict[str, Any]]:
     """Return ``(params, lines_beta, search record)`` chosen on the validation split."""
-    from .merging import merge
-    from .suites import load_suite
-    from .validation import resolve_base, score_compositions
+    from patchctl.registry.ops.merging import merge
+    from patchctl.registry.ops.suites import load_suite
+    from patchctl.registry.ops.validation import resolve_base, score_compositions
 
     if budget < 1:
         raise InvalidArgument(f"--budget must be at least 1, got {budget}")
@@ -249,7 +249,7 @@ class _GainSearch:
 
     def __init__(self, reg: Registry, source: str, src_ckpt: Any, cand_ckpt: Any,
                  pairs: list[tuple[Any, Any]], eval_device: str | None) -> None:
-        from .validation import score_compositions
+        from patchctl.registry.ops.validation import score_compositions
 
         for a, b in pairs:
             for s in (a, b):
@@ -314,9 +314,9 @@ def search_compress(
     compress_kwargs: dict[str, Any] | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """Choose κ (ternary, ``scale="std"``) on the validation split; return ``(kappa, search record)``."""
-    from .compressing import compress
-    from .suites import load_suite
-    from .validation import resolve_base
+    from patchctl.registry.ops.compressing import compress
+    from patchctl.registry.ops.suites import load_suite
+    from patchctl.registry.ops.validation import resolve_base
 
     kw = dict(compress_kwargs or {})
     if kw.get("mode", "ternary") != "ternary" or kw.get("scale", "std") != "std":
@@ -329,7 +329,7 @@ def search_compress(
     suites = [load_suite(reg, s) for s in _source_suites(reg, digest)]
     ckpt = resolve_base(reg, fp, None)
     # a bad request (density, sparse source, ...) fails here, before any evaluation
-    from .compressing import _check_args, _plan
+    from patchctl.registry.ops.compressing import _check_args, _plan
 
     _check_args(density, "ternary", "std", 1.0, kw.get("seed", 0), kw.get("values_dtype", "float16"))
     _plan(reg, ref, bool(kw.get("lora_delta", False)))
@@ -358,12 +358,12 @@ def density_for_size(
     """The largest density (3 significant digits) whose stored size is at most ``max_bytes``.
 
     Bisection over ``log10(d)`` in ``[1e-5, 1]`` on measured sizes
-    (:func:`patchctl.registry.compressing.stored_size`, nothing written);
+    (:func:`patchctl.registry.ops.compressing.stored_size`, nothing written);
     returns the density and a record of the sizes tried.
     """
     import math
 
-    from .compressing import stored_size
+    from patchctl.registry.ops.compressing import stored_size
 
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
         raise InvalidArgument(f"--max-size must be a positive number of bytes, got {max_bytes!r}")
@@ -410,9 +410,9 @@ def search_port(
     port_kwargs: dict[str, Any] | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """Choose the port's λ on the validation split of the patch's suites (ported to ``to``)."""
-    from .checkpoint import Checkpoint
-    from .porting import port, port_suites
-    from .suites import load_suite
+    from patchctl.registry.formats.checkpoint import Checkpoint
+    from patchctl.registry.ops.porting import port, port_suites
+    from patchctl.registry.ops.suites import load_suite
 
     if budget < 1:
         raise InvalidArgument(f"--budget must be at least 1, got {budget}")

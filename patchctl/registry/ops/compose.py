@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import (
+from patchctl.errors import (
     BaseMismatch,
     DeviceUnavailable,
     InvalidArgument,
@@ -57,9 +57,9 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .registry.checkpoint import Checkpoint
-    from .registry.patchview import Change, PatchView
-    from .registry.registry import Registry
+    from patchctl.registry.formats.checkpoint import Checkpoint
+    from patchctl.registry.registry import Registry
+    from patchctl.registry.store.views import Change, PatchView
 
 PathLike = str | os.PathLike[str]
 
@@ -124,7 +124,7 @@ def resolve_base(base: PathLike) -> Path:
 
 @contextlib.contextmanager
 def _open_registry(registry: Registry | PathLike | None) -> Iterator[Registry]:
-    from .registry.registry import Registry
+    from patchctl.registry.registry import Registry
 
     if isinstance(registry, Registry):
         yield registry
@@ -166,8 +166,8 @@ def _plan(
     merge_params: Mapping[str, Any],
 ) -> _Plan:
     """Resolve the patches and check the merge settings; reads no tensor."""
-    from .patches import merge as merge_mod
-    from .registry.patchview import PatchView
+    from patchctl.patches import merge as merge_mod
+    from patchctl.registry.store.views import PatchView
 
     inputs = []
     for ref in patches:
@@ -292,7 +292,7 @@ def _steps(plan: _Plan, tensors: _Tensors) -> list[_Step]:
 def _delta(plan: _Plan, step: _Step, device: torch.device) -> tuple[str, torch.Tensor, Any]:
     """``(op, value, pins)`` for one tensor, on ``device``: the delta (op ``add``; merged in
     float32 when the plan merges) or the new value (op ``replace``), and the pins to write."""
-    from .patches.merge import merge_tensor
+    from patchctl.patches.merge import merge_tensor
 
     if plan.method is None:
         ((k, c),) = step.changes.items()
@@ -329,8 +329,8 @@ def _write(
     model differs from the file's is computed from the file's value (in the
     file's dtype, as ``patchctl apply`` does), then cast to the model's.
     """
-    from .patches.apply import apply_pins, combine
-    from .registry._safetensors import dtype_name
+    from patchctl.patches.apply import apply_pins, combine
+    from patchctl.registry.formats.safetensors import dtype_name
 
     with torch.no_grad():
         for step in steps:
@@ -367,8 +367,8 @@ def _check_holds(tensors: _Tensors, ckpt: Checkpoint) -> None:
     Checkpoint tensors the module lacks, and module tensors the checkpoint
     lacks (a fresh head), are not compared.
     """
-    from .registry._safetensors import ITEMSIZE, bytes_to_tensor
-    from .registry.checkpoint import sample_windows
+    from patchctl.registry.formats.checkpoint import sample_windows
+    from patchctl.registry.formats.safetensors import ITEMSIZE, bytes_to_tensor
 
     compared, differ = 0, []
     for name in ckpt.names():
@@ -425,7 +425,7 @@ def _state(module: torch.nn.Module) -> _State:
 
 
 def _base_of(module: torch.nn.Module, base: PathLike | None, st: _State) -> Checkpoint:
-    from .registry.checkpoint import Checkpoint
+    from patchctl.registry.formats.checkpoint import Checkpoint
 
     if base is not None:
         return Checkpoint(resolve_base(base))
@@ -500,8 +500,8 @@ def load(
         >>> next(bf16.parameters()).dtype
         torch.bfloat16
     """
-    from .registry.checkpoint import Checkpoint
-    from .registry.patchview import check_against_base
+    from patchctl.registry.formats.checkpoint import Checkpoint
+    from patchctl.registry.store.views import check_against_base
 
     patches = [patches] if isinstance(patches, str) else list(patches)
     dev = resolve_device(device)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from ..errors import InvalidCheckpoint
+from patchctl.errors import InvalidCheckpoint
 
 if TYPE_CHECKING:
     import torch

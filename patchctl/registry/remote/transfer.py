@@ -17,7 +17,7 @@ A transfer (pull, or publish to a folder) keeps the registry's invariants:
 
 1. the manifest is fetched first; its digest is the sha256 of its bytes (and
    equals what the server announced in ``Docker-Content-Digest``), and it
-   must parse (:func:`patchctl.registry.manifest.parse`);
+   must parse (:func:`patchctl.registry.store.manifest.parse`);
 2. blobs already present are skipped; the others download in parallel (a
    small thread pool) into ``tmp/pull-<hex>.part``, named by the digest so a
    re-run finds them: an interrupted download resumes with
@@ -80,7 +80,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
-from ..errors import (
+from patchctl.errors import (
     DigestMismatch,
     InvalidArgument,
     InvalidReference,
@@ -88,12 +88,12 @@ from ..errors import (
     PatchctlError,
     RemoteError,
 )
-from . import manifest as manifest_mod
-from .names import Ref, parse_ref
-from .store import CHUNK, Store
+from patchctl.registry.store import manifest as manifest_mod
+from patchctl.registry.store.folder import CHUNK, Store
+from patchctl.registry.store.names import Ref, parse_ref
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from patchctl.registry.registry import Registry
 
 Progress = Callable[[int, int], None] | None
 ReadInto = Callable[[memoryview], int]
@@ -754,7 +754,7 @@ def pull(reg: Registry, ref: str, from_: str | None = None, *, progress: Progres
 def publish(reg: Registry, ref: str, remote_spec: str, *, progress: Progress = None,
             workers: int = DEFAULT_WORKERS) -> dict[str, Any]:
     """Publish the local ``NAME[:TAG]`` to a folder or ``hf://`` remote under the same name and tag."""
-    from .registry import Registry
+    from patchctl.registry.registry import Registry
 
     r = parse_ref(ref)
     remote = resolve_remote(reg.store, remote_spec)
@@ -827,7 +827,7 @@ class SnapshotSource:
 def hub_pull(reg: Registry, remote: Remote, r: Ref, *, progress: Progress = None,
              workers: int = DEFAULT_WORKERS) -> dict[str, Any]:
     """Pull ``r`` from an ``hf://`` remote: the patchctl layout if the repo has it, else a PEFT adapter."""
-    from .names import check_digest
+    from patchctl.registry.store.names import check_digest
 
     repo, rev = hub_repo(remote)
     ref_file = f"{HUB_REFS}/{r.name}/@{r.tag}"
@@ -912,7 +912,7 @@ def repair(reg: Registry, remote_spec: str, blobs: list[str], manifests: list[st
     its digest. An object the remote lacks (or sends wrong) is put back as it was
     and reported in ``failed``.
     """
-    from .store import BlobWriter
+    from patchctl.registry.store.folder import BlobWriter
 
     store = reg.store
     src = open_source(resolve_remote(store, remote_spec))

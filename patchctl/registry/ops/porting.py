@@ -53,17 +53,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BaseMismatch, InvalidArgument, InvalidCheckpoint, PatchctlError, ShapeMismatch
-from .checkpoint import Checkpoint
-from .manifest import Manifest, TensorEntry
-from .names import is_digest, parse_ref
-from .patchview import PEFT_PREFIX, Change, PatchView, check_against_base
+from patchctl.errors import (
+    BaseMismatch,
+    InvalidArgument,
+    InvalidCheckpoint,
+    PatchctlError,
+    ShapeMismatch,
+)
+from patchctl.registry.formats.checkpoint import Checkpoint
+from patchctl.registry.store.manifest import Manifest, TensorEntry
+from patchctl.registry.store.names import is_digest, parse_ref
+from patchctl.registry.store.views import PEFT_PREFIX, Change, PatchView, check_against_base
 
 if TYPE_CHECKING:
     import torch
 
-    from ..patches.port import RowMap, Summary, TensorDrift
-    from .registry import Registry
+    from patchctl.patches.port import RowMap, Summary, TensorDrift
+    from patchctl.registry.registry import Registry
 
 Progress = Callable[[int, int], None] | None
 SHOW = 8  # names listed in an error message
@@ -138,7 +144,7 @@ def port(
 ) -> PortReport:
     """See the module docstring. ``move_ref=False`` stores the ported patch without moving a ref
     (``report.ref`` is still the name it would get); ``search`` is kept in the recipe."""
-    from ..patches import port as pm
+    from patchctl.patches import port as pm
 
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
         raise InvalidArgument(f"--lambda must be a finite number, got {lam!r}")
@@ -296,7 +302,7 @@ def _old_base(reg: Registry, m: Manifest, from_base: str | os.PathLike[str] | No
                 f"{m.base.get('name') or '?'} ({m.fingerprint[:19]}…); pass the patch's own base"
             )
         return old
-    from .registry import _base_from_hint
+    from patchctl.registry.registry import _base_from_hint
 
     seen = reg.base_path(m.fingerprint)  # where this registry last saw that base (push)
     candidates = [lambda: Checkpoint(seen)] if seen is not None else []
@@ -315,7 +321,7 @@ def _old_base(reg: Registry, m: Manifest, from_base: str | os.PathLike[str] | No
 
 
 def _base_doc(new: Checkpoint, to_name: str | None) -> dict[str, Any]:
-    from .registry import _base_doc as doc
+    from patchctl.registry.registry import _base_doc as doc
 
     return doc(new, to_name, None)
 
@@ -370,14 +376,14 @@ def _delta(view: PatchView, it: _Item, old: Checkpoint) -> torch.Tensor:
     if it.change.op == "replace":
         import torch
 
-        from ..patches.apply import subtract
+        from patchctl.patches.apply import subtract
 
         return subtract(v, old.read(it.old_key)).to(torch.float32)
     return v
 
 
 def _write_delta(reg: Registry, view: PatchView, it: _Item, old: Checkpoint, lam: float) -> TensorEntry:
-    from ..patches.port import port_delta
+    from patchctl.patches.port import port_delta
 
     c = it.change
     carried = lam == 1.0 and (it.rows is None or it.rows.identity)
@@ -390,8 +396,8 @@ def _write_delta(reg: Registry, view: PatchView, it: _Item, old: Checkpoint, lam
 
 def _write_lora(reg: Registry, view: PatchView, items: list[_Item], new: Checkpoint, lam: float) -> dict[str, TensorEntry]:
     """A/B under the new module names; λ scales lora_B; every new key resolves on ``new``."""
-    from ..patches.port import scaled
-    from .patchview import lora_modules
+    from patchctl.patches.port import scaled
+    from patchctl.registry.store.views import lora_modules
 
     mods, _ = lora_modules(view.m)
     by_a = {mod.a: mod for mod in mods.values()}
@@ -423,7 +429,7 @@ def _lora_params(params: dict[str, Any], view: PatchView, items: list[_Item]) ->
     """
     import re
 
-    from .patchview import lora_modules
+    from patchctl.registry.store.views import lora_modules
 
     renamed = [it for it in items if it.old_key != it.new_key]
     tm = params.get("target_modules")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import (
+from patchctl.errors import (
     InvalidArgument,
     InvalidPatch,
     NotFound,
@@ -27,8 +27,8 @@ from ..errors import (
     ShapeMismatch,
     UnsupportedPatch,
 )
-from ._safetensors import FLOAT_DTYPES, dtype_name, torch_dtype
-from .checkpoint import PICKLE_SUFFIXES, Checkpoint
+from patchctl.registry.formats.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from patchctl.registry.formats.safetensors import FLOAT_DTYPES, dtype_name, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +136,7 @@ def _finite(x: Any) -> bool:
 
 
 def import_peft(folder: Path, trust_pickle: bool = False) -> Imported:
-    from ._safetensors import SafetensorsFile
+    from patchctl.registry.formats.safetensors import SafetensorsFile
 
     cfg = read_peft_config(folder)
     st = folder / ADAPTER_WEIGHTS
@@ -174,7 +174,7 @@ def import_peft(folder: Path, trust_pickle: bool = False) -> Imported:
 
 
 def _check_lora_shapes(names: list[str], shapes: dict[str, tuple[int, ...]], cfg: dict[str, Any], where: str) -> None:
-    from .patchview import _LORA_KEY, strip_peft
+    from patchctl.registry.store.views import _LORA_KEY, strip_peft
 
     ranks: dict[str, dict[str, tuple[int, ...]]] = {}
     for n in names:
@@ -216,7 +216,7 @@ def import_checkpoint(src: Path, base: Checkpoint, dtype: str | None = None) -> 
     def gen() -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
         import torch
 
-        from ..patches.apply import diff_with_pins
+        from patchctl.patches.apply import diff_with_pins
 
         for n in ft.names():
             a, b = ft.read(n), base.read(n)
@@ -247,7 +247,7 @@ def import_diff_file(src: Path, base: Checkpoint, trust_pickle: bool = False) ->
         def load(n: str) -> torch.Tensor:
             return sd[n]
     else:
-        from ._safetensors import SafetensorsFile
+        from patchctl.registry.formats.safetensors import SafetensorsFile
 
         f = SafetensorsFile(src)
         names = sorted(f.tensors)

@@ -20,15 +20,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidPatch, ShapeMismatch
-from ._safetensors import bytes_to_tensor, torch_dtype
-from .manifest import Manifest, TensorEntry
+from patchctl.errors import InvalidPatch, ShapeMismatch
+from patchctl.registry.formats.safetensors import bytes_to_tensor, torch_dtype
+from patchctl.registry.store.manifest import Manifest, TensorEntry
 
 if TYPE_CHECKING:
     import torch
 
-    from .checkpoint import Checkpoint
-    from .store import Store
+    from patchctl.registry.formats.checkpoint import Checkpoint
+    from patchctl.registry.store.folder import Store
 
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight$|^(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$")
@@ -102,7 +102,7 @@ class PatchView:
         return decode_entry(self.store.read_blob(entry.digest), entry, device)
 
     def pins(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        from ..patches.apply import decode_pins
+        from patchctl.patches.apply import decode_pins
 
         entry = self.m.tensors.get(key)
         if entry is None or not entry.pins:
@@ -121,7 +121,7 @@ class PatchView:
         """The dense delta (op ``add``) or the new value (op ``replace``) of a change, fp32 for LoRA."""
         if self._lora is None or change.op == "replace":
             return self.tensor(change.sources[0], device)
-        from ..patches.lora import lora_delta, lora_scaling, pattern_value
+        from patchctl.patches.lora import lora_delta, lora_scaling, pattern_value
 
         mod = next(m for m in self._lora.values() if m.a == change.sources[0])
         p = self.m.params
@@ -157,7 +157,7 @@ def decode_entry(data: bytes, entry: TensorEntry, device: str = "cpu") -> torch.
             raise InvalidPatch(f"blob {entry.digest} has {len(data)} bytes, expected {entry.size}")
         return bytes_to_tensor(data, entry.dtype, entry.shape).to(device)
     if entry.encoding == "sparse-v1":
-        from ..patches import codec
+        from patchctl.patches import codec
 
         sp = codec.decode(data)
         if tuple(sp.shape) != tuple(entry.shape):

@@ -37,7 +37,7 @@ the same tensor, so the model is byte-identical to ``patchctl apply`` of the
 stored merge (no second read of the patch). Every raw input blob is hashed by
 a :class:`_Verifier` started before torch is imported; nothing is committed
 before all of them have matched. Outputs go around the page cache
-(:class:`~patchctl.registry.store.DirectFile`); the ``--apply`` shards are not
+(:class:`~patchctl.registry.store.folder.DirectFile`); the ``--apply`` shards are not
 fsynced (an export), the blobs are. Merging this tensor and storing and
 writing the previous ones overlap on threads; memory is a few copies of the
 largest tensor. LiNeS ``auto`` needs the
@@ -98,7 +98,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import (
+from patchctl.errors import (
     BaseMismatch,
     DeviceUnavailable,
     InvalidArgument,
@@ -107,15 +107,15 @@ from ..errors import (
     ShapeMismatch,
     UnsupportedPatch,
 )
-from ._safetensors import FLOAT_DTYPES
-from .exporters import staged
-from .manifest import Manifest, TensorEntry
-from .patchview import PEFT_PREFIX, Change, LoraModule, PatchView, lora_modules
+from patchctl.registry.formats.safetensors import FLOAT_DTYPES
+from patchctl.registry.ops.exporting import staged
+from patchctl.registry.store.manifest import Manifest, TensorEntry
+from patchctl.registry.store.views import PEFT_PREFIX, Change, LoraModule, PatchView, lora_modules
 
 if TYPE_CHECKING:
     import torch
 
-    from .registry import Registry
+    from patchctl.registry.registry import Registry
 
 Progress = Callable[[int, int], None] | None
 
@@ -357,8 +357,8 @@ def plan(
     """Resolve and check a merge; every problem is reported at once, nothing is written."""
     import torch
 
-    from ..patches import lines as lines_mod
-    from ..patches import merge as merge_mod
+    from patchctl.patches import lines as lines_mod
+    from patchctl.patches import merge as merge_mod
 
     problems = _Problems()
     if isinstance(inputs, str) or not inputs:
@@ -519,8 +519,8 @@ def plan(
 
 
 def _check_apply(loaded: list[_Input], out: Path, base: str | os.PathLike[str], problems: _Problems) -> Any:
-    from .checkpoint import Checkpoint
-    from .patchview import check_against_base
+    from patchctl.registry.formats.checkpoint import Checkpoint
+    from patchctl.registry.store.views import check_against_base
 
     if out.exists():
         problems.add(InvalidArgument, f"{out} already exists; choose another --apply path or remove it first")
@@ -563,7 +563,7 @@ class _Buffers:
     faults again, which cost more than the arithmetic. A buffer starts
     ``lead`` bytes after a page boundary, so that a tensor bound for file
     offset ``lead`` (mod the page size) can be written with direct I/O
-    straight from it (:class:`~patchctl.registry.store.DirectFile`).
+    straight from it (:class:`~patchctl.registry.store.folder.DirectFile`).
     """
 
     PAGE = 4096
@@ -610,7 +610,7 @@ def _map(fd: int, start: int, nbytes: int) -> tuple[Any, int]:
 
 def _blob_error(problem: str, entry: TensorEntry) -> PatchctlError:
     """The error for an input blob that is ``missing``, of the wrong ``size`` or ``corrupt``."""
-    from ..errors import DigestMismatch, InvalidPatch
+    from patchctl.errors import DigestMismatch, InvalidPatch
 
     if problem == "missing":
         return NotFound(f"object {entry.digest} is not in the registry")
@@ -620,7 +620,7 @@ def _blob_error(problem: str, entry: TensorEntry) -> PatchctlError:
 
 
 def _nbytes(entry: TensorEntry) -> int:
-    from ._safetensors import ITEMSIZE
+    from patchctl.registry.formats.safetensors import ITEMSIZE
 
     return math.prod(entry.shape) * ITEMSIZE[entry.dtype]
 
@@ -669,8 +669,8 @@ print("ok", flush=True)
 
 def _put_tensor(store: Any, t: torch.Tensor) -> TensorEntry:
     """Store a CPU tensor's bytes as a blob, hashing them once as they are written."""
-    from ._safetensors import dtype_name, tensor_to_bytes
-    from .store import BlobWriter
+    from patchctl.registry.formats.safetensors import dtype_name, tensor_to_bytes
+    from patchctl.registry.store.folder import BlobWriter
 
     data = tensor_to_bytes(t)
     with BlobWriter(store, direct=True) as w:  # not read back here: around the page cache
@@ -806,7 +806,7 @@ class _Reader:
         """Input ``k``'s delta for ``target`` (a zero tensor where that input does not change it)."""
         import torch
 
-        from ._safetensors import torch_dtype
+        from patchctl.registry.formats.safetensors import torch_dtype
 
         inp = self.p.inputs[k]
         c = inp.changes.get(target)
@@ -826,7 +826,7 @@ class _Reader:
         """The base tensor of an apply item, from its shard."""
         import torch
 
-        from ._safetensors import torch_dtype
+        from patchctl.registry.formats.safetensors import torch_dtype
 
         info = item.info
         if not info.nbytes:
@@ -856,7 +856,7 @@ class _Shards:
 
     def offset(self, item: _Item) -> int:
         """Where ``item``'s bytes go in its shard file."""
-        from ._safetensors import header_bytes
+        from patchctl.registry.formats.safetensors import header_bytes
 
         if item.shard not in self.offsets:
             sf = self.p.base.files[item.shard]
@@ -865,8 +865,8 @@ class _Shards:
         return self.offsets[item.shard][item.info.name]
 
     def _next_shard(self) -> None:
-        from ._safetensors import StreamingWriter
-        from .store import DirectFile
+        from patchctl.registry.formats.safetensors import StreamingWriter
+        from patchctl.registry.store.folder import DirectFile
 
         self._close_shard()
         self.shard += 1
@@ -894,7 +894,7 @@ class _Shards:
 
 def _items(p: _Plan, apply: bool) -> list[_Item]:
     """The tensors of the pass in write order: the base's shards and data order with apply, else the targets."""
-    from ._safetensors import data_order
+    from patchctl.registry.formats.safetensors import data_order
 
     if not apply:
         return [_Item(t) for t in p.targets]
@@ -908,7 +908,7 @@ def _items(p: _Plan, apply: bool) -> list[_Item]:
 
 def _copy_side_files(base: Any, folder: Path) -> None:
     """The base folder's config, tokenizer, ... (not weights, not pickles), as ``apply`` copies them."""
-    from .exporters import copy_side_files
+    from patchctl.registry.ops.exporting import copy_side_files
 
     copy_side_files(base, folder)
 
@@ -931,9 +931,9 @@ def _stream(p: _Plan, store: Any, verifier: _Verifier, alpha: float | None, beta
 
     import torch
 
-    from ..patches.apply import combine
-    from ..patches.lines import lines_scale
-    from ..patches.merge import merge_tensor
+    from patchctl.patches.apply import combine
+    from patchctl.patches.lines import lines_scale
+    from patchctl.patches.merge import merge_tensor
 
     out_dtype = getattr(torch, p.dtype)
     items = _items(p, folder is not None)
@@ -1023,14 +1023,14 @@ def _deltas(p: _Plan, target: str) -> list[torch.Tensor]:
 
 
 def _merged(p: _Plan, target: str, deltas: list[torch.Tensor]) -> torch.Tensor:
-    from ..patches.merge import merge_tensor
+    from patchctl.patches.merge import merge_tensor
 
     return merge_tensor(p.method, deltas, p.weights, generator_seed=p.seed, name=target, params=p.per_tensor[target])
 
 
 def _lines_alpha(p: _Plan, progress: Progress, done: list[int], total: int) -> float | None:
     """α for LiNeS: the given number, or (auto) a first streaming pass over the L1 norms."""
-    from ..patches.lines import default_alpha, l1_norms
+    from patchctl.patches.lines import default_alpha, l1_norms
 
     if p.lines is None:
         return None
@@ -1069,7 +1069,7 @@ def _lora_keys(module: str, embedding: bool) -> tuple[str, str]:
 
 def _cat_factors(p: _Plan, target: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact rank concatenation of the inputs' factors for ``target`` (× the LiNeS scale)."""
-    from ..patches.lora import cat_lora, lora_scaling, pattern_value
+    from patchctl.patches.lora import cat_lora, lora_scaling, pattern_value
 
     lam = float(p.per_tensor[target].get("lam", 1.0))
     norm = math.fsum(p.weights) if p.method == "linear" else 1.0
@@ -1164,9 +1164,9 @@ def merge(
     """Plan, check, then stream the merge into the store; see the module docstring.
 
     ``search``: the record of a coefficient search that chose these settings
-    (see :mod:`patchctl.registry.search`); kept in the recipe.
+    (see :mod:`patchctl.registry.ops.search`); kept in the recipe.
     """
-    from .names import parse_ref
+    from patchctl.registry.store.names import parse_ref
 
     if ref is not None:
         parse_ref(ref)
@@ -1175,8 +1175,8 @@ def merge(
     try:
         torch = _import_torch()
 
-        from ..patches.lines import lines_scale, single_patch_beta
-        from ..patches.lora import svd_lora
+        from patchctl.patches.lines import lines_scale, single_patch_beta
+        from patchctl.patches.lora import svd_lora
 
         p = plan(reg, inputs, method=method, weights=weights, params=params, overrides=overrides, lines=lines,
                  lines_beta=lines_beta, as_lora=as_lora, rank=rank, dtype=dtype, device=device, seed=seed,

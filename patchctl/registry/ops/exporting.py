@@ -13,10 +13,10 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import InvalidArgument, InvalidPatch
-from ._safetensors import StreamingWriter
-from .checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
-from .patchview import PatchView, check_against_base
+from patchctl.errors import InvalidArgument, InvalidPatch
+from patchctl.registry.formats.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
+from patchctl.registry.formats.safetensors import StreamingWriter
+from patchctl.registry.store.views import PatchView, check_against_base
 
 Progress = Callable[[int, int], None] | None
 
@@ -83,7 +83,7 @@ def export_diff(view: PatchView, out: Path, dtype: str | None = None) -> Path:
 
 def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progress = None) -> Path:
     """Write base + patch as a full HF checkpoint folder, shard layout kept, streaming."""
-    from ..patches.apply import apply_pins, combine
+    from patchctl.patches.apply import apply_pins, combine
 
     if not base.path.is_dir():
         raise InvalidArgument("apply needs a base model folder")

@@ -33,9 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DigestMismatch, NotFound, RegistryError
-from . import canonical
-from .names import DIGEST_RE, TAG_RE, Ref, check_digest, check_name, check_tag
+from patchctl.errors import DigestMismatch, NotFound, RegistryError
+from patchctl.registry.formats import canonical
+from patchctl.registry.store.names import (
+    DIGEST_RE,
+    TAG_RE,
+    Ref,
+    check_digest,
+    check_name,
+    check_tag,
+)
 
 FORMAT = "patchctl-registry"
 VERSION = 1

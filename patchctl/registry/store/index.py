@@ -16,9 +16,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .manifest import Manifest
-from .names import Ref
-from .store import RefEntry
+from patchctl.registry.store.folder import RefEntry
+from patchctl.registry.store.manifest import Manifest
+from patchctl.registry.store.names import Ref
 
 INDEX_VERSION = 1
 

@@ -1,0 +1,1 @@
+"""File formats: safetensors reading/writing, HF checkpoints and base fingerprints, canonical JSON."""

@@ -1,0 +1,1 @@
+"""The store (plumbing): names, manifests, the folder store, the index, records, views, the Repository."""
