@@ -52,7 +52,7 @@ def shared(models, tmp_path_factory):
             reg.push(f, f"{tag}:v1", base=models.base)
         lora = reg.manifest("lora:v1")
         with reg.store.writing():  # a LoRA that also replaces a tensor (modules_to_save)
-            tensors = {**lora.tensors, EXTRA: reg._write_tensor(EXTRA, torch.ones(32, 32))}
+            tensors = {**lora.tensors, EXTRA: reg.put_tensor(torch.ones(32, 32))}
             reg.commit(Manifest("lora", lora.base, tensors, lora.params), "saved:v1")
         yield reg
 
@@ -120,7 +120,7 @@ def test_compress_modes_match_sparsify(shared, kw, tag):
 # -- 2. LoRA ---------------------------------------------------------------------------
 def test_compress_lora_factors_keeps_peft_keys_and_reads_as_a_lora(shared):
     res = shared.compress("lorars:v1", "lorars:sparse", density=0.5, mode="values", values_dtype="float32",
-                          per_tensor=True)
+                          per_tensor=True, lora_delta=False)
     m, src = res.manifest, shared.manifest("lorars:v1")
     assert sorted(m.tensors) == sorted(src.tensors) and all(e.encoding == "sparse-v1" for e in m.tensors.values())
     assert m.params == {**src.params, "source_kind": "lora"}
@@ -154,7 +154,7 @@ def test_compress_lora_delta_is_a_sparse_diff_of_the_product(shared):
 
 
 def test_compress_lora_keeps_replaced_tensors_as_stored(shared):
-    res = shared.compress("saved:v1", "saved:sp", density=0.5)
+    res = shared.compress("saved:v1", "saved:sp", density=0.5, lora_delta=False, force=True)
     src = shared.manifest("saved:v1")
     assert res.manifest.tensors[EXTRA] == src.tensors[EXTRA] and res.report["uncompressed"] == [EXTRA]
     ops = {c.target: c.op for c in shared.view("saved:sp").changes()}
@@ -227,22 +227,38 @@ def test_cli_compress_gives_the_library_digest_and_show_reports_it(shared, cli):
     assert "REL.ERR" in show.out and "metadata" not in show.out
     js = json.loads(cli("show", "cli:h", "--json", "-R", shared.path, registry=False).out)
     assert js["metadata"]["compression"] == rep and js["lineage"]["recipe"] == lib.recipe
-    lora = cli("compress", "lora:v1", "--density", "0.5", "-R", shared.path, registry=False)
+    lora = cli("compress", "lora:v1", "--density", "0.5", "--factors", "--force", "-R", shared.path, registry=False)
     assert lora.code == 0 and "on ΔW" in lora.out
 
 
 def test_cli_warns_when_compressed_lora_factors_lose_most_of_the_update(shared, cli):
-    # a global threshold over A and B keeps (almost) only A: ΔW is mostly lost -> the hint
-    lost = cli("compress", "lora:v1", "--density", "0.1", "--as", "warn:f", "-R", shared.path, registry=False)
-    assert lost.code == 0, lost.err
-    err = shared.manifest("warn:f").metadata["compression"]["delta_rel_error"]
-    assert err >= 0.5
-    assert f"warning: the sparse A/B factors lose most of the update (ΔW error {err:.2f})" in lost.out
-    assert "--lora-delta" in cli("show", "warn:f", "-R", shared.path, registry=False).out
-    kept = cli("compress", "lora:v1", "--density", "0.9", "--mode", "values", "--per-tensor", "--as", "warn:v",
-               "-R", shared.path, registry=False)
+    # a global threshold over A and B keeps (almost) only A: ΔW is mostly lost -> the hint, and no tag moves
+    latest = shared.resolve("lora:latest")
+    lost = cli("compress", "lora:v1", "--density", "0.1", "--factors", "--as", "warn:f", "-R", shared.path,
+               registry=False)
+    assert lost.code == 3, lost.err
+    digest = lost.out.split("(not tagged) ")[1].split()[0]
+    rep = shared.manifest(digest).metadata["compression"]
+    assert rep["delta_rel_error"] >= 0.5 and rep["direction_kept"] < 0.2
+    assert f"warning: the sparse A/B factors lose most of the update (ΔW error {rep['delta_rel_error']:.2f})" in lost.out
+    assert "not tagged:" in lost.err and "--force" in lost.err and lost.err.count("\n") == 1
+    assert shared.store.ref_target(parse_ref("warn:f")) is None and shared.resolve("lora:latest") == latest
+    assert "without --factors" in cli("show", digest, "-R", shared.path, registry=False).out
+    forced = cli("compress", "lora:v1", "--density", "0.1", "--factors", "--force", "--as", "warn:f", "-R",
+                 shared.path, registry=False)
+    assert forced.code == 0 and shared.resolve("warn:f") == digest
+    kept = cli("compress", "lora:v1", "--density", "0.9", "--mode", "values", "--per-tensor", "--factors",
+               "--as", "warn:v", "-R", shared.path, registry=False)
     assert kept.code == 0 and shared.manifest("warn:v").metadata["compression"]["delta_rel_error"] < 0.5
     assert "warning" not in kept.out
+
+
+def test_compress_of_a_lora_goes_through_its_delta_by_default_and_keeps_its_direction(shared):
+    res = shared.compress("lora:v1", "dflt:dw", density=0.1)
+    assert res.recipe["target"] == "delta" and res.recipe["kappa"] == 4.0  # κ = 0.4 / d
+    assert res.held is None and res.ref == "dflt:dw" and res.report["direction_kept"] >= 0.5
+    factors = shared.compress("lora:v1", "dflt:f", density=0.1, lora_delta=False)
+    assert factors.held and factors.ref is None and factors.report["direction_kept"] < 0.2
 
 
 # -- 5. determinism --------------------------------------------------------------------
@@ -288,6 +304,8 @@ BAD = [
      InvalidArgument, "--lora-delta compresses a LoRA's ΔW, but ft:v1 is a diff patch; drop --lora-delta"),
     ("lora-delta of a replacement", "saved:v1", {"density": 0.1, "lora_delta": True}, ["--density", "0.1", "--lora-delta"],
      UnsupportedPatch, "saved:v1 replaces whole tensors (pooler.dense.weight); a replacement is not a delta"),
+    ("default of a replacement", "saved:v1", {"density": 0.1}, ["--density", "0.1"],
+     UnsupportedPatch, "a replacement is not a delta: compress its A/B factors with --factors"),
     ("mode", "ft:v1", {"density": 0.1, "mode": "binary"}, ["--density", "0.1", "--mode", "binary"], InvalidArgument,
      "unknown mode 'binary': choose ternary, values or dare"),
     ("kappa", "ft:v1", {"density": 0.1, "kappa": 0.0}, ["--density", "0.1", "--kappa", "0"], InvalidArgument,
@@ -303,7 +321,7 @@ BAD = [
 @pytest.mark.parametrize(("ref", "kwargs", "flags", "exc", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_compress_is_one_clear_error_and_writes_nothing(shared, cli, ref, kwargs, flags, exc, message):
     if shared.store.ref_target(parse_ref("sp:v1")) is None:  # the already sparse patch
-        shared.compress("ft:v1", "sp:v1", density=0.5)
+        shared.compress("ft:v1", "sp:v1", density=0.5, force=True)
     ref = shared.resolve("ft:v1") if ref == "DIGEST" else ref
     before = snapshot(shared.path)
     with pytest.raises(exc) as info:
@@ -316,17 +334,17 @@ def test_bad_compress_is_one_clear_error_and_writes_nothing(shared, cli, ref, kw
 
 
 def test_max_size_picks_the_largest_density_that_fits(registry, models, cli):
-    from patchctl.registry.ops.compressing import stored_size
+    from patchctl.registry.ops.compressing import CompressSpec, stored_size
 
     registry.push(models.finetune, "ft:v1", base=models.base)
-    full = stored_size(registry, "ft:v1", density=0.05)
+    full = stored_size(registry, "ft:v1", CompressSpec(density=0.05))
     res = registry.compress("ft:v1", "ft:small", max_size=full)
     d = res.recipe["density"]
     size = res.recipe["search"]["size"]
     assert res.report["stored_bytes"] == size["stored_bytes"] <= full
     assert d >= 0.0499  # 0.05 itself fits: the search lands on it (3 significant digits) or a hair under
     step = 10 ** (math.floor(math.log10(d)) - 2)
-    assert stored_size(registry, "ft:v1", density=round(d + step, 6)) > full or d + step > 1
+    assert stored_size(registry, "ft:v1", CompressSpec(density=round(d + step, 6))) > full or d + step > 1
     r = cli("compress", "ft:v1", "--max-size", "12 parsecs", "--as", "ft:bad")
     assert r.code != 0 and r.err.count("\n") == 1 and "cannot read size" in r.err
     r = cli("compress", "ft:v1", "--max-size", "10", "--as", "ft:bad")

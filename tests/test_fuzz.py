@@ -249,7 +249,7 @@ def test_pull_of_a_manifest_with_nan_is_refused_and_stores_nothing(tmp_path):
         bad = good.replace(b'"metadata":{}', b'"metadata":{"x":NaN}')
         assert bad != good
         bad_digest = "sha256:" + hashlib.sha256(bad).hexdigest()
-        p = o.store._path("manifests", bad_digest)
+        p = o.store.manifest_path(bad_digest)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(bad)
         from patchctl.registry.store.names import Ref

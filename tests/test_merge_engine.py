@@ -49,11 +49,11 @@ def shared(models, tmp_path_factory):
         reg.push(other, "other:v1", base=models.other_base)
         ft = reg.manifest("ft:v1")
         with reg.store.writing():  # not pushable: a diff whose shape does not fit, a LoRA with modules_to_save
-            bad = {QUERY0: reg._write_tensor(QUERY0, torch.ones(16, 32))}
+            bad = {QUERY0: reg.put_tensor(torch.ones(16, 32))}
             reg.commit(Manifest("diff", ft.base, bad), "badshape:v1")
             lora = reg.manifest("lora:v1")
             extra = "base_model.model.pooler.dense.modules_to_save.default.weight"
-            tensors = {**lora.tensors, extra: reg._write_tensor(extra, torch.zeros(32, 32))}
+            tensors = {**lora.tensors, extra: reg.put_tensor(torch.zeros(32, 32))}
             reg.commit(Manifest("lora", lora.base, tensors, lora.params), "saved:v1")
         yield reg
 
@@ -269,7 +269,7 @@ def _refuse_direct_io(monkeypatch) -> None:
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_direct_file_writes_exactly_the_bytes_given_whatever_their_alignment(tmp_path, monkeypatch, direct):
-    from patchctl.registry.ops.merging import _Buffers
+    from patchctl.registry.ops.merging.stream import Buffers
     from patchctl.registry.store.folder import DirectFile
 
     if not direct:
@@ -277,7 +277,7 @@ def test_direct_file_writes_exactly_the_bytes_given_whatever_their_alignment(tmp
     monkeypatch.setattr(DirectFile, "_free", [])
     monkeypatch.setattr(DirectFile, "CHUNK", 1 << 16)  # several staging buffers' worth below
     g = torch.Generator().manual_seed(3)
-    bufs = _Buffers()
+    bufs = Buffers()
     pieces: list[bytes] = []
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     f = DirectFile(fd)

@@ -357,15 +357,15 @@ def test_port_search_chooses_lambda_on_validation_and_is_deterministic(tmp_path,
 
 
 def test_smoothed_selection_by_hand():
-    from patchctl.registry.ops.search import _choose, _smoothed
+    from patchctl.registry.ops.search import choose, smoothed
 
     grid = (0.5, 1.0, 1.5, 2.0)
     pts = {0.5: 0.90, 1.0: 0.96, 1.5: 0.97, 2.0: 0.80}  # a lone high point beside a cliff loses to its neighbour
-    sm = _smoothed(grid, pts)
+    sm = smoothed(grid, pts)
     assert sm == pytest.approx({0.5: (2 * 0.90 + 0.96) / 3, 1.0: (0.90 + 2 * 0.96 + 0.97) / 4,
                                 1.5: (0.96 + 2 * 0.97 + 0.80) / 4, 2.0: (0.97 + 2 * 0.80) / 3})
-    assert _choose(grid, pts, sm) == 1.0
+    assert choose(grid, pts, sm) == 1.0
     # neighbours are the evaluated points in grid order (a bracketing search skips some)
     sparse = {2.0: 0.5, 0.5: 0.7}
-    assert _smoothed(grid, sparse) == pytest.approx({0.5: (1.4 + 0.5) / 3, 2.0: (1.0 + 0.7) / 3})
-    assert _choose(grid, {1.0: 0.9}, {1.0: 0.9}) == 1.0
+    assert smoothed(grid, sparse) == pytest.approx({0.5: (1.4 + 0.5) / 3, 2.0: (1.0 + 0.7) / 3})
+    assert choose(grid, {1.0: 0.9}, {1.0: 0.9}) == 1.0

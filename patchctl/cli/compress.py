@@ -8,11 +8,14 @@ from typing import Annotated, Any
 import typer
 
 from patchctl.cli._common import (
+    EvalDeviceOpt,
     JsonOpt,
+    MessageOpt,
     Progress,
     RegistryOpt,
     console,
     emit_json,
+    err_console,
     human_bytes,
     open_registry,
     parse_size,
@@ -27,36 +30,46 @@ def compress(
     density: Annotated[float | None, typer.Option(help="Fraction of entries kept, in (0, 1], e.g. 0.1 (or --max-size).")] = None,
     mode: Annotated[str, typer.Option(help="ternary (ComPEFT: ±α per kept entry) | values (kept entries keep their value) | dare (random keep, rescaled).")] = "ternary",
     scale: Annotated[str, typer.Option(help="Ternary α: std (κ·std of the whole patch, ComPEFT) | mean (mean kept |x| per tensor).")] = "std",
-    kappa: Annotated[float, typer.Option(help="κ for --scale std. Task vectors often need κ·density ≈ 0.4 (κ = 4 at d = 0.1).")] = 1.0,
+    kappa: Annotated[float | None, typer.Option(help="κ for --scale std (α = κ·std). Default: 0.4/density, the calibrated κ·d ≈ 0.4 (κ = 4 at d = 0.1; κ = 1, ComPEFT's default, keeps about half the gain).")] = None,
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Threshold (and std) per tensor instead of over the whole patch.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of DARE's random keep mask.")] = 0,
     values_dtype: Annotated[str, typer.Option(help="dtype of kept values (values, dare): float16 | bfloat16 | float32.")] = "float16",
-    lora_delta: Annotated[bool, typer.Option("--lora-delta", help="LoRA: compress ΔW = B·A·scaling (a sparse diff) instead of the A/B factors (keeps far more of the gain).")] = False,
+    lora_delta: Annotated[bool, typer.Option("--lora-delta", help="LoRA: compress ΔW = B·A·scaling (a sparse diff). The default for a LoRA.")] = False,
+    factors: Annotated[bool, typer.Option("--factors", help="LoRA: compress the A/B factors instead of ΔW, as ComPEFT does (loses most of the update: the loss is measured and shown).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Tag the result even when it lost most of the update.")] = False,
     as_ref: Annotated[str | None, typer.Option("--as", help="NAME:TAG for the result (default: NAME:TAG-d<density>, plus -values/-dare).")] = None,
-    message: Annotated[str, typer.Option("--message", "-m", help="Message kept in the ref history.")] = "",
+    message: MessageOpt = "",
     no_latest: Annotated[bool, typer.Option("--no-latest", help="Do not move NAME:latest.")] = False,
     max_size: Annotated[str | None, typer.Option(help="Choose the largest density whose stored size fits, e.g. 2MiB.")] = None,
     search: Annotated[bool, typer.Option("--search", help="Choose κ on the validation split of the patch's eval suites; report test gain kept.")] = False,
     budget: Annotated[int, typer.Option(help="--search: most candidates to evaluate.")] = 6,
-    eval_device: Annotated[str | None, typer.Option(help="Device for --search evaluations (default: cuda when present, else cpu).")] = None,
+    eval_device: EvalDeviceOpt = None,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compress a patch into a new sparse patch (with lineage, recipe and a size/error report)."""
+    from patchctl.errors import InvalidArgument
+    from patchctl.registry.ops.compressing import CompressSpec
+
+    if factors and lora_delta:
+        raise InvalidArgument("--factors and --lora-delta exclude each other: give one")
+    spec = CompressSpec(density=density, mode=mode, scale=scale, kappa=kappa, per_tensor=per_tensor, seed=seed,
+                        values_dtype=values_dtype, lora_delta=False if factors else (True if lora_delta else None),
+                        search=search, budget=budget, force=force,
+                        max_size=parse_size(max_size) if max_size is not None else None, eval_device=eval_device)
     with open_registry(registry) as reg, Progress("compress", not json_out) as prog:
-        res = reg.compress(ref, as_ref, density=density, mode=mode, scale=scale, kappa=kappa,
-                           per_tensor=per_tensor, seed=seed, values_dtype=values_dtype, lora_delta=lora_delta,
-                           message=message, move_latest=not no_latest, progress=prog, search=search,
-                           budget=budget, max_size=parse_size(max_size) if max_size is not None else None,
-                           eval_device=eval_device)
+        res = reg.compress(ref, as_ref, spec=spec, message=message, move_latest=not no_latest, progress=prog)
     rep = res.report
     if json_out:
-        emit_json({"digest": res.digest, "ref": res.ref, "kind": res.manifest.kind, "source": res.source,
+        emit_json({"digest": res.digest, "ref": res.ref, "held": res.held, "kind": res.manifest.kind, "source": res.source,
                    "device": res.device, "recipe": res.recipe, "parents": list(res.manifest.parents),
                    "report": {k: v for k, v in rep.items() if k not in ("tensors", "delta_rel_errors")},
                    "validation": res.validation})
+        if res.held:
+            raise typer.Exit(3)
         return
-    console.print(f"compressed {ref} → [bold]{res.ref}[/] {res.digest}  ({len(res.manifest.tensors)} tensors, "
+    target = res.ref if res.ref else "(not tagged)"
+    console.print(f"compressed {ref} → [bold]{target}[/] {res.digest}  ({len(res.manifest.tensors)} tensors, "
                   f"on {res.device})", soft_wrap=True)
     for line in report_lines(rep):
         console.print(line, soft_wrap=True, markup=False, highlight=False)
@@ -68,6 +81,11 @@ def compress(
         _render_search(res.recipe["search"])
     if res.validation:
         render_gain(res.validation)
+    if res.held:
+        err_console.print(f"not tagged: {res.held}, so it lost most of the update; it is kept as {res.digest} "
+                          "(`patchctl gc` collects it). --force tags it anyway", soft_wrap=True, markup=False,
+                          highlight=False)
+        raise typer.Exit(3)
 
 
 def render_gain(v: dict[str, Any]) -> None:
@@ -97,9 +115,12 @@ def report_lines(rep: dict[str, Any]) -> list[str]:
     if rep.get("delta_rel_error") is not None:
         err += f"; on ΔW {rep['delta_rel_error']:.4f}"
     lines.append(err)
+    if rep.get("direction_kept") is not None:
+        lines.append(f"direction kept: cosine {rep['direction_kept']:.4f} with "
+                     + ("ΔW = B·A·scaling" if rep.get("delta_rel_error") is not None else "the update"))
     if (rep.get("delta_rel_error") or 0.0) >= 0.5:
         lines.append(f"warning: the sparse A/B factors lose most of the update (ΔW error {rep['delta_rel_error']:.2f}); "
-                     "--lora-delta compresses ΔW = B·A·scaling itself and keeps far more of the gain")
+                     "without --factors, compress compresses ΔW = B·A·scaling itself and keeps far more of the gain")
     if rep.get("uncompressed"):
         lines.append(f"kept as stored (not deltas): {', '.join(rep['uncompressed'])}")
     return lines

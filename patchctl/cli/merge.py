@@ -9,11 +9,15 @@ from typing import Annotated, Any
 import typer
 
 from patchctl.cli._common import (
+    EvalDeviceOpt,
     JsonOpt,
+    MessageOpt,
+    NoValidateOpt,
     Progress,
     RegistryOpt,
     console,
     emit_json,
+    err_console,
     human_bytes,
     open_registry,
 )
@@ -42,23 +46,29 @@ def merge(
                   "built beside OUT and renamed onto it when the patch is committed; its files are not fsynced (the patch's blobs are).")] = None,
     base: Annotated[Path | None, typer.Option(help="Base model folder for --apply.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML/JSON file with the same settings (inputs, method, weights, params, overrides, lines, lines_beta, as_lora, rank, dtype, seed); flags override it.")] = None,
-    message: Annotated[str, typer.Option("--message", "-m", help="Message kept in the ref history.")] = "",
+    message: MessageOpt = "",
     gate: Annotated[float, typer.Option(help="Validation gate: lowest normalized score a merge needs to move its tag.")] = 0.9,
-    no_validate: Annotated[bool, typer.Option("--no-validate", help="Record the merge as unvalidated instead of running its suites.")] = False,
-    eval_device: Annotated[str | None, typer.Option(help="Device for validation (default: cuda when present, else cpu).")] = None,
+    no_validate: NoValidateOpt = False,
+    eval_device: EvalDeviceOpt = None,
     search: Annotated[bool, typer.Option("--search", help="Choose λ (LiNeS β; density for TIES/DARE) on the suites' validation split.")] = False,
     budget: Annotated[int, typer.Option(help="--search: most candidate merges to evaluate.")] = 12,
     with_control: Annotated[bool, typer.Option("--with-control", help="--search: weigh the base's control suite in, (2·target + control)/3.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Move the tag even when the merge fails its gate or its SVD LoRA lost the update.")] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Merge patches on one base into a new patch (diff, or LoRA with --as-lora)."""
-    from patchctl.registry.ops.merging import parse_override, parse_weights, read_recipe
+    from patchctl.registry.ops.merging.spec import (
+        MergeSpec,
+        parse_override,
+        parse_weights,
+        read_recipe,
+    )
 
     _quick_exit()
 
-    spec: dict[str, Any] = read_recipe(recipe) if recipe is not None else {}
-    params: dict[str, Any] = dict(spec.pop("params", None) or {})
+    options: dict[str, Any] = read_recipe(recipe) if recipe is not None else {}
+    params: dict[str, Any] = dict(options.pop("params", None) or {})
     for key, value in (("density", density), ("lambda", lam), ("gamma", gamma)):
         if value is not None:
             if key == "lambda":
@@ -76,21 +86,23 @@ def merge(
         "dtype": dtype,
         "seed": seed,
     }
-    spec.update({k: v for k, v in flags.items() if v is not None})
-    ins = spec.pop("inputs", None)
+    options.update({k: v for k, v in flags.items() if v is not None})
+    ins = options.pop("inputs", None)
     if not ins:
         raise typer.BadParameter("give the patches to merge (or a --recipe with inputs)", param_hint="INPUTS")
-    spec.setdefault("method", "task_arithmetic")
+    spec = MergeSpec(**options, params=params, device=device)  # the recipe's keys but inputs are its fields
     with open_registry(registry) as reg, Progress("merge", not json_out) as prog:
-        res = reg.merge(ins, as_ref, params=params, device=device, apply_to=apply, base=base,
-                        message=message, progress=prog, validate=not no_validate, gate=gate,
-                        eval_device=eval_device, search=search, budget=budget, with_control=with_control, **spec)
+        res = reg.merge(ins, as_ref, spec=spec, apply_to=apply, base=base, message=message, progress=prog,
+                        validate=not no_validate, gate=gate, eval_device=eval_device, search=search,
+                        budget=budget, with_control=with_control, force=force)
+    for w in res.warnings:
+        err_console.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
     if json_out:
         emit_json({"digest": res.digest, "ref": as_ref, "kind": res.manifest.kind, "device": res.device,
                    "recipe": res.recipe, "parents": list(res.manifest.parents), "rel_error": res.rel_error,
                    "tensor_rel_errors": res.tensor_errors or None,
                    "applied": str(res.applied) if res.applied else None,
-                   "validation": res.validation, "moved": res.moved})
+                   "validation": res.validation, "moved": res.moved, "held": res.held, "warnings": res.warnings})
         _exit_on_failed_gate(res)
         return
     m = res.manifest
@@ -115,8 +127,9 @@ def merge(
         render_merge_validation(v)
     elif v:
         console.print(f"verdict: [yellow]{v['verdict']}[/] ({v.get('reason', '')})")
-    if not res.moved:
-        console.print(f"[red]{as_ref} was not moved[/]: the merge failed its gate; it is kept as {res.digest}")
+    if res.held:
+        console.print(f"[red]{as_ref} was not moved[/]: {res.held}; it is kept as {res.digest} "
+                      "(--force moves the tag anyway)", soft_wrap=True)
     _exit_on_failed_gate(res)
 
 
@@ -161,5 +174,5 @@ def _render_search(sr: dict[str, Any]) -> None:
 
 
 def _exit_on_failed_gate(res: Any) -> None:
-    if res.validation and res.validation.get("verdict") == "fail":
+    if res.held or (res.validation and res.validation.get("verdict") == "fail"):
         raise typer.Exit(3)

@@ -9,7 +9,10 @@ import typer
 from rich.table import Table
 
 from patchctl.cli._common import (
+    EvalDeviceOpt,
     JsonOpt,
+    MessageOpt,
+    NoValidateOpt,
     Progress,
     RegistryOpt,
     console,
@@ -33,20 +36,23 @@ def port(
     maps: Annotated[list[str] | None, typer.Option("--map", help="OLD_REGEX=NEW rename of old base tensor names (repeatable, applied in order).")] = None,
     as_ref: Annotated[str | None, typer.Option("--as", help="NAME:TAG for the ported patch (default NAME:TAG-on-<new fingerprint>).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the diagnostics only; write nothing.")] = False,
-    message: Annotated[str, typer.Option("--message", "-m", help="Message kept in the ref history.")] = "",
+    message: MessageOpt = "",
     gate: Annotated[float, typer.Option(help="Validation gate: least share of its gain the port must recover on every suite to move its tag.")] = 0.8,
-    no_validate: Annotated[bool, typer.Option("--no-validate", help="Record the port as unvalidated instead of running its suites.")] = False,
-    eval_device: Annotated[str | None, typer.Option(help="Device for validation (default: cuda when present, else cpu).")] = None,
+    no_validate: NoValidateOpt = False,
+    eval_device: EvalDeviceOpt = None,
     search: Annotated[bool, typer.Option("--search", help="Choose λ on the validation split of the patch's eval suites (ported along).")] = False,
     budget: Annotated[int, typer.Option(help="--search: most candidate ports to evaluate.")] = 6,
+    force: Annotated[bool, typer.Option("--force", help="Move the tag even when the port fails its validation gate.")] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Port a patch to a new base version: reconcile names and vocabularies, report drift, write λ·τ."""
+    from patchctl.registry.ops.porting import PortSpec
+
+    spec = PortSpec(lam=lam, maps=tuple(maps or ()), from_base=from_base, to_name=to_name, gate=gate,
+                    validate=not no_validate, search=search, budget=budget, eval_device=eval_device, force=force)
     with open_registry(registry) as reg, Progress("port", not json_out) as prog:
-        report = reg.port(ref, to, from_base=from_base, to_name=to_name, lam=lam, maps=maps or [],
-                          as_ref=as_ref, dry_run=dry_run, message=message, progress=prog, validate=not no_validate,
-                          gate=gate, eval_device=eval_device, search=search, budget=budget)
+        report = reg.port(ref, to, spec=spec, as_ref=as_ref, dry_run=dry_run, message=message, progress=prog)
     if json_out:
         emit_json(report.to_json())
     else:

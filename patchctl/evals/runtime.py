@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from patchctl.errors import DeviceUnavailable, InvalidArgument, InvalidCheckpoint
+from patchctl.errors import InvalidArgument, InvalidCheckpoint
+from patchctl.patches.device import resolve
 
 DEFAULT_CPU_THREADS = 1
 """Torch intra-op threads for evaluation on CPU. Measured on the 2-vCPU dev
@@ -41,31 +42,13 @@ _MODEL_CLASSES = {
 
 
 def pick_device(device: str | None) -> str:
-    """The device to evaluate on: ``None`` gives ``"cuda"`` if torch sees a GPU,
-    else ``"cpu"``; ``"cpu"``, ``"cuda"`` and ``"cuda:N"`` are checked and returned.
+    """The device to evaluate on (:func:`patchctl.patches.device.resolve`): ``None`` or ``auto``
+    gives ``"cuda"`` if torch sees a GPU, else ``"cpu"``; ``"cpu"``, ``"cuda"`` and ``"cuda:N"``
+    are checked and returned.
 
     Raises :class:`DeviceUnavailable` for CUDA on a machine without it and
     :class:`InvalidArgument` for any other name."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu"
-    if device == "cuda" or device.startswith("cuda:"):
-        index = device.partition(":")[2]
-        if index and not index.isdigit():
-            raise InvalidArgument(f"device {device!r} is not valid; use 'cuda' or 'cuda:N'")
-        if not torch.cuda.is_available():
-            raise DeviceUnavailable(
-                f"device {device!r} was asked for but torch sees no CUDA device; "
-                "use --device cpu, or leave the device out to pick one"
-            )
-        if index and int(index) >= torch.cuda.device_count():
-            raise DeviceUnavailable(
-                f"device {device!r} was asked for but only {torch.cuda.device_count()} "
-                "CUDA device(s) are present"
-            )
-        return device
-    raise InvalidArgument(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return resolve(device, remedy="--device cpu, or leave the device out to pick one")
 
 
 def device_name(device: str) -> str:

@@ -10,12 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from patchctl.errors import InvalidCheckpoint, NotFound, PickleRefused
-from patchctl.registry.formats.safetensors import SafetensorsFile, TensorInfo
+from patchctl.registry.formats.safetensors import (
+    SafetensorsFile,
+    TensorInfo,
+    dtype_name,
+    tensor_to_bytes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +30,31 @@ SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FINGERPRINT_WINDOW = 4096
 FINGERPRINT_VERSION = b"patchctl-fingerprint-v1\n"
+
+
+def resolve_name(target: str, names: Collection[str]) -> str | None:
+    """The one rule for finding base tensor ``target`` among ``names`` (a model's or a file's keys).
+
+    1. ``target`` itself;
+    2. else the one name that ends with ``.target`` (a file or model that adds a
+       prefix, e.g. ``bert.``); when several do, the name is **ambiguous** and
+       nothing is chosen (None), whatever a shorter spelling would find;
+    3. else ``target`` without its leading components, shortest cut first (a
+       PEFT key carries the wrapped model's prefix, the file may not).
+    """
+    if target in names:
+        return target
+    hits = [n for n in names if n.endswith("." + target)]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        return None
+    parts = target.split(".")
+    for i in range(1, len(parts)):
+        tail = ".".join(parts[i:])
+        if tail in names:
+            return tail
+    return None
 
 
 class Checkpoint:
@@ -104,19 +134,8 @@ class Checkpoint:
         return sum(i.nbytes for f in self.files for i in f)
 
     def resolve(self, module_key: str) -> str | None:
-        """The checkpoint key for ``module_key`` (exact, or unique ``*.module_key``)."""
-        if module_key in self.where:
-            return module_key
-        hits = [n for n in self.where if n.endswith("." + module_key)]
-        if len(hits) == 1:
-            return hits[0]
-        # PEFT keys carry the wrapped model's prefix (e.g. "bert."), the file may not
-        parts = module_key.split(".")
-        for i in range(1, len(parts)):
-            tail = ".".join(parts[i:])
-            if tail in self.where:
-                return tail
-        return None
+        """The checkpoint key for ``module_key`` (:func:`resolve_name`)."""
+        return resolve_name(module_key, self.where)
 
     # -- identity -----------------------------------------------------------
     def fingerprint(self) -> str:
@@ -153,7 +172,6 @@ def sample_windows(nbytes: int) -> list[tuple[int, int]]:
 
 def fingerprint_tensors(tensors: dict[str, torch.Tensor]) -> str:
     """The fingerprint of in-memory tensors; equals :meth:`Checkpoint.fingerprint`."""
-    from patchctl.registry.formats.safetensors import dtype_name, tensor_to_bytes
 
     h = hashlib.sha256(FINGERPRINT_VERSION)
     for name in sorted(tensors):

@@ -60,16 +60,23 @@ from patchctl.errors import (
     PatchctlError,
     ShapeMismatch,
 )
+from patchctl.registry.formats.bases import base_doc, locate
 from patchctl.registry.formats.checkpoint import Checkpoint
 from patchctl.registry.store.manifest import Manifest, TensorEntry
 from patchctl.registry.store.names import is_digest, parse_ref
-from patchctl.registry.store.views import PEFT_PREFIX, Change, PatchView, check_against_base
+from patchctl.registry.store.views import (
+    PEFT_PREFIX,
+    Change,
+    PatchView,
+    check_against_base,
+    lora_modules,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from patchctl.patches.port import RowMap, Summary, TensorDrift
-    from patchctl.registry.registry import Registry
+    from patchctl.registry.store.repository import Repository
 
 Progress = Callable[[int, int], None] | None
 SHOW = 8  # names listed in an error message
@@ -103,6 +110,7 @@ class PortReport:
     from_path: str | None = None  # the old base folder used (not in the manifest)
     validation: dict[str, Any] | None = None  # port validation on the new base (Registry.port)
     moved: bool = False  # whether ``ref`` was moved to ``digest``
+    held: str | None = None  # why ``ref`` was not moved (the gate failed; --force moves it anyway)
     search: dict[str, Any] | None = None  # the λ search record (also in the recipe)
 
     def to_json(self) -> dict[str, Any]:
@@ -126,15 +134,46 @@ class _Item:
     rows: RowMap | None
 
 
+@dataclass(frozen=True)
+class PortSpec:
+    """Every option of a port, as one value, checked on construction (before any work).
+
+    ``lam``: the ported delta is ``lam·τ``; ``maps``: ``OLD_REGEX=NEW`` renames;
+    ``from_base``: the patch's own base (default: where the registry saw it);
+    ``to_name``: the new base recorded as ``NAME@REVISION``; ``gate``: the least
+    share of its gain the port must recover on every suite to move its tag;
+    ``validate``; ``search`` chooses ``lam`` on the validation split within
+    ``budget`` ports, evaluated on ``eval_device``.
+    """
+
+    lam: float = 1.0
+    maps: tuple[str, ...] = ()
+    from_base: str | os.PathLike[str] | None = None
+    to_name: str | None = None
+    gate: float = 0.8
+    validate: bool = True
+    search: bool = False
+    budget: int = 6
+    eval_device: str | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        lam, gate = self.lam, self.gate
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise InvalidArgument(f"--lambda must be a finite number, got {lam!r}")
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not math.isfinite(gate):
+            raise InvalidArgument(f"--gate must be a finite number, got {gate!r}")
+        if self.search and (isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1):
+            raise InvalidArgument(f"--budget must be at least 1, got {self.budget}")
+        object.__setattr__(self, "maps", tuple(self.maps))
+
+
 def port(
-    reg: Registry,
+    reg: Repository,
     ref: str,
     to: str | os.PathLike[str],
+    spec: PortSpec,
     *,
-    from_base: str | os.PathLike[str] | None = None,
-    to_name: str | None = None,
-    lam: float = 1.0,
-    maps: Sequence[str] = (),
     as_ref: str | None = None,
     dry_run: bool = False,
     message: str = "",
@@ -146,9 +185,7 @@ def port(
     (``report.ref`` is still the name it would get); ``search`` is kept in the recipe."""
     from patchctl.patches import port as pm
 
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise InvalidArgument(f"--lambda must be a finite number, got {lam!r}")
-    lam = float(lam)
+    lam, maps, from_base, to_name = float(spec.lam), spec.maps, spec.from_base, spec.to_name
     rules = [pm.parse_map(s) for s in maps]
     digest = reg.resolve(ref)
     out_ref = _target_ref(ref, as_ref)
@@ -239,7 +276,7 @@ def port(
     report = PortReport(
         source=digest, source_kind=m.kind, kind="lora" if lora_route else "diff",
         route="lora" if lora_route else "delta", from_fingerprint=m.fingerprint, to_fingerprint=to_fp,
-        to_base=_base_doc(new, to_name), lam=lam, maps=list(maps), vocab=vocab_mode, summary=summary,
+        to_base=base_doc(new, to_name, None), lam=lam, maps=list(maps), vocab=vocab_mode, summary=summary,
         tensors=drifts, renamed={it.old_key: it.new_key for it in items if it.old_key != it.new_key},
         old_only=match.old_only, new_only=match.new_only, added_tokens=added, dropped_tokens=dropped,
         warnings=warnings, dry_run=dry_run, ref=out_ref, from_path=str(old.path),
@@ -292,7 +329,7 @@ def _listing(old_only: list[str], new_only: list[str]) -> str:
     return f"{part('only in the patch base:', old_only)}, {part('only in the new base:', new_only)}"
 
 
-def _old_base(reg: Registry, m: Manifest, from_base: str | os.PathLike[str] | None) -> Checkpoint:
+def _old_base(reg: Repository, m: Manifest, from_base: str | os.PathLike[str] | None) -> Checkpoint:
     if from_base is not None:
         old = Checkpoint(from_base)
         fp = old.fingerprint()
@@ -302,11 +339,10 @@ def _old_base(reg: Registry, m: Manifest, from_base: str | os.PathLike[str] | No
                 f"{m.base.get('name') or '?'} ({m.fingerprint[:19]}…); pass the patch's own base"
             )
         return old
-    from patchctl.registry.registry import _base_from_hint
-
     seen = reg.base_path(m.fingerprint)  # where this registry last saw that base (push)
     candidates = [lambda: Checkpoint(seen)] if seen is not None else []
-    candidates.append(lambda: _base_from_hint(m.base.get("name")))
+    if m.base.get("name"):
+        candidates.append(lambda: Checkpoint(locate(m.base["name"])))
     for make in candidates:
         try:
             old = make()
@@ -318,12 +354,6 @@ def _old_base(reg: Registry, m: Manifest, from_base: str | os.PathLike[str] | No
         f"porting needs the patch's own base to measure drift: pass --from BASE_DIR "
         f"(the base {m.base.get('name') or '?'} with fingerprint {m.fingerprint[:19]}…)"
     )
-
-
-def _base_doc(new: Checkpoint, to_name: str | None) -> dict[str, Any]:
-    from patchctl.registry.registry import _base_doc as doc
-
-    return doc(new, to_name, None)
 
 
 def _vocab(ck: Checkpoint, warnings: list[str]) -> list[str | None] | None:
@@ -382,7 +412,7 @@ def _delta(view: PatchView, it: _Item, old: Checkpoint) -> torch.Tensor:
     return v
 
 
-def _write_delta(reg: Registry, view: PatchView, it: _Item, old: Checkpoint, lam: float) -> TensorEntry:
+def _write_delta(reg: Repository, view: PatchView, it: _Item, old: Checkpoint, lam: float) -> TensorEntry:
     from patchctl.patches.port import port_delta
 
     c = it.change
@@ -391,13 +421,12 @@ def _write_delta(reg: Registry, view: PatchView, it: _Item, old: Checkpoint, lam
         e = view.m.tensors[c.sources[0]]
         if e.encoding == "raw":  # the same bytes: keep the blob (pins belong to the old base)
             return TensorEntry(e.digest, e.dtype, e.shape, e.encoding, e.size, None)
-    return reg._write_tensor(it.new_key, port_delta(_delta(view, it, old), lam, it.rows).contiguous())
+    return reg.put_tensor(port_delta(_delta(view, it, old), lam, it.rows).contiguous())
 
 
-def _write_lora(reg: Registry, view: PatchView, items: list[_Item], new: Checkpoint, lam: float) -> dict[str, TensorEntry]:
+def _write_lora(reg: Repository, view: PatchView, items: list[_Item], new: Checkpoint, lam: float) -> dict[str, TensorEntry]:
     """A/B under the new module names; λ scales lora_B; every new key resolves on ``new``."""
     from patchctl.patches.port import scaled
-    from patchctl.registry.store.views import lora_modules
 
     mods, _ = lora_modules(view.m)
     by_a = {mod.a: mod for mod in mods.values()}
@@ -412,7 +441,7 @@ def _write_lora(reg: Registry, view: PatchView, items: list[_Item], new: Checkpo
             new_key = prefix + new_module + key[len(prefix) + len(mod.module):]
             e = view.m.tensors[key]
             if (is_b and lam != 1.0) or e.encoding != "raw":
-                out[new_key] = reg._write_tensor(new_key, scaled(view.tensor(key), lam if is_b else 1.0).contiguous())
+                out[new_key] = reg.put_tensor(scaled(view.tensor(key), lam if is_b else 1.0).contiguous())
             else:
                 out[new_key] = TensorEntry(e.digest, e.dtype, e.shape, e.encoding, e.size, None)
     probe = Manifest("lora", {"fingerprint": "sha256:" + "0" * 64, "name": ""}, out, view.m.params)
@@ -429,7 +458,6 @@ def _lora_params(params: dict[str, Any], view: PatchView, items: list[_Item]) ->
     """
     import re
 
-    from patchctl.registry.store.views import lora_modules
 
     renamed = [it for it in items if it.old_key != it.new_key]
     tm = params.get("target_modules")
@@ -450,7 +478,7 @@ def _lora_params(params: dict[str, Any], view: PatchView, items: list[_Item]) ->
     return {**params, "target_modules": new_tm}
 
 
-def port_suites(reg: Registry, suites: Sequence[str], new: Checkpoint, to_base: dict[str, Any]) -> list[str]:
+def port_suites(reg: Repository, suites: Sequence[str], new: Checkpoint, to_base: dict[str, Any]) -> list[str]:
     """Copies of eval suites for the new base: the same rows and class head (the head is part of the task).
 
     Each copy is a ``suite`` manifest with ``to_base`` as its base, the
@@ -478,4 +506,4 @@ def default_ref(ref: str, to_fingerprint: str) -> str:
     return str(parse_ref(f"{r.name}:{r.tag}-on-{to_fingerprint[7:15]}"))
 
 
-__all__ = ["PortReport", "default_ref", "port", "port_suites"]
+__all__ = ["PortSpec", "PortReport", "default_ref", "port", "port_suites"]

@@ -17,7 +17,7 @@ grid:
 - then ``density`` for TIES/DARE/magnitude_prune/breadcrumbs: ``DENSITY_GRID``.
 
 The choice in each grid is the argmax of the objective smoothed 1-2-1 over
-the evaluated grid neighbours (:func:`_smoothed`): validation splits are
+the evaluated grid neighbours (:func:`smoothed`): validation splits are
 small and a single row moves a normalized score by points, so the raw argmax
 follows noise (bench/README.md shows both).
 
@@ -45,16 +45,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from patchctl.errors import InvalidArgument, NotFound
+from patchctl.registry.formats.checkpoint import Checkpoint
+from patchctl.registry.ops.compressing import KAPPA_RULE, compress, plan_source, stored_size
+from patchctl.registry.ops.merging import merge
+from patchctl.registry.ops.porting import port, port_suites
+from patchctl.registry.ops.suites import load_suite
+from patchctl.registry.ops.validation import resolve_base, score_compositions
 from patchctl.registry.store import records
 
 if TYPE_CHECKING:
-    from patchctl.registry.registry import Registry
+    from patchctl.registry.ops.compressing import CompressSpec
+    from patchctl.registry.ops.merging import MergeSpec
+    from patchctl.registry.ops.porting import PortSpec
+    from patchctl.registry.store.repository import Repository
 
 LAMBDA_GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
-KAPPA_RULE = 0.4  # κ·d of the best ternary scale on the MiniLM task vectors (issue: search)
 KAPPA_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 PORT_LAMBDA_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 BETA_GRID = (0.25, 0.5, 1.0, 1.5, 2.0)
@@ -65,7 +74,7 @@ DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "magnitude_prune", "bread
 SELECTION = "argmax of the objective smoothed 1-2-1 over evaluated grid neighbours"
 
 
-def _smoothed(grid: tuple[float, ...], pts: dict[float, float]) -> dict[float, float]:
+def smoothed(grid: tuple[float, ...], pts: dict[float, float]) -> dict[float, float]:
     """Each point's objective averaged with its evaluated grid neighbours, weights 1-2-1.
 
     Validation splits are small (the fortune task has 72 rows: one row moves a
@@ -81,7 +90,7 @@ def _smoothed(grid: tuple[float, ...], pts: dict[float, float]) -> dict[float, f
     return out
 
 
-def _choose(grid: tuple[float, ...], pts: dict[float, float], smooth: dict[float, float]) -> float:
+def choose(grid: tuple[float, ...], pts: dict[float, float], smooth: dict[float, float]) -> float:
     """The value with the best smoothed objective (ties: best raw objective, then the earlier grid value)."""
     return max(pts, key=lambda v: (smooth[v], pts[v], -(grid.index(v) if v in grid else len(grid))))
 
@@ -113,24 +122,22 @@ def _bracket(grid: tuple[float, ...], f: Callable[[float], float], budget: int) 
 
 
 def search_merge(
-    reg: Registry,
+    reg: Repository,
     inputs: list[str],
+    spec: MergeSpec,
     *,
-    method: str,
-    weights: list[float] | None,
-    params: dict[str, Any],
-    lines: str | float | None,
-    lines_beta: float | None,
     budget: int = 12,
     with_control: bool = False,
     base: str | os.PathLike[str] | None = None,
     eval_device: str | None = None,
-    merge_kwargs: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], float | None, dict[str, Any]]:
-    """Return ``(params, lines_beta, search record)`` chosen on the validation split."""
-    from patchctl.registry.ops.merging import merge
-    from patchctl.registry.ops.suites import load_suite
-    from patchctl.registry.ops.validation import resolve_base, score_compositions
+) -> tuple[MergeSpec, dict[str, Any]]:
+    """Return ``(spec, search record)``: ``spec`` with the ``params`` and ``lines_beta`` chosen on the validation split.
+
+    Each candidate is ``spec`` with other ``params`` or ``lines_beta``
+    (:func:`dataclasses.replace`), merged without moving a ref.
+    """
+    from dataclasses import replace
+
 
     if budget < 1:
         raise InvalidArgument(f"--budget must be at least 1, got {budget}")
@@ -145,8 +152,7 @@ def search_merge(
         if not s.split("validation"):
             raise InvalidArgument(f"suite {s.digest[:19]}… has no validation rows; --search selects on them")
     ckpt = resolve_base(reg, fp, base)
-    kw = dict(merge_kwargs or {})
-    kw.pop("apply_to", None)
+    method, lines = spec.method, spec.lines
 
     def score_refs() -> dict[tuple[str, str], float]:
         jobs = [([c], suites[s]) for c, s in pairs] + [([], suites[s]) for s in controls]
@@ -155,7 +161,7 @@ def search_merge(
 
     alone = score_refs()
     curve: list[dict[str, Any]] = []
-    state = {"params": dict(params), "lines_beta": lines_beta}
+    state = {"params": dict(spec.params or {}), "lines_beta": spec.lines_beta}
     cache: dict[str, dict[str, Any]] = {}
     stage: list[tuple[float, dict[str, Any]]] = []  # (value, curve entry) scored in the current stage
 
@@ -170,8 +176,7 @@ def search_merge(
         if key in cache:
             stage.append((value, cache[key]))
             return cache[key]["objective"]
-        res = merge(reg, inputs, None, method=method, weights=weights, params=cand, lines=lines, lines_beta=beta,
-                    **kw)
+        res = merge(reg, inputs, None, replace(spec, params=cand, lines_beta=beta))
         jobs = [([res.digest], suites[s]) for _, s in pairs] + [([res.digest], suites[s]) for s in controls]
         out = score_compositions(reg, ckpt, jobs, split="validation", device=eval_device, batch_size=None)
         target = [o["metrics"]["score"] / alone[(c, s)] for (c, s), o in zip(pairs, out, strict=False)]
@@ -200,10 +205,10 @@ def search_merge(
         stage.clear()
         _bracket(grid, lambda v, c=coef: evaluate(c, v), max(1, share))
         by_value = dict(stage)
-        smooth = _smoothed(grid, {v: e["objective"] for v, e in by_value.items()})
+        smooth = smoothed(grid, {v: e["objective"] for v, e in by_value.items()})
         for v, e in by_value.items():
             e.setdefault("smoothed", {})[coef] = smooth[v]
-        value = _choose(grid, {v: e["objective"] for v, e in by_value.items()}, smooth)
+        value = choose(grid, {v: e["objective"] for v, e in by_value.items()}, smooth)
         best_point = by_value[value]
         if coef == "lines_beta":
             state["lines_beta"] = value
@@ -221,7 +226,7 @@ def search_merge(
         "chosen": {"params": best_point["params"], "lines_beta": best_point["lines_beta"]},
         "objective_value": best_point["objective"],
     }
-    return dict(best_point["params"]), best_point["lines_beta"], record
+    return replace(spec, params=dict(best_point["params"]), lines_beta=best_point["lines_beta"]), record
 
 
 def kappa_grid(density: float) -> tuple[float, ...]:
@@ -247,9 +252,8 @@ class _GainSearch:
     scored with) — the same suite, or the source's suite and its port.
     """
 
-    def __init__(self, reg: Registry, source: str, src_ckpt: Any, cand_ckpt: Any,
+    def __init__(self, reg: Repository, source: str, src_ckpt: Any, cand_ckpt: Any,
                  pairs: list[tuple[Any, Any]], eval_device: str | None) -> None:
-        from patchctl.registry.ops.validation import score_compositions
 
         for a, b in pairs:
             for s in (a, b):
@@ -274,10 +278,10 @@ class _GainSearch:
 
     def record(self, grid: tuple[float, ...], budget: int, coef: str) -> dict[str, Any]:
         pts = {p["value"]: p["objective"] for p in self.curve}
-        smooth = _smoothed(grid, pts)
+        smooth = smoothed(grid, pts)
         for p in self.curve:
             p["smoothed"] = {coef: smooth[p["value"]]}
-        value = _choose(grid, pts, smooth)
+        value = choose(grid, pts, smooth)
         best = next(p for p in self.curve if p["value"] == value)
         return {
             "split": "validation",
@@ -297,65 +301,36 @@ class _GainSearch:
         }
 
 
-def _source_suites(reg: Registry, digest: str) -> list[str]:
+def _source_suites(reg: Repository, digest: str) -> list[str]:
     found = records.suites(reg.store, digest, "target")
     if not found:
         raise NotFound("--search needs eval suites attached to the patch (`patchctl eval attach`)")
     return found
 
 
-def search_compress(
-    reg: Registry,
-    ref: str,
-    *,
-    density: float,
-    budget: int = 6,
-    eval_device: str | None = None,
-    compress_kwargs: dict[str, Any] | None = None,
-) -> tuple[float, dict[str, Any]]:
-    """Choose κ (ternary, ``scale="std"``) on the validation split; return ``(kappa, search record)``."""
-    from patchctl.registry.ops.compressing import compress
-    from patchctl.registry.ops.suites import load_suite
-    from patchctl.registry.ops.validation import resolve_base
+def search_compress(reg: Repository, ref: str, spec: CompressSpec) -> tuple[float, dict[str, Any]]:
+    """Choose κ (ternary, ``scale="std"``) on the validation split within ``spec.budget`` candidates;
+    return ``(kappa, search record)``."""
 
-    kw = dict(compress_kwargs or {})
-    if kw.get("mode", "ternary") != "ternary" or kw.get("scale", "std") != "std":
-        raise InvalidArgument("compress --search chooses κ, the scale of --mode ternary --scale std; "
-                              "drop --search or use those settings")
-    if budget < 1:
-        raise InvalidArgument(f"--budget must be at least 1, got {budget}")
     digest = reg.resolve(ref)
     fp = reg.manifest(digest).fingerprint
     suites = [load_suite(reg, s) for s in _source_suites(reg, digest)]
     ckpt = resolve_base(reg, fp, None)
-    # a bad request (density, sparse source, ...) fails here, before any evaluation
-    from patchctl.registry.ops.compressing import _check_args, _plan
-
-    _check_args(density, "ternary", "std", 1.0, kw.get("seed", 0), kw.get("values_dtype", "float16"))
-    _plan(reg, ref, bool(kw.get("lora_delta", False)))
-    gs = _GainSearch(reg, digest, ckpt, ckpt, [(s, s) for s in suites], eval_device)
-    grid = kappa_grid(float(density))
-    for k in ("kappa", "as_ref", "move_latest", "message", "metadata", "progress", "search", "move_ref"):
-        kw.pop(k, None)
+    plan_source(reg, ref, spec.lora_delta)  # a bad request (sparse source, ...) fails here, before any evaluation
+    gs = _GainSearch(reg, digest, ckpt, ckpt, [(s, s) for s in suites], spec.eval_device)
+    grid = kappa_grid(spec.d)
 
     def evaluate(kappa: float) -> float:
-        cand = compress(reg, ref, None, density=density, kappa=kappa, move_ref=False, **kw)
+        cand = compress(reg, ref, None, replace(spec, kappa=kappa), move_ref=False)
         return gs("kappa", kappa, cand.digest)
 
-    _bracket(grid, evaluate, budget)
-    rec = gs.record(grid, budget, "kappa")
+    _bracket(grid, evaluate, spec.budget)
+    rec = gs.record(grid, spec.budget, "kappa")
     return float(rec["chosen"]["kappa"]), rec
 
 
-def density_for_size(
-    reg: Registry,
-    ref: str,
-    max_bytes: int,
-    *,
-    steps: int = 14,
-    size_kwargs: dict[str, Any] | None = None,
-) -> tuple[float, dict[str, Any]]:
-    """The largest density (3 significant digits) whose stored size is at most ``max_bytes``.
+def density_for_size(reg: Repository, ref: str, spec: CompressSpec, *, steps: int = 14) -> tuple[float, dict[str, Any]]:
+    """The largest density (3 significant digits) whose stored size is at most ``spec.max_size``.
 
     Bisection over ``log10(d)`` in ``[1e-5, 1]`` on measured sizes
     (:func:`patchctl.registry.ops.compressing.stored_size`, nothing written);
@@ -363,17 +338,16 @@ def density_for_size(
     """
     import math
 
-    from patchctl.registry.ops.compressing import stored_size
 
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
-        raise InvalidArgument(f"--max-size must be a positive number of bytes, got {max_bytes!r}")
-    kw = dict(size_kwargs or {})
+    max_bytes = spec.max_size
+    if max_bytes is None:
+        raise InvalidArgument("density_for_size needs --max-size")
     tried: list[dict[str, Any]] = []
     cache: dict[float, int] = {}
 
     def size(d: float) -> int:
         if d not in cache:
-            cache[d] = stored_size(reg, ref, density=d, **kw)
+            cache[d] = stored_size(reg, ref, replace(spec, density=d))
             tried.append({"density": d, "stored_bytes": cache[d]})
         return cache[d]
 
@@ -400,41 +374,25 @@ def density_for_size(
     return best, {"max_bytes": max_bytes, "density": best, "stored_bytes": cache[best], "tried": tried}
 
 
-def search_port(
-    reg: Registry,
-    ref: str,
-    to: str | os.PathLike[str],
-    *,
-    budget: int = 6,
-    eval_device: str | None = None,
-    port_kwargs: dict[str, Any] | None = None,
-) -> tuple[float, dict[str, Any]]:
+def search_port(reg: Repository, ref: str, to: str | os.PathLike[str], spec: PortSpec) -> tuple[float, dict[str, Any]]:
     """Choose the port's λ on the validation split of the patch's suites (ported to ``to``)."""
-    from patchctl.registry.formats.checkpoint import Checkpoint
-    from patchctl.registry.ops.porting import port, port_suites
-    from patchctl.registry.ops.suites import load_suite
 
-    if budget < 1:
-        raise InvalidArgument(f"--budget must be at least 1, got {budget}")
-    kw = dict(port_kwargs or {})
-    for k in ("lam", "as_ref", "dry_run", "message", "progress", "search", "move_ref"):
-        kw.pop(k, None)
     digest = reg.resolve(ref)
     src_suites = _source_suites(reg, digest)
     # checks (same base, architecture, names, ...) before any evaluation
-    probe = port(reg, ref, to, dry_run=True, **kw)
+    probe = port(reg, ref, to, spec, dry_run=True)
     new = Checkpoint(to)
     old = Checkpoint(probe.from_path)
     ported = port_suites(reg, src_suites, new, probe.to_base)
     pairs = [(load_suite(reg, a), load_suite(reg, b)) for a, b in zip(src_suites, ported, strict=True)]
-    gs = _GainSearch(reg, digest, old, new, pairs, eval_device)
+    gs = _GainSearch(reg, digest, old, new, pairs, spec.eval_device)
 
     def evaluate(lam: float) -> float:
-        cand = port(reg, ref, to, lam=lam, move_ref=False, **kw)
+        cand = port(reg, ref, to, replace(spec, lam=lam), move_ref=False)
         assert cand.digest is not None
         return gs("lambda", lam, cand.digest)
 
-    _bracket(PORT_LAMBDA_GRID, evaluate, budget)
-    rec = gs.record(PORT_LAMBDA_GRID, budget, "lambda")
+    _bracket(PORT_LAMBDA_GRID, evaluate, spec.budget)
+    rec = gs.record(PORT_LAMBDA_GRID, spec.budget, "lambda")
     rec["objective"] = "mean gain recovered, (new base + λ·τ − new base) / (old base + τ − old base)"
     return float(rec["chosen"]["lambda"]), rec

@@ -30,12 +30,16 @@ from typing import TYPE_CHECKING, Any
 
 from patchctl.errors import InvalidArgument, InvalidPatch
 from patchctl.registry.formats import canonical
+from patchctl.registry.formats.bases import base_doc
+from patchctl.registry.formats.checkpoint import Checkpoint
+from patchctl.registry.formats.safetensors import SafetensorsFile, bytes_to_tensor
 from patchctl.registry.store.manifest import Manifest, TensorEntry
+from patchctl.registry.store.names import parse_ref
 
 if TYPE_CHECKING:
     import torch
 
-    from patchctl.registry.registry import Registry
+    from patchctl.registry.store.repository import Repository
 
 TASK_TYPES = ("classification", "lm-loss", "multiple-choice", "exact-match")
 SPLITS = ("train", "validation", "test")
@@ -131,7 +135,7 @@ class Suite:
 
 
 def push_suite(
-    reg: Registry,
+    reg: Repository,
     path: str | os.PathLike[str],
     ref: str,
     *,
@@ -144,9 +148,6 @@ def push_suite(
     message: str = "",
 ) -> str:
     """Store a JSONL eval suite for ``base``; classification needs ``head`` or ``prompts``."""
-    from patchctl.registry.formats.checkpoint import Checkpoint
-    from patchctl.registry.registry import _base_doc
-    from patchctl.registry.store.names import parse_ref
 
     parse_ref(ref)
     task = check_task_type(task)
@@ -178,18 +179,17 @@ def push_suite(
         digest = reg.store.put_blob(blob)
         tensors = {"data": TensorEntry(digest, "uint8", (len(blob),), "raw", len(blob))}
         if head_t is not None:
-            tensors["head"] = reg._write_tensor("head", head_t)
+            tensors["head"] = reg.put_tensor(head_t)
         params: dict[str, Any] = {"task": task, "rows": len(rows), "splits": splits, "max_len": max_len}
         if labels is not None:
             params["labels"] = labels
         if prompts is not None:
             params["prompts"] = prompts
-        m = Manifest("suite", _base_doc(ckpt, None, None), tensors, params, (), {"op": "eval-push"}, {})
+        m = Manifest("suite", base_doc(ckpt, None, None), tensors, params, (), {"op": "eval-push"}, {})
         return reg.commit(m, ref, message or f"eval push {p.name}")
 
 
 def _load_head(path: str | os.PathLike[str], n_labels: int) -> torch.Tensor:
-    from patchctl.registry.formats.safetensors import SafetensorsFile
 
     f = SafetensorsFile(path)
     if "head" not in f.tensors:
@@ -209,8 +209,7 @@ def _prompt_head(ckpt: Any, prompts: list[str], max_len: int) -> torch.Tensor:
     return 20.0 * embed(model, tok, prompts, max_len=max_len, device="cpu")
 
 
-def load_suite(reg: Registry, ref: str) -> Suite:
-    from patchctl.registry.formats.safetensors import bytes_to_tensor
+def load_suite(reg: Repository, ref: str) -> Suite:
 
     digest = reg.resolve(ref)
     m = reg.manifest(digest)

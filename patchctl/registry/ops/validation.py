@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from patchctl.errors import BaseMismatch, InvalidArgument, NotFound
+from patchctl.registry.formats.checkpoint import Checkpoint
 from patchctl.registry.ops.suites import Suite, load_suite
 from patchctl.registry.store import records
 
 if TYPE_CHECKING:
     from patchctl.registry.formats.checkpoint import Checkpoint
-    from patchctl.registry.registry import Registry
+    from patchctl.registry.store.repository import Repository
 
 CLASSIFIER = "classification"
 
@@ -36,8 +37,7 @@ def _model_kind(task: str) -> str:
     return "encoder" if task == CLASSIFIER else "causal"
 
 
-def resolve_base(reg: Registry, fingerprint: str, base: str | os.PathLike[str] | None) -> Checkpoint:
-    from patchctl.registry.formats.checkpoint import Checkpoint
+def resolve_base(reg: Repository, fingerprint: str, base: str | os.PathLike[str] | None) -> Checkpoint:
 
     if base is None:
         path = reg.base_path(fingerprint)
@@ -52,7 +52,7 @@ def resolve_base(reg: Registry, fingerprint: str, base: str | os.PathLike[str] |
     return ckpt
 
 
-def _suites_for(reg: Registry, digests: list[str], fingerprint: str, explicit: list[str] | None) -> list[Suite]:
+def _suites_for(reg: Repository, digests: list[str], fingerprint: str, explicit: list[str] | None) -> list[Suite]:
     if explicit:
         wanted = [reg.resolve(s) for s in explicit]
     else:
@@ -72,7 +72,7 @@ def _suites_for(reg: Registry, digests: list[str], fingerprint: str, explicit: l
     return out
 
 
-def _cached(reg: Registry, subject: str, composition: list[str], suite: str, split: str, device: str) -> dict[str, Any] | None:
+def _cached(reg: Repository, subject: str, composition: list[str], suite: str, split: str, device: str) -> dict[str, Any] | None:
     for _, rec in reversed(records.validations(reg.store, subject)):
         if (rec.get("suite") == suite and rec.get("split") == split and rec.get("device") == device
                 and rec.get("composition", {}).get("patches") == composition and "metrics" in rec):
@@ -81,7 +81,7 @@ def _cached(reg: Registry, subject: str, composition: list[str], suite: str, spl
 
 
 def score_compositions(
-    reg: Registry,
+    reg: Repository,
     ckpt: Checkpoint,
     jobs: list[tuple[list[str], Suite]],
     *,
@@ -173,7 +173,7 @@ def ckpt_fp_fresh(ckpt: Checkpoint) -> str:
     return f"{ckpt.path}|{ckpt.fingerprint()}"
 
 
-def ckpt_fp(reg: Registry, ckpt: Checkpoint) -> str:
+def ckpt_fp(reg: Repository, ckpt: Checkpoint) -> str:
     key = str(ckpt.path)
     if key not in _FP_CACHE:
         _FP_CACHE[key] = ckpt.fingerprint()
@@ -181,7 +181,7 @@ def ckpt_fp(reg: Registry, ckpt: Checkpoint) -> str:
 
 
 def validate(
-    reg: Registry,
+    reg: Repository,
     refs: list[str],
     *,
     base: str | os.PathLike[str] | None = None,
@@ -197,7 +197,6 @@ def validate(
         raise BaseMismatch("the patches were made for different bases: " + ", ".join(sorted(f[:19] for f in fps)))
     if not digests and base is None:
         raise InvalidArgument("validate needs patches or --base")
-    from patchctl.registry.formats.checkpoint import Checkpoint
 
     fp = fps.pop() if fps else Checkpoint(base).fingerprint()  # type: ignore[arg-type]
     ckpt = resolve_base(reg, fp, base)
@@ -209,7 +208,7 @@ def validate(
 
 
 def validate_merge(
-    reg: Registry,
+    reg: Repository,
     merged: str,
     constituents: list[str],
     *,
@@ -269,7 +268,7 @@ def validate_merge(
     return _recorded(reg, merged, summary, search)
 
 
-def _recorded(reg: Registry, subject: str, summary: dict[str, Any], search: dict[str, Any] | None) -> dict[str, Any]:
+def _recorded(reg: Repository, subject: str, summary: dict[str, Any], search: dict[str, Any] | None) -> dict[str, Any]:
     """``summary`` (with the ``search`` record that chose the subject, if any) stored as a validation
     record of ``subject``; its digest added as ``summary["record"]``."""
     if search is not None:
@@ -283,7 +282,7 @@ def base_dir_of(path: str | os.PathLike[str]) -> Path:
 
 
 def validate_port(
-    reg: Registry,
+    reg: Repository,
     source: str,
     ported: str,
     suites: list[tuple[str, str]],
@@ -304,7 +303,6 @@ def validate_port(
     recovers at least ``gate`` (``recovered`` is null where the patch had no
     gain on the old base; such a suite does not fail the port).
     """
-    from patchctl.registry.formats.checkpoint import Checkpoint
 
     old_ck, new_ck = Checkpoint(old), Checkpoint(new)
     pairs = [(load_suite(reg, a), load_suite(reg, b)) for a, b in suites]
@@ -336,7 +334,7 @@ def validate_port(
 
 
 def validate_derived(
-    reg: Registry,
+    reg: Repository,
     source: str,
     derived: str,
     suites: list[str],
