@@ -71,6 +71,18 @@ class RegistryError(PatchctlError):
     code = "REGISTRY_INVALID"
 
 
+class LogDamaged(RegistryError):
+    """A line of a ref log or record log that is not what patchctl wrote (its checksum fails)."""
+
+    def __init__(self, path: str, line: int, why: str):
+        self.path, self.line, self.why = path, line, why
+        super().__init__(f"{path} line {line}: {why}; the log is damaged: run `patchctl fsck` "
+                         "(`fsck --repair-logs` restores lines the index still knows)")
+
+    def __reduce__(self) -> tuple:
+        return (LogDamaged, (self.path, self.line, self.why))
+
+
 class PickleRefused(PatchctlError):
     """A pickle file (.bin, .pt) given without ``--trust-pickle``."""
 

@@ -25,6 +25,7 @@ import getpass
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -33,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from patchctl.errors import DigestMismatch, NotFound, RegistryError
-from patchctl.registry.formats import canonical
+from patchctl.errors import DigestMismatch, LogDamaged, NotFound, RegistryError
+from patchctl.registry.store import logfile
 from patchctl.registry.store.names import (
     DIGEST_RE,
     TAG_RE,
@@ -314,10 +315,38 @@ class Store:
     def _path(self, kind: str, digest: str) -> Path:
         check_digest(digest)
         hexd = digest[7:]
-        return self.root / kind / "sha256" / hexd[:2] / hexd[2:]
+        return self.no_links(self.root / kind / "sha256" / hexd[:2] / hexd[2:])
+
+    def no_links(self, p: Path) -> Path:
+        """``p`` (inside the registry) when no folder on the way to it is a symlink; else RegistryError.
+
+        The store never follows links: a link planted in the registry folder
+        must not make ``serve`` send a file from elsewhere nor ``gc`` delete one.
+        """
+        cur = self.root
+        for part in p.relative_to(self.root).parts[:-1]:
+            cur = cur / part
+            if cur.is_symlink():
+                raise RegistryError(f"{self.relative(cur)} is a symlink; the store never follows links "
+                                    "(`patchctl fsck` lists them)")
+        return p
+
+    def symlinks(self) -> list[tuple[str, str]]:
+        """``(kind, path)`` of every symlink under objects/, manifests/, refs/ and records/ (fsck reports them)."""
+        out = []
+        for kind in ("objects", "manifests", "refs", "records"):
+            for dirpath, dirnames, filenames in os.walk(self.root / kind):  # does not descend into links
+                for n in dirnames + filenames:
+                    q = Path(dirpath) / n
+                    if q.is_symlink():
+                        out.append((kind, self.relative(q)))
+        return sorted(out)
 
     def blob_path(self, digest: str) -> Path:
         return self._path("objects", digest)
+
+    def manifest_path(self, digest: str) -> Path:
+        return self._path("manifests", digest)
 
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
@@ -343,11 +372,17 @@ class Store:
         """The verified bytes (a bytearray: tensors can wrap it without a copy)."""
         p = self._path(kind, digest)
         try:
-            with open(p, "rb") as f:
-                data = bytearray(os.fstat(f.fileno()).st_size)
-                f.readinto(data)
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise NotFound(f"{kind[:-1]} {digest} is not in the registry") from None
+        except OSError as e:  # ELOOP: a symlink
+            raise RegistryError(f"{kind[:-1]} {digest} is not a regular file in the registry ({e.strerror}); "
+                                "run `patchctl fsck`") from None
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise RegistryError(f"{kind[:-1]} {digest} is not a regular file; run `patchctl fsck`")
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(data)
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise DigestMismatch(f"{kind[:-1]} {digest} is corrupt: its bytes hash to something else (run `patchctl fsck`)")
         return data
@@ -368,11 +403,11 @@ class Store:
         if not base.is_dir():
             return
         for d in sorted(base.iterdir()):
-            if not d.is_dir():
+            if d.is_symlink() or not d.is_dir():  # never into a linked folder (fsck names links)
                 continue
             for f in sorted(d.iterdir()):
                 digest = f"sha256:{d.name}{f.name}"
-                if DIGEST_RE.fullmatch(digest):
+                if DIGEST_RE.fullmatch(digest) and not f.is_symlink():
                     yield digest
 
     def remove(self, kind: str, digest: str) -> int:
@@ -385,27 +420,29 @@ class Store:
             return 0
 
     # -- refs ------------------------------------------------------------------
-    def _ref_path(self, ref: Ref) -> Path:
+    def ref_path(self, ref: Ref) -> Path:
         check_name(ref.name)
         check_tag(ref.tag)
-        return self.root / "refs" / ref.name / f"@{ref.tag}"
+        return self.no_links(self.root / "refs" / ref.name / f"@{ref.tag}")
 
     def ref_log(self, ref: Ref) -> list[RefEntry]:
-        p = self._ref_path(ref)
-        try:
-            lines = p.read_bytes().split(b"\n")
-        except FileNotFoundError:
-            return []
+        """Every move of ``ref``, oldest first; :class:`LogDamaged` when a line is not what was written."""
+        p = self.ref_path(ref)
+        where = self.relative(p)
         out = []
-        for line in lines:
-            if not line.strip():
-                continue
-            try:  # a torn last line (crash mid-append) is ignored
-                e = json.loads(line)
+        for no, e in enumerate(logfile.read(p, where), 1):
+            try:
                 out.append(RefEntry(int(e["seq"]), e["old"], e["new"], str(e["time"]), str(e["message"]), str(e["user"])))
             except (ValueError, KeyError, TypeError):
-                continue
+                raise LogDamaged(where, no, "not a ref log entry") from None
         return out
+
+    def relative(self, p: Path) -> str:
+        """``p`` as a path inside the registry (for messages)."""
+        try:
+            return p.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(p)
 
     def ref_target(self, ref: Ref) -> str | None:
         log = self.ref_log(ref)
@@ -413,7 +450,7 @@ class Store:
 
     def move_ref(self, ref: Ref, new: str | None, message: str = "") -> RefEntry | None:
         """Point ``ref`` at ``new`` (None deletes it), appending to its log."""
-        p = self._ref_path(ref)
+        p = self.ref_path(ref)
         # shared registry lock: gc cannot delete the manifest between this check and the append
         with self.writing(), self._flock("refs.lock", fcntl.LOCK_EX):
             if new is not None and not self.has_manifest(new):
@@ -430,27 +467,17 @@ class Store:
                 message=message,
                 user=_user(),
             )
-            line = canonical.dumps(entry.to_json()) + b"\n"
-            self._append(p, line)
+            logfile.append(p, entry.to_json(), self.relative(p))
             return entry
 
-    def _append(self, p: Path, line: bytes) -> None:
-        """Append one line with O_APPEND and fsync (caller holds refs.lock)."""
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            # a previous torn line would glue onto ours: start on a fresh line
-            if os.fstat(fd).st_size and not p.read_bytes().endswith(b"\n"):
-                line = b"\n" + line
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def append_line(self, p: Path, line: bytes) -> None:
-        """Append a line to a log file in the registry, serialized with ref moves."""
+    def append_entry(self, p: Path, entry: dict[str, Any]) -> None:
+        """Append ``entry`` to a self-checking log in the registry (:mod:`.logfile`), serialized with ref moves."""
         with self._flock("refs.lock", fcntl.LOCK_EX):
-            self._append(p, line)
+            logfile.append(p, entry, self.relative(p))
+
+    def logs_locked(self) -> contextlib.AbstractContextManager[None]:
+        """Held while a log is rewritten (repair): no append runs meanwhile."""
+        return self._flock("refs.lock", fcntl.LOCK_EX)
 
     def iter_refs(self) -> Iterator[Ref]:
         base = self.root / "refs"
@@ -470,8 +497,8 @@ class Store:
         now = time.time()
         for p in (self.root / "tmp").iterdir():
             with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime > older_than:
-                    if p.is_dir():
+                if now - p.lstat().st_mtime > older_than:
+                    if p.is_dir() and not p.is_symlink():
                         import shutil
 
                         shutil.rmtree(p)

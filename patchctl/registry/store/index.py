@@ -23,6 +23,17 @@ from patchctl.registry.store.names import Ref
 INDEX_VERSION = 1
 
 
+def manifest_row(digest: str, m: Manifest) -> dict[str, Any]:
+    """The index row of manifest ``digest`` (derived from the file: the file is the truth)."""
+    return {
+        "digest": digest, "kind": m.kind, "base_name": m.base.get("name"),
+        "base_revision": m.base.get("revision"), "base_fingerprint": m.fingerprint,
+        "tensors": len(m.tensors), "params": m.num_params, "stored_bytes": m.stored_bytes,
+        "parents": json.dumps(list(m.parents)), "op": (m.recipe or {}).get("op"),
+        "json": m.to_bytes().decode(),
+    }
+
+
 class Index:
     def __init__(self, path: Path):
         self.path = path
@@ -92,33 +103,24 @@ class Index:
             self._add_manifest(digest, m)
 
     def _add_manifest(self, digest: str, m: Manifest) -> None:
-        self.db["manifests"].upsert(
-            {
-                "digest": digest, "kind": m.kind, "base_name": m.base.get("name"),
-                "base_revision": m.base.get("revision"), "base_fingerprint": m.fingerprint,
-                "tensors": len(m.tensors), "params": m.num_params, "stored_bytes": m.stored_bytes,
-                "parents": json.dumps(list(m.parents)), "op": (m.recipe or {}).get("op"),
-                "json": m.to_bytes().decode(),
-            },
-            pk="digest",
-        )
+        self.db["manifests"].upsert(manifest_row(digest, m), pk="digest")
 
     def record_ref(self, ref: Ref, entry: RefEntry) -> None:
         with self._tx():
             self._record_ref(ref, entry)
 
     def _record_ref(self, ref: Ref, entry: RefEntry) -> None:
-        self.db["ref_history"].upsert(
-            {"name": ref.name, "tag": ref.tag, **{k: v for k, v in entry.to_json().items()}},
-            pk=("name", "tag", "seq"),
-        )
+        # plain SQL, not sqlite-utils: `tag` and `rm` stay clear of its import (and numpy's)
+        e = entry.to_json()
+        self.conn.execute(
+            "INSERT OR REPLACE INTO ref_history (name, tag, seq, old, new, time, message, user) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [ref.name, ref.tag, e["seq"], e["old"], e["new"], e["time"], e["message"], e["user"]])
         if entry.new is None:
-            self.db.execute("DELETE FROM refs WHERE name = ? AND tag = ?", [ref.name, ref.tag])
+            self.conn.execute("DELETE FROM refs WHERE name = ? AND tag = ?", [ref.name, ref.tag])
         else:
-            self.db["refs"].upsert(
-                {"name": ref.name, "tag": ref.tag, "digest": entry.new, "updated": entry.time},
-                pk=("name", "tag"),
-            )
+            self.conn.execute("INSERT OR REPLACE INTO refs (name, tag, digest, updated) VALUES (?, ?, ?, ?)",
+                              [ref.name, ref.tag, entry.new, entry.time])
 
     def remove_manifests(self, digests: Iterable[str]) -> None:
         with self._tx():
@@ -179,3 +181,58 @@ class Index:
 
     def history_count(self) -> int:
         return int(self._query("SELECT count(*) AS n FROM ref_history")[0]["n"])
+
+    def manifest_rows(self) -> dict[str, dict[str, Any]]:
+        """Every manifest row, by digest (fsck compares them with the files)."""
+        return {r["digest"]: r for r in self._query("SELECT * FROM manifests")}
+
+    def history_rows(self) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Every ref's history rows, by (name, tag), in seq order."""
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in self._query("SELECT * FROM ref_history ORDER BY name, tag, seq"):
+            out.setdefault((r.pop("name"), r.pop("tag")), []).append(r)
+        return out
+
+    # -- reads for the registry browser (patchctl/server/pages.py) ---------------------
+    def browse_refs(self) -> list[dict[str, Any]]:
+        """Every ref with its manifest's columns and ``created``: when this ``name:tag`` first
+        pointed at its current digest (one query; no manifest is read)."""
+        return self._query(
+            "SELECT r.name, r.tag, r.digest, r.updated, m.kind, m.base_name, m.base_revision, "
+            "m.base_fingerprint, m.tensors, m.params, m.stored_bytes, m.op, "
+            "(SELECT min(h.time) FROM ref_history h WHERE h.name = r.name AND h.tag = r.tag "
+            " AND h.new = r.digest) AS created "
+            "FROM refs r LEFT JOIN manifests m ON m.digest = r.digest ORDER BY r.name, r.tag"
+        )
+
+    def children_of(self, digest: str) -> list[dict[str, Any]]:
+        """Manifests that list ``digest`` among their parents: digest, kind, op and JSON."""
+        rows = self._query("SELECT digest, kind, op, parents, json FROM manifests WHERE parents LIKE ? "
+                           "ORDER BY digest", ["%" + digest + "%"])
+        return [r for r in rows if digest in json.loads(r.pop("parents") or "[]")]
+
+    def manifest_row(self, digest: str) -> dict[str, Any] | None:
+        """The index's columns of one manifest (no JSON), or None."""
+        rows = self._query("SELECT digest, kind, base_name, base_revision, base_fingerprint, tensors, params, "
+                           "stored_bytes, op FROM manifests WHERE digest = ?", [digest])
+        return rows[0] if rows else None
+
+    def ref_message(self, name: str, tag: str, digest: str) -> str | None:
+        """The message of the ref move that pointed ``name:tag`` at ``digest`` last."""
+        rows = self._query("SELECT message FROM ref_history WHERE name = ? AND tag = ? AND new = ? "
+                           "ORDER BY seq DESC LIMIT 1", [name, tag, digest])
+        return rows[0]["message"] if rows else None
+
+    # -- reads for `patchctl serve` (/v2/_catalog and /v2/<name>/tags/list) -------------
+    def names_page(self, after: str | None = None, limit: int | None = None) -> list[str]:
+        """Names with at least one tag, sorted, those after ``after`` only, at most ``limit`` (one query
+        over the ``refs`` primary key; no ref log is read)."""
+        return [r["name"] for r in self._query(
+            "SELECT DISTINCT name FROM refs WHERE name > ? ORDER BY name LIMIT ?",
+            ["" if after is None else after, -1 if limit is None else limit])]
+
+    def tags_page(self, name: str, after: str | None = None, limit: int | None = None) -> list[str]:
+        """The tags of ``name``, sorted, those after ``after`` only, at most ``limit``."""
+        return [r["tag"] for r in self._query(
+            "SELECT tag FROM refs WHERE name = ? AND tag > ? ORDER BY tag LIMIT ?",
+            [name, "" if after is None else after, -1 if limit is None else limit])]

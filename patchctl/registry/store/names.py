@@ -58,12 +58,14 @@ class Ref:
 
 
 def parse_ref(s: str, default_tag: str | None = DEFAULT_TAG) -> Ref:
-    """Parse ``name[:tag]``; a missing tag becomes ``default_tag`` (or is an error)."""
+    """Parse ``name[:tag]``; a missing tag becomes ``default_tag`` (or is an error); ``name:`` is an error."""
     if not isinstance(s, str) or not s:
         raise InvalidReference("empty reference: expected NAME:TAG")
     name, sep, tag = s.rpartition(":")
     if not sep or "/" in tag:
-        name, tag = s, ""
+        name, tag, sep = s, "", ""
+    if sep and not tag:
+        raise InvalidReference(f"empty tag in {s!r}: write NAME:TAG, or NAME alone for NAME:{default_tag or 'TAG'}")
     if not tag:
         if default_tag is None:
             raise InvalidReference(f"reference {s!r} needs a tag: NAME:TAG")

@@ -6,7 +6,7 @@ it, in an append-only log per subject::
     records/<64 hex of the patch digest>.jsonl        a patch's records
     records/base-<64 hex of a base fingerprint>.jsonl a base's records
 
-Each line is canonical JSON, one of:
+Each line is canonical JSON with its checksum chain (:mod:`.logfile`), one of:
 
 - ``{"type": "suite", "role": "target" | "control", "suite": "sha256:…"}`` —
   the subject declares an eval suite (``control``: a base's general-ability
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from patchctl.errors import InvalidArgument, NotFound
 from patchctl.registry.formats import canonical
+from patchctl.registry.store import logfile
 from patchctl.registry.store.names import check_digest
 
 if TYPE_CHECKING:
@@ -36,30 +37,20 @@ if TYPE_CHECKING:
 def subject_path(store: Store, subject: str) -> Path:
     """``subject`` is a patch digest or ``base:<fingerprint>``."""
     if subject.startswith("base:"):
-        return store.root / "records" / f"base-{check_digest(subject[5:])[7:]}.jsonl"
-    return store.root / "records" / f"{check_digest(subject)[7:]}.jsonl"
+        return store.no_links(store.root / "records" / f"base-{check_digest(subject[5:])[7:]}.jsonl")
+    return store.no_links(store.root / "records" / f"{check_digest(subject)[7:]}.jsonl")
 
 
 def read(store: Store, subject: str) -> list[dict[str, Any]]:
+    """The subject's records, oldest first; :class:`~patchctl.errors.LogDamaged` when a line was altered."""
     p = subject_path(store, subject)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in raw.split(b"\n"):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a torn last line
-                continue
-    return out
+    return logfile.read(p, store.relative(p))
 
 
 def append(store: Store, subject: str, entry: dict[str, Any]) -> None:
     p = subject_path(store, subject)
     p.parent.mkdir(exist_ok=True)
-    store.append_line(p, canonical.dumps(entry) + b"\n")
+    store.append_entry(p, entry)
 
 
 def attach(store: Store, subject: str, suite: str, role: str = "target") -> bool:
