@@ -96,11 +96,12 @@ def test_pull_restarts_a_partial_blob_that_is_not_a_prefix(origin, registry):
     with pytest.raises(DigestMismatch):
         registry.pull("team/math:v1", origin["url"])
     assert not (registry.path / "objects" / "sha256").exists() or not any((registry.path / "objects" / "sha256").iterdir())
+    # a failed pull cleans every part file it used (issue: integrity): nothing waits in tmp/
+    assert not list((registry.path / "tmp").glob("*.part"))
     res = registry.pull("team/math:v1", origin["url"])
-    # the bad part was deleted and fetched again whole; the two blobs that verified in the failed
-    # run waited in tmp/ (never visible) and are re-hashed, not re-fetched
-    assert res["bytes_transferred"] == len(blob)
-    assert res["bytes_resumed"] == sum(len(b) for b in origin["tensors"].values()) - len(blob)
+    # so the bad part is fetched again whole, and the blobs that verified in the failed run too
+    assert res["bytes_transferred"] == sum(len(b) for b in origin["tensors"].values())
+    assert res["bytes_resumed"] == 0
     assert registry.fsck()["ok"]
 
 
@@ -109,6 +110,40 @@ def test_pull_with_a_token(origin, registry, tmp_path):
         registry.pull("team/math:v1", origin["token_url"])
     registry.add_remote("secure", origin["token_url"], token_file=origin["token_file"])
     assert registry.pull("secure/team/math:v1")["digest"] == origin["digest"]
+
+
+@pytest.mark.parametrize(("content", "mode", "expected"), [
+    (b"s3cret\n", 0o600, "s3cret"),
+    (b" \t s3cret-token_+/=~!\r\n\n", 0o644, "s3cret-token_+/=~!"),  # surrounding whitespace stripped
+    (b"s3cret", 0o664, "s3cret"),  # group-writable is fine (umask 002)
+    (b"a" * 8192, 0o600, "a" * 8192),
+    (b"", 0o600, InvalidArgument),
+    (b" \n\n", 0o600, InvalidArgument),
+    (b"two words", 0o600, InvalidArgument),  # the client used to send these; the server refused them
+    (b"line1\nline2", 0o600, InvalidArgument),
+    ("t\u00f6ken".encode(), 0o600, InvalidArgument),  # not ASCII: http.client sends Latin-1, the server compares UTF-8
+    (b"\xef\xbb\xbftoken", 0o600, InvalidArgument),  # a UTF-8 byte-order mark
+    (b"tok\x00en", 0o600, InvalidArgument),
+    (b"a" * 8193, 0o600, InvalidArgument),
+    (b"s3cret", 0o646, InvalidArgument),  # writable by anyone: refused
+    (None, 0o600, NotFound),
+])
+def test_token_file_rule_is_shared_by_client_and_server(tmp_path, content, mode, expected):
+    from patchctl.registry.remote import Remote, read_token
+    from patchctl.server.app import read_token_file as server_reads
+
+    tf = tmp_path / "token"
+    if content is not None:
+        tf.write_bytes(content)
+        tf.chmod(mode)
+    client = Remote("secure", "http://127.0.0.1:1", str(tf))
+    if isinstance(expected, str):
+        assert read_token(client) == server_reads(tf) == expected
+    else:
+        with pytest.raises(expected, match="token file"):
+            read_token(client)
+        with pytest.raises(expected, match="token file"):
+            server_reads(tf)
 
 
 def test_pull_errors_name_the_problem(origin, registry):

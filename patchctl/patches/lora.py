@@ -10,25 +10,43 @@ Embedding LoRA stores ``lora_embedding_A`` ``[r, num_embeddings]`` and
 ``Embedding.get_delta_weight``. Conv LoRA (4-D factors) is not handled.
 
 Everything here is pure tensor math: no files, no registry.
+
+``rank_pattern``/``alpha_pattern`` keys are regexes (peft's semantics) read from
+untrusted configs: :func:`pattern_matches` runs them in a linear-time engine
+(RE2, the ``google-re2`` package) and falls back, for the few keys RE2 cannot
+run or may read differently, to Python's ``re`` in a child process killed after
+:data:`MATCH_SECONDS`. So peft's answer is kept for every key, and no key can
+make a match take longer than that bound.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
 
 from patchctl.errors import InvalidArgument, ShapeMismatch, UnsupportedPatch
 
+try:  # google-re2: linear-time matching of untrusted pattern keys (pattern_matches)
+    import re2 as _re2
+except ImportError:  # pragma: no cover - a dependency; without it every key goes the bounded re way
+    _re2 = None
+
 __all__ = [
     "cat_lora",
     "lora_delta",
     "lora_embedding_delta",
     "lora_scaling",
+    "check_pattern_key",
+    "pattern_matches",
     "pattern_value",
     "svd_lora",
 ]
@@ -93,15 +111,82 @@ def pattern_value(module_name: str, pattern: Mapping[str, T], default: T) -> T:
     With no match, ``pattern.get(module_name, default)``. ``module_name`` is
     the module's name in the *base* model (e.g. ``model.layers.0.self_attn.q_proj``,
     no ``base_model.model.`` prefix).
+
+    The keys come from untrusted configs, so matching is bounded (see
+    :func:`pattern_matches`): a key that would backtrack for minutes in
+    :mod:`re` answers in microseconds.
     """
     for key in pattern:
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", module_name)
-        except re.error as exc:
-            raise InvalidArgument(f"invalid rank/alpha pattern key {key!r}: {exc}") from None
-        if hit:
+        if pattern_matches(key, module_name):
             return pattern[key]
     return pattern.get(module_name, default)
+
+
+#: How long a pattern key the linear-time engine cannot run may take to match one name.
+MATCH_SECONDS = 2.0
+
+# runs one match of Python's re in a child process: the only way to stop a backtracking match
+_CHILD = ("import json,re,sys;k,n=json.load(sys.stdin);"
+          "sys.stdout.write('1' if re.match(r'(.*\\.)?('+k+')$',n) else '0')")
+
+
+def check_pattern_key(key: object) -> str:
+    """``key`` if it is a string that compiles as peft compiles it (``(.*\\.)?(KEY)$``); else InvalidArgument."""
+    if not isinstance(key, str):
+        raise InvalidArgument(f"rank/alpha pattern key {key!r:.100} is not a string")
+    _compiled(key)
+    return key
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(key: str) -> Any:
+    """The key as an RE2 regex, or None when only Python's :mod:`re` can run it (the key is checked)."""
+    full = rf"(.*\.)?({key})$"
+    try:
+        re.compile(full)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise InvalidArgument(f"invalid rank/alpha pattern key {key!r:.100}: {exc}") from None
+    # RE2 and re agree on ASCII text for every syntax both accept, except POSIX classes ("[[:alpha:]]"
+    # is a class in RE2 and a literal set in re); RE2 refuses backreferences, lookarounds, \Z, (?x)...
+    if _re2 is None or not key.isascii() or "[:" in key:
+        return None
+    opts = _re2.Options()
+    opts.log_errors = False
+    opts.never_capture = True
+    try:
+        return _re2.compile(full, opts)
+    except _re2.error:
+        return None
+
+
+@functools.lru_cache(maxsize=65536)
+def pattern_matches(key: str, module_name: str) -> bool:
+    """Whether peft's ``re.match(rf"(.*\\.)?({key})$", module_name)`` matches — in bounded time.
+
+    Two engines, one answer:
+
+    - **RE2** (``google-re2``, linear time in the name's length) for every key it accepts, when
+      key and name are ASCII and the name has no newline (where RE2 and ``re`` could differ:
+      Unicode classes, ``$`` before a final newline, POSIX classes — those go the other way);
+    - otherwise Python's ``re`` itself — peft's engine, so peft's answer — in a child process
+      that is killed after :data:`MATCH_SECONDS`: a key that backtracks catastrophically *and*
+      needs ``re`` (a backreference, a lookaround) is refused with a one-line error instead of
+      hanging. These keys are rare; each (key, name) answer is cached.
+    """
+    rx = _compiled(check_pattern_key(key))
+    if rx is not None and module_name.isascii() and "\n" not in module_name:
+        return rx.match(module_name) is not None
+    try:
+        out = subprocess.run([sys.executable, "-I", "-S", "-c", _CHILD], input=json.dumps([key, module_name]),
+                             capture_output=True, text=True, timeout=MATCH_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        raise InvalidArgument(
+            f"rank/alpha pattern key {key!r:.100} took over {MATCH_SECONDS:g} s to match module "
+            f"{module_name!r:.100} (a regex that backtracks catastrophically): rewrite the key") from None
+    if out.returncode != 0 or out.stdout not in ("0", "1"):
+        raise InvalidArgument(f"rank/alpha pattern key {key!r:.100} could not be matched against "
+                              f"{module_name!r:.100}: {out.stderr.strip().splitlines()[-1:]}")
+    return out.stdout == "1"
 
 
 def cat_lora(factors: Sequence[tuple[Tensor, Tensor, float, float]]) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,13 @@ region; each tensor's ``data_offsets`` are ``[begin, end)`` within the data
 region. We parse the header ourselves (not with ``safetensors``) so that every
 check below happens before any allocation that the file could drive:
 
-- N is capped (:data:`MAX_HEADER_BYTES`) and must fit inside the file;
+- N is capped (:data:`MAX_HEADER_BYTES`, the ``safetensors`` library's cap)
+  and must fit inside the file;
+- before the JSON is parsed, its structure is counted on the raw bytes: at
+  most :data:`MAX_TENSORS` objects (``{``) and :data:`MAX_VALUES` commas, so a
+  header of a million tiny entries (or of a shape with millions of dims) is
+  refused in milliseconds instead of costing a gigabyte of Python objects
+  (braces and commas inside strings count too: an over-estimate, never under);
 - every dtype is known, every shape a list of non-negative ints;
 - ``end - begin`` equals ``prod(shape) * itemsize``;
 - extents lie inside the data region and do not overlap.
@@ -33,6 +39,10 @@ if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Entries (tensors) in one file: DeepSeek-V3, ~94,000 tensors, spreads them over 163 files.
+MAX_TENSORS = 100_000
+#: Commas in one header: a tensor entry has about 8 (dtype, shape dims, offsets).
+MAX_VALUES = 4_000_000
 
 # safetensors dtype code -> (our dtype name, itemsize)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -129,6 +139,12 @@ class SafetensorsFile:
 def parse_header(
     raw: bytes, *, data_start: int, file_size: int, where: str
 ) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    objects, values = raw.count(b"{"), raw.count(b",")
+    if objects > MAX_TENSORS + 2 or values > MAX_VALUES:  # + the header and __metadata__ objects
+        raise InvalidCheckpoint(
+            f"{where}: header of {len(raw)} bytes holds up to {objects} entries and {values} values, over the "
+            f"caps of {MAX_TENSORS} tensors and {MAX_VALUES} values a file; split it into shards"
+        )
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: also an int of 4300+ digits

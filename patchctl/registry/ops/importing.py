@@ -8,18 +8,29 @@
 
 Pickle files are refused unless ``trust_pickle``; then only
 ``torch.load(weights_only=True)``.
+
+Configs and files are untrusted: ``lora_alpha`` (and ``alpha_pattern``
+values) must be finite and at most :data:`MAX_ALPHA`; ``rank_pattern`` /
+``alpha_pattern`` keys must compile as peft compiles them, and are matched in
+bounded time (a linear-time engine, RE2, with a time-bounded fallback to
+``re``: :func:`patchctl.patches.lora.pattern_matches`); every tensor name is
+checked against the manifest's rule (:func:`check_tensor_names`) before any
+blob is written; safetensors headers are capped before they are parsed
+(:mod:`patchctl.registry.formats.safetensors`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from patchctl.errors import (
+    BaseMismatch,
     InvalidArgument,
     InvalidPatch,
     NotFound,
@@ -27,15 +38,33 @@ from patchctl.errors import (
     ShapeMismatch,
     UnsupportedPatch,
 )
+from patchctl.registry.formats.bases import base_doc, locate
 from patchctl.registry.formats.checkpoint import PICKLE_SUFFIXES, Checkpoint
-from patchctl.registry.formats.safetensors import FLOAT_DTYPES, dtype_name, torch_dtype
+from patchctl.registry.formats.safetensors import (
+    FLOAT_DTYPES,
+    SafetensorsFile,
+    dtype_name,
+    torch_dtype,
+)
+from patchctl.registry.store import records
+from patchctl.registry.store.manifest import Manifest, TensorEntry
+from patchctl.registry.store.names import parse_ref
+from patchctl.registry.store.views import _LORA_KEY, PatchView, check_against_base, strip_peft
 
 if TYPE_CHECKING:
     import torch
 
+    from patchctl.registry.store.repository import Repository
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
+#: ``lora_alpha`` (and ``alpha_pattern`` values) beyond this are refused: peft's are a few times ``r``.
+MAX_ALPHA = 1e6
+#: A tensor name's length cap: the manifest's (:func:`patchctl.registry.store.manifest.parse`).
+MAX_TENSOR_NAME = 1024
+#: A ``rank_pattern``/``alpha_pattern`` key's length cap.
+MAX_PATTERN_KEY = 4096
 
 
 @dataclass
@@ -107,18 +136,7 @@ def check_peft_config(cfg: Any, where: str = ADAPTER_CONFIG) -> dict[str, Any]:
         raise UnsupportedPatch(f"{where}: unsupported peft_type {ptype!r}; patchctl handles LORA adapters")
     if cfg.get("use_dora"):
         raise UnsupportedPatch(f"{where}: DoRA adapters (use_dora: true) are not supported yet")
-    r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise InvalidPatch(f"{where}: r must be a positive integer, got {r!r}")
-    alpha = cfg.get("lora_alpha", r)
-    if not _finite(alpha):
-        raise InvalidPatch(f"{where}: lora_alpha must be a finite number, got {alpha!r:.40}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        v = cfg.get(key)
-        if v is not None and not (isinstance(v, dict) and all(
-                _finite(x) and (key == "alpha_pattern" or isinstance(x, int) and x > 0) for x in v.values())):
-            what = "positive integers" if key == "rank_pattern" else "finite numbers"
-            raise InvalidPatch(f"{where}: {key} must map module patterns to {what}")
+    check_lora_numbers(cfg, where)
     tm = cfg.get("target_modules")
     if tm is not None and not isinstance(tm, (str, list)):
         raise InvalidPatch(f"{where}: target_modules must be a string or a list")
@@ -126,6 +144,52 @@ def check_peft_config(cfg: Any, where: str = ADAPTER_CONFIG) -> dict[str, Any]:
         if key in cfg and not isinstance(cfg[key], bool):
             raise InvalidPatch(f"{where}: {key} must be true or false")
     return cfg
+
+
+def check_lora_numbers(cfg: dict[str, Any], where: str, need_r: bool = True) -> None:
+    """The numbers LoRA math uses — ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` — are sane.
+
+    ``r`` a positive integer; ``lora_alpha`` and ``alpha_pattern`` values finite and at most
+    :data:`MAX_ALPHA` in magnitude (``1e300`` would export infinities); pattern keys strings that
+    compile as peft compiles them. For an adapter config, and (``need_r`` false: the math takes
+    the rank from the tensors) for a pulled LoRA manifest's params.
+    """
+    r = cfg.get("r", None if need_r else 1)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise InvalidPatch(f"{where}: r must be a positive integer, got {r!r}")
+    alpha = cfg.get("lora_alpha", r)
+    if not _sane_alpha(alpha):
+        raise InvalidPatch(f"{where}: lora_alpha must be a finite number of magnitude at most {MAX_ALPHA:g}, "
+                           f"got {alpha!r:.40}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, dict) and all(
+                _sane_alpha(x) and (key == "alpha_pattern" or isinstance(x, int) and x > 0) for x in v.values())):
+            what = "positive integers" if key == "rank_pattern" else f"finite numbers of magnitude at most {MAX_ALPHA:g}"
+            raise InvalidPatch(f"{where}: {key} must map module patterns to {what}")
+        for k in v or {}:
+            if not isinstance(k, str) or not 0 < len(k) <= MAX_PATTERN_KEY:
+                raise InvalidPatch(f"{where}: {key} key {k!r:.60} must be a string of 1 to {MAX_PATTERN_KEY} characters")
+            try:
+                from patchctl.patches.lora import check_pattern_key  # here: lora.py imports torch
+
+                check_pattern_key(k)
+            except InvalidArgument as e:
+                raise InvalidPatch(f"{where}: {key}: {e}") from None
+
+
+def _sane_alpha(x: Any) -> bool:
+    """A usable ``lora_alpha``: finite, and at most :data:`MAX_ALPHA` in magnitude (so scaling stays sane)."""
+    return _finite(x) and abs(x) <= MAX_ALPHA
+
+
+def check_tensor_names(names: Iterable[str], where: str) -> None:
+    """Refuse, before any blob is written, a tensor name the manifest would refuse (its rule)."""
+    for n in names:
+        if not isinstance(n, str) or not 0 < len(n) <= MAX_TENSOR_NAME or not n.isprintable():
+            raise InvalidPatch(f"{where}: tensor name {n!r:.80}{'…' if len(str(n)) > 80 else ''} "
+                               f"({len(str(n))} characters) must be 1 to {MAX_TENSOR_NAME} printable "
+                               "characters; nothing was stored")
 
 
 def _finite(x: Any) -> bool:
@@ -136,8 +200,6 @@ def _finite(x: Any) -> bool:
 
 
 def import_peft(folder: Path, trust_pickle: bool = False) -> Imported:
-    from patchctl.registry.formats.safetensors import SafetensorsFile
-
     cfg = read_peft_config(folder)
     st = folder / ADAPTER_WEIGHTS
     if st.is_file():
@@ -160,6 +222,7 @@ def import_peft(folder: Path, trust_pickle: bool = False) -> Imported:
         raise InvalidPatch(f"{folder}: no {ADAPTER_WEIGHTS} next to {ADAPTER_CONFIG}")
     if not names:
         raise InvalidPatch(f"{folder}: the adapter has no tensors")
+    check_tensor_names(names, str(folder))
     _check_lora_shapes(names, shapes, cfg, str(folder))
 
     def gen() -> Iterator[tuple[str, torch.Tensor, None]]:
@@ -174,8 +237,6 @@ def import_peft(folder: Path, trust_pickle: bool = False) -> Imported:
 
 
 def _check_lora_shapes(names: list[str], shapes: dict[str, tuple[int, ...]], cfg: dict[str, Any], where: str) -> None:
-    from patchctl.registry.store.views import _LORA_KEY, strip_peft
-
     ranks: dict[str, dict[str, tuple[int, ...]]] = {}
     for n in names:
         m = _LORA_KEY.match(n)
@@ -201,6 +262,7 @@ def import_checkpoint(src: Path, base: Checkpoint, dtype: str | None = None) -> 
             f"{src}: {len(extra)} tensor(s) are not in the base, e.g. {extra[:3]}; "
             "a diff can only change tensors the base has"
         )
+    check_tensor_names(ft.names(), str(src))
     problems = []
     for n in ft.names():
         fi, bi = ft.info(n), base.info(n)
@@ -247,14 +309,14 @@ def import_diff_file(src: Path, base: Checkpoint, trust_pickle: bool = False) ->
         def load(n: str) -> torch.Tensor:
             return sd[n]
     else:
-        from patchctl.registry.formats.safetensors import SafetensorsFile
-
         f = SafetensorsFile(src)
         names = sorted(f.tensors)
         shapes = {n: f.tensors[n].shape for n in names}
 
         def load(n: str) -> torch.Tensor:
             return f.read(n)
+    check_tensor_names(names, str(src))
+    check_tensor_names([base.resolve(n) or n for n in names], str(base.path))
     problems = []
     for n in names:
         key = base.resolve(n)
@@ -274,3 +336,85 @@ def import_diff_file(src: Path, base: Checkpoint, trust_pickle: bool = False) ->
             yield base.resolve(n) or n, t, None
 
     return Imported(kind="diff", params={}, tensors=gen(), recipe={"op": "import", "format": "diff"})
+
+
+def push(
+    repo: Repository,
+    src: str | os.PathLike[str],
+    ref: str,
+    *,
+    base: str | os.PathLike[str] | None = None,
+    base_name: str | None = None,
+    message: str = "",
+    metadata: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    trust_pickle: bool = False,
+    move_latest: bool = True,
+    evals: list[str] | None = None,
+) -> str:
+    """Import a PEFT folder, a fine-tuned checkpoint (with ``base``) or a diff file into ``repo``.
+
+    Returns the new patch's digest; ``ref`` (``name[:tag]``) points at it,
+    and ``name:latest`` too unless ``move_latest`` is false.
+    """
+    parse_ref(ref)  # reject a bad name before any work
+    suites = [repo.resolve(e) for e in evals or []]
+    srcp = Path(src)
+    kind = detect(srcp)
+    base_ckpt = Checkpoint(base) if base is not None else None
+    if kind == "peft":
+        imp = import_peft(srcp, trust_pickle)
+        if base_ckpt is None:
+            base_ckpt = _adapter_base(imp.base_hint)
+    else:
+        if base_ckpt is None:
+            raise InvalidArgument(f"pushing {srcp} needs the base it was fine-tuned from: --base BASE_DIR")
+        if kind == "checkpoint":
+            imp = import_checkpoint(srcp, base_ckpt, dtype)
+        else:
+            imp = import_diff_file(srcp, base_ckpt, trust_pickle)
+    tensors: dict[str, TensorEntry] = {}
+    with repo.store.writing():
+        if imp.kind == "lora" and imp.shapes is not None:
+            # check every A/B pair against the base before anything is stored
+            zero = "sha256:" + "0" * 64
+            probe = {n: TensorEntry(zero, d, s) for n, (d, s) in imp.shapes.items()}
+            m0 = Manifest("lora", {"fingerprint": zero, "name": ""}, probe, imp.params)
+            check_against_base(PatchView(repo.store, m0), base_ckpt)
+        for name, t, pins in imp.tensors:
+            tensors[name] = repo.put_tensor(t, pins)
+        doc = base_doc(base_ckpt, base_name, imp.base_hint)
+        repo.remember_base(doc["fingerprint"], base_ckpt.path)
+        m = Manifest(
+            kind=imp.kind,
+            base=doc,
+            tensors=tensors,
+            params=imp.params,
+            parents=(),
+            recipe=imp.recipe,
+            metadata=metadata or {},
+        )
+        if suites:
+            for sd in suites:
+                sm = repo.manifest(sd)
+                if sm.kind != "suite" or sm.fingerprint != m.fingerprint:
+                    raise BaseMismatch(f"eval suite {sd[:19]}… is not a suite for this patch's base")
+        digest = repo.commit(m, ref, message or f"push {srcp.name}", move_latest)
+        for sd in suites:
+            records.attach(repo.store, digest, sd, "target")
+        return digest
+
+
+def _adapter_base(hint: str | None) -> Checkpoint:
+    """The base an adapter's config names, when it is a local folder or in the local HF cache."""
+    try:
+        if hint:
+            return Checkpoint(locate(hint))
+    except NotFound:
+        pass
+    raise InvalidArgument(
+        f"the adapter's base {hint!r} is not a local folder nor in the local Hugging Face cache; "
+        "pass --base BASE_DIR"
+    )
+
+
