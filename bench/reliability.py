@@ -48,6 +48,10 @@ when every goal is met):
    each must get its 4xx (or, for what uvicorn refuses before routing, a 400
    or a closed connection), and a normal request must be answered during and
    after. Goal: every abusive request refused, the server still serving.
+   Then (:func:`connection_abuse`) slowloris clients sending a header byte a
+   second, and 1,100 idle sockets against a server limited to 1,024
+   descriptors: every slow client closed by the server's header timeout,
+   every normal GET answered meanwhile, no traceback in the server's log.
 
 All traffic goes to 127.0.0.1 only. ``tests/test_reliability.py`` and
 ``tests/test_fuzz.py`` run bounded versions of the same functions.
@@ -672,7 +676,7 @@ def corruption(work: Path, n_blobs: int, n_manifests: int, seed: int = 0, http: 
         bad_b = rng.sample(blobs, min(n_blobs, len(blobs)))
         bad_m = rng.sample(manifests, min(n_manifests, len(manifests)))
         for d in bad_b + bad_m:
-            p = reg.store.blob_path(d) if d in bad_b else reg.store._path("manifests", d)
+            p = reg.store.blob_path(d) if d in bad_b else reg.store.manifest_path(d)
             data = bytearray(p.read_bytes())
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
             os.chmod(p, 0o644)
@@ -1257,7 +1261,7 @@ def abuse_cases(blob: str, blob_size: int, manifest_ref: str = "team/math/manife
     }
     tolerated = {"HTTP/9.9": "h11 reads any HTTP/<digit>.<digit> as HTTP/1.1",
                  "obs-fold": "h11 unfolds obsolete line folding (RFC 9112 allows it)",
-                 "Upgrade: websocket": "no websocket library: uvicorn ignores the upgrade and serves the GET",
+                 "Upgrade: websocket": "serve runs uvicorn with ws=\"none\": the upgrade is ignored and the GET served",
                  "CL + TE (smuggling)": "h11 obeys Transfer-Encoding over Content-Length (RFC 9112); the "
                                         "pipelined GET /config.json that follows is answered 404"}
     for name, payload in malformed.items():
@@ -1392,6 +1396,341 @@ def server_abuse(work: Path, slow: int = 50, slow_seconds: float = 3.0, repeat: 
     return out
 
 
+def connection_abuse(work: Path, slowloris: int = 50, idle: int = 1100, nofile: int = 1024, hold: float = 15.0,
+                     cwd: Path | None = None) -> dict[str, Any]:
+    """Slowloris and descriptor exhaustion against a real ``patchctl serve`` whose descriptor limit is ``nofile``.
+
+    Slowloris: ``slowloris`` sockets send a request line, then one header byte a second, forever; each must
+    be closed by the server (its header timeout), while normal GETs keep being answered. Idle flood: ``idle``
+    sockets connect and send nothing for ``hold`` seconds (more than the descriptor limit when ``idle >
+    nofile``); normal GETs must be answered throughout, and the server's log may not fill with tracebacks.
+    ``cwd`` runs another checkout's ``patchctl`` (to measure the code before a change).
+    """
+    import http.client
+    import select
+
+    from patchctl import Registry
+    from patchctl.server.process import serving as serve
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = idle + slowloris + 256
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+    work.mkdir(parents=True, exist_ok=True)
+    root = work / "conn-served"
+    if not root.exists():
+        with Registry(root) as reg:
+            synth_patch(reg, "team/math:v1", {"layer.0.weight": os.urandom(4096)})
+    log_path = work / "conn-serve.log"
+    out: dict[str, Any] = {"nofile": nofile}
+    with serve(root, timeout=60, cwd=cwd, nofile=nofile, log=log_path) as (url, proc):
+        host, port = url.removeprefix("http://").split(":")
+
+        def probe() -> float | None:
+            t0 = time.perf_counter()
+            try:
+                c = http.client.HTTPConnection(host, int(port), timeout=10)
+                try:
+                    c.request("GET", "/v2/")
+                    ok = c.getresponse().status == 200
+                finally:
+                    c.close()
+            except OSError:
+                return None
+            return time.perf_counter() - t0 if ok else None
+
+        def closed(s: socket.socket) -> bool:
+            poll = select.poll()  # not select(): these descriptors may be past 1024
+            poll.register(s, select.POLLIN)
+            if not poll.poll(0):
+                return False
+            try:
+                return s.recv(4096) == b""
+            except OSError:
+                return True
+
+        def lat(xs: list[float | None]) -> dict[str, Any]:
+            done = sorted(x for x in xs if x is not None)
+            return {"probes": len(xs), "answered": len(done),
+                    "median_ms": round(1000 * done[len(done) // 2], 1) if done else None,
+                    "max_ms": round(1000 * done[-1], 1) if done else None}
+
+        # slowloris: a byte a second after the request line, until the server closes each socket
+        socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(slowloris)]
+        start = time.monotonic()
+        for s in socks:
+            s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
+        closed_at: dict[int, float] = {}
+        probes: list[float | None] = []
+        while len(closed_at) < len(socks) and time.monotonic() - start < 60:
+            for i, s in enumerate(socks):
+                if i in closed_at:
+                    continue
+                try:
+                    s.send(b"X")
+                except OSError:
+                    closed_at[i] = time.monotonic() - start
+                    continue
+                if closed(s):
+                    closed_at[i] = time.monotonic() - start
+            probes.append(probe())
+            time.sleep(1.0)
+        for s in socks:
+            s.close()
+        times = sorted(closed_at.values())
+        out["slowloris"] = {"clients": slowloris, "closed_by_server": len(closed_at),
+                            "median_s_to_close": round(times[len(times) // 2], 1) if times else None,
+                            "max_s_to_close": round(times[-1], 1) if times else None, **lat(probes)}
+        # idle flood: sockets that never send a byte, beyond the descriptor limit
+        flood = []
+        for _ in range(idle):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((host, int(port)))
+            flood.append(s)
+        start = time.monotonic()
+        probes = []
+        while time.monotonic() - start < hold:
+            probes.append(probe())
+            time.sleep(0.5)
+        dropped = sum(closed(s) for s in flood)
+        for s in flood:
+            s.close()
+        after = probe()
+        out["idle_flood"] = {"idle_sockets": idle, "seconds": hold, "closed_by_server": dropped, **lat(probes),
+                             "answered_after": after is not None}
+        out["server_alive"] = proc.poll() is None
+    text = log_path.read_text(errors="replace")
+    out["log_lines"] = len(text.splitlines())
+    out["log_tracebacks"] = text.count("Traceback")
+    out["log_sample"] = [ln[:200] for ln in text.splitlines() if not ln.startswith("serving ")][:3]
+    fl, sl = out["idle_flood"], out["slowloris"]
+    out["ok"] = (sl["closed_by_server"] == slowloris and sl["answered"] == sl["probes"] and fl["answered"] == fl["probes"]
+                 and fl["answered_after"] and out["log_tracebacks"] == 0 and out["server_alive"])
+    return out
+
+
+# ============================================================================ hostile remote
+
+HOSTILE_SERVER = r'''
+import hashlib, json, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ZERO = "sha256:" + "0" * 64
+BLOB = bytes(range(256)) * 1024  # 256 KiB
+BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+TINY = {}  # digest -> 4 bytes, for "tiny"
+
+def manifest(entries):
+    head = json.dumps({"schema": 1, "kind": "diff", "base": {"fingerprint": ZERO, "name": "tiny", "revision": None},
+                       "tensors": {}, "params": {}, "lineage": {"parents": [], "recipe": None}, "metadata": {}},
+                      sort_keys=True, separators=(",", ":")).encode()
+    return head.replace(b'"tensors":{}', b'"tensors":{' + ",".join(entries).encode() + b"}")
+
+def entry(name, digest, n):
+    return '"%s":{"digest":"%s","dtype":"float32","encoding":"raw","shape":[%d],"size":%d}' % (name, digest, n // 4, n)
+
+def blobs(n):  # n distinct 4-byte blobs
+    out = []
+    for i in range(n):
+        b = i.to_bytes(4, "little")
+        d = "sha256:" + hashlib.sha256(b).hexdigest()
+        TINY[d] = b
+        out.append(entry("t%06d" % i, d, 4))
+    return out
+
+NORMAL = manifest([entry("w", BLOB_DIGEST, len(BLOB))])
+HUGE = manifest([entry("w", "sha256:" + "ab" * 32, 1 << 40)])  # declared 1 TiB
+MANY = manifest(blobs(420_000))  # ~63 MB
+TINY100K = manifest(blobs(100_000)[:100_000])
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        mode, _, rest = self.path[1:].partition("/")
+        if "/manifests/" in rest:
+            return self.send({"huge": HUGE, "many": MANY, "tiny": TINY100K}.get(mode, NORMAL))
+        digest = rest.rsplit("/", 1)[-1]
+        if mode == "tiny":
+            return self.send(TINY.get(digest, b""))
+        rng = self.headers.get("Range")
+        start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
+        body = BLOB[start:]
+        if mode == "err500":
+            return self.send(b'{"errors":[{"code":"BOOM","message":"internal error"}]}', 500)
+        if mode == "huge":  # 800 MB of zeros, then the connection ends
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 40))
+            self.end_headers()
+            chunk = bytes(1 << 20)
+            try:
+                for _ in range(800):
+                    self.wfile.write(chunk)
+            except OSError:
+                pass
+            self.close_connection = True
+            return
+        if mode == "wrong":
+            body = bytes(len(body))
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", "bytes %d-%d/%d" % (start, len(BLOB) - 1, len(BLOB)))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            if mode == "drip":
+                for b in body:
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(2)
+                return
+            if mode == "drop":
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+        except OSError:
+            pass
+
+    def send(self, body, status=200):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:
+            pass
+
+httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+httpd.daemon_threads = True
+print(httpd.server_address[1], flush=True)
+httpd.serve_forever()
+'''
+
+#: (mode, what the remote does, wall-clock cap in seconds for the pull process)
+HOSTILE_SCENARIOS = [
+    ("huge", "declares a 1 TiB blob, then sends 800 MB of zeros", 300),
+    ("many", "a 63 MB manifest of 420,000 blobs", 180),
+    ("tiny", "100,000 tiny (4-byte) valid blobs", 120),
+    ("drip", "sends a blob one byte every 2 s", 150),
+    ("err500", "answers 500 to every blob", 60),
+    ("drop", "hangs up half-way through every blob", 60),
+    ("wrong", "sends wrong bytes of the right length", 60),
+]
+
+
+def _tree_bytes(p: Path) -> tuple[int, int]:
+    n = size = 0
+    for dirpath, _, files in os.walk(p):
+        for f in files:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(dirpath, f)).st_size
+                n += 1
+    return n, size
+
+
+def hostile_remote(work: Path, client_tree: Path | None = None,
+                   only: list[str] | None = None) -> dict[str, Any]:
+    """``patchctl pull`` (default flags) from a hostile HTTP remote, one scenario at a time.
+
+    Per scenario: the exit status and last stderr line, the wall time (the process is killed at the
+    scenario's cap), the pull process's peak RSS (``VmHWM``, polled), the peak bytes in the
+    registry's ``tmp/`` (polled every 50 ms), the files left in ``tmp/`` and ``objects/``, and how long
+    ``gc``'s exclusive lock waited while the pull ran. ``client_tree``: run the client from another
+    checkout (``git archive HEAD patchctl | tar -x -C DIR`` for the code before a change).
+    """
+    if client_tree is not None and not (client_tree / "patchctl" / "__init__.py").is_file():
+        raise SystemExit(f"--client-tree {client_tree}: no patchctl package there")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "server.py").write_text(HOSTILE_SERVER)
+    srv = subprocess.Popen([PY, str(work / "server.py")], stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(client_tree or ROOT)
+    out: dict[str, Any] = {"client": str(client_tree or ROOT), "scenarios": {}}
+    try:
+        port = int(srv.stdout.readline())  # type: ignore[union-attr]
+        for mode, what, cap in HOSTILE_SCENARIOS:
+            if only and mode not in only:
+                continue
+            reg = work / f"reg-{mode}"
+            subprocess.run([PY, "-m", "patchctl", "init", "--registry", str(reg)], env=env, capture_output=True,
+                           timeout=120, cwd=work)  # cwd: `-m` puts it first on sys.path, before PYTHONPATH
+            (reg / "tmp").mkdir(parents=True, exist_ok=True)
+            args = [PY, "-m", "patchctl", "pull", "x:v1", "--from", f"http://127.0.0.1:{port}/{mode}",
+                    "--registry", str(reg)]
+            t0 = time.monotonic()
+            p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=work)
+            peak_tmp = hwm = 0
+            lock_wait: float | str | None = None
+            killed = False
+            status_code, ru = 0, None
+            while True:
+                pid, status_code, ru = os.wait4(p.pid, os.WNOHANG)
+                if pid:
+                    break
+                peak_tmp = max(peak_tmp, _tree_bytes(reg / "tmp")[1])
+                with contextlib.suppress(OSError, ValueError, IndexError):  # IndexError: a zombie
+                    status = Path(f"/proc/{p.pid}/status").read_text()
+                    hwm = max(hwm, int(status.split("VmHWM:")[1].split()[0]) * 1024)
+                elapsed = time.monotonic() - t0
+                if lock_wait is None and elapsed > 5 and mode == "drip":
+                    got = _exclusive_wait(reg, timeout=10.0)
+                    lock_wait = got if got is not None else "> 10 (not granted)"
+                if elapsed > cap:
+                    p.kill()
+                    killed = True
+                    _, status_code, ru = os.wait4(p.pid, 0)
+                    break
+                time.sleep(0.05)
+            p.returncode = os.waitstatus_to_exitcode(status_code)  # reaped here (wait4: its rusage)
+            wall = time.monotonic() - t0
+            err = p.stderr.read() if p.stderr else ""  # type: ignore[union-attr]
+            if p.stderr:
+                p.stderr.close()
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            tmp_n, tmp_b = _tree_bytes(reg / "tmp")
+            obj_n, _ = _tree_bytes(reg / "objects")
+            out["scenarios"][mode] = {
+                "remote": what, "command": cmd_str(args[2:]).replace(str(reg), "REG"),
+                "exit": None if killed else p.returncode,
+                "killed_at_cap": killed, "seconds": round(wall, 1),
+                # VmHWM as polled: ru_maxrss would carry this (forking) process's peak over the exec
+                "peak_rss_mib": round((hwm or ru.ru_maxrss * 1024) / MiB),
+                "peak_tmp_mib": round(peak_tmp / MiB, 1), "tmp_left_files": tmp_n, "tmp_left_mib": round(tmp_b / MiB, 1),
+                "objects_left": obj_n, "stderr_lines": len(lines), "traceback": "Traceback" in err,
+                "message": (lines[-1] if lines else "")[:200], "gc_lock_wait_s": lock_wait,
+            }
+            log(f"    {mode}: {out['scenarios'][mode]}")
+    finally:
+        srv.kill()
+        srv.wait()
+        if srv.stdout:
+            srv.stdout.close()
+    return out
+
+
+def _exclusive_wait(reg: Path, timeout: float) -> float | None:
+    """Seconds until ``gc``'s exclusive registry lock was granted (None: not within ``timeout``)."""
+    import fcntl
+
+    with open(reg / "locks" / "registry.lock", "a+b") as f:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                time.sleep(0.05)
+                continue
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return round(time.monotonic() - t0, 2)
+    return None
+
+
 # ============================================================================ report
 
 
@@ -1410,7 +1749,10 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a scaled-down run (~2 min)")
-    ap.add_argument("--only", default="crash,concurrency,corruption,fuzz,server")
+    ap.add_argument("--only", default="crash,concurrency,corruption,fuzz,server,hostile")
+    ap.add_argument("--client-tree", type=Path, default=None,
+                    help="hostile: run the pulling client from this checkout (e.g. the code before a change)")
+    ap.add_argument("--hostile", default=None, help="hostile: scenarios to run, comma-separated (default all)")
     ap.add_argument("--kills", type=int, default=None, help="SIGKILLs in total (default 100; quick 12)")
     ap.add_argument("--crash-ops", default=None,
                     help="commands to kill, comma-separated (default push,pull-folder,pull-http,merge,compress,gc)")
@@ -1564,8 +1906,41 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"    tolerated: {k} — {note}")
             for f in r["failures"][:10]:
                 log(f"    FAILED: {f}")
+            c = connection_abuse(work / "server", slowloris=a.slow, hold=5.0 if q else 15.0)
+            figures["server"]["connections"] = c
+            sl, fl = c["slowloris"], c["idle_flood"]
+            log(f"\nslowloris ({sl['clients']} clients, a header byte a second): {sl['closed_by_server']} closed by the "
+                f"server, after {sl['median_s_to_close']} s (median), {sl['max_s_to_close']} s (max); normal GETs "
+                f"meanwhile {sl['answered']}/{sl['probes']} answered, max {sl['max_ms']} ms")
+            log(f"idle flood ({fl['idle_sockets']} idle sockets for {fl['seconds']:g} s, descriptor limit "
+                f"{c['nofile']}): normal GETs {fl['answered']}/{fl['probes']} answered, median {fl['median_ms']} ms, "
+                f"max {fl['max_ms']} ms; {fl['closed_by_server']} idle sockets closed by the server; log: "
+                f"{c['log_lines']} lines, {c['log_tracebacks']} tracebacks")
+            for line in c["log_sample"]:
+                log(f"    log: {line}")
+            r["ok"] = r["ok"] and c["ok"]
             log(f"server: {'PASS' if r['ok'] else 'FAIL'}")
             ok &= r["ok"]
+        if "hostile" in only:
+            log("\n## 6. hostile remote: `patchctl pull` (default flags) from a hostile HTTP server on 127.0.0.1")
+            r = hostile_remote(work / "hostile", a.client_tree, a.hostile.split(",") if a.hostile else None)
+            figures["hostile"] = r
+            log("\n| remote | exit | seconds | peak RSS MiB | peak tmp/ MiB | tmp/ left (files, MiB) | objects left "
+                "| gc lock wait s | stderr |")
+            log("|---|---:|---:|---:|---:|---|---:|---:|---|")
+            good = True
+            for v in r["scenarios"].values():
+                log(f"| {v['remote']} | {'killed at cap' if v['killed_at_cap'] else v['exit']} | {v['seconds']} | "
+                    f"{v['peak_rss_mib']} | {v['peak_tmp_mib']} | {v['tmp_left_files']}, {v['tmp_left_mib']} | "
+                    f"{v['objects_left']} | {v['gc_lock_wait_s'] if v['gc_lock_wait_s'] is not None else '-'} | "
+                    f"{'traceback' if v['traceback'] else repr(v['message'][:90])} |")
+                good &= (not v["killed_at_cap"] and v["exit"] != 0 and not v["traceback"] and v["stderr_lines"] == 1
+                         and v["tmp_left_files"] == 0 and v["objects_left"] == 0 and v["peak_rss_mib"] < 500
+                         and v["peak_tmp_mib"] < 64)
+            r["ok"] = good
+            log(f"hostile: {'PASS' if good else 'FAIL'} (goal: each pull refused in one line, within its cap, "
+                "RSS < 500 MiB, < 64 MiB in tmp/, nothing left)")
+            ok &= good
     log(f"\n{'ALL PASS' if ok else 'SOME GOALS MISSED'} in {time.monotonic() - t_all:.0f} s")
     if a.json:
         a.json.write_text(json.dumps(figures, indent=1, default=str))

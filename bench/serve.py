@@ -2,6 +2,7 @@
 
     python bench/serve.py                 # 8 blobs x 64 MiB, 5 rounds, 10 s of manifest load
     python bench/serve.py --mib 16 --blobs 4 --rounds 1 --seconds 3   # quick run
+    python bench/serve.py --catalog-only  # only the catalog-load scenario (5,000 refs, 20 clients)
 
 Builds a registry under a temporary folder with one patch of ``--blobs`` random
 blobs (``--mib`` MiB each), starts ``python -m patchctl serve`` on a free
@@ -16,7 +17,12 @@ loopback port, then:
   summary (the transfer; the CLI's own start-up is shown apart as ``wall``);
 - ``manifest GETs/s``: ``wrk -t1 -c16`` against ``/v2/NAME/manifests/TAG``
   when ``wrk`` is installed (``apt-get install wrk``), else a Python load
-  generator (threads + httpx), which is itself the bottleneck and says so.
+  generator (threads + httpx), which is itself the bottleneck and says so;
+- ``catalog load``: a second registry with ``--catalog-refs`` refs (ref logs
+  copied, the index rebuilt from them); the median manifest GET alone, then
+  while ``--catalog-clients`` clients fetch ``/v2/_catalog`` in a loop. Goal:
+  the loaded median under 100 ms (issue 23 measured 3.2 s: every catalog
+  read every ref log on the event loop, and the GET queued behind them).
 
 Each measured step runs ``--rounds`` times, curl and pull interleaved, each
 after an (untimed) ``sync`` so that none pays for the previous step's dirty
@@ -125,6 +131,68 @@ def python_rps(url: str, seconds: int, threads: int = 8) -> tuple[float, str]:
     return sum(count) / (time.perf_counter() - t0), f"python httpx x{threads} threads (itself the bottleneck)"
 
 
+def catalog_load(work: Path, refs: int, clients: int, cwd: Path = ROOT) -> dict[str, float]:
+    """Median manifest GET (ms) alone and under ``clients`` concurrent ``/v2/_catalog`` loops; catalog ms."""
+    import http.client
+    import statistics
+
+    from patchctl import Registry
+    from patchctl.registry.store.manifest import Manifest, TensorEntry
+
+    root = work / "catalog"
+    if not root.exists():
+        with Registry(root) as reg:
+            d = reg.store.put_blob(b"\0" * 16)
+            m = Manifest("diff", {"fingerprint": "sha256:" + "0" * 64, "name": "bench-base", "revision": None},
+                         {"w": TensorEntry(d, "float32", (4,), "raw", 16)})
+            reg.commit(m, "solo:v1", move_latest=False)
+        for i in range(refs - 1):  # copies of one ref log (fast), then the index rebuilt from the files
+            q = root / "refs" / f"team{i % 100:02d}" / f"m{i:05d}" / "@v1"
+            q.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / "refs" / "solo" / "@v1", q)
+        for q in root.glob("index.sqlite*"):
+            q.unlink()
+        with Registry(root) as reg:
+            assert len(reg.index.all_refs()) == refs
+    with serving(root, timeout=60, cwd=cwd) as (url, _server):
+        host, port = url.removeprefix("http://").split(":")
+
+        def get(path: str) -> float:
+            t0 = time.perf_counter()
+            c = http.client.HTTPConnection(host, int(port), timeout=120)
+            try:
+                c.request("GET", path)
+                r = c.getresponse()
+                r.read()
+                if r.status != 200:
+                    raise SystemExit(f"GET {path}: {r.status}")
+            finally:
+                c.close()
+            return time.perf_counter() - t0
+
+        path = "/v2/solo/manifests/v1"
+        for _ in range(5):
+            get(path)
+        alone = statistics.median(get(path) for _ in range(50))
+        catalog = statistics.median(get("/v2/_catalog") for _ in range(5))
+        stop = threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                get("/v2/_catalog")
+
+        ts = [threading.Thread(target=hammer, daemon=True) for _ in range(clients)]
+        for t in ts:
+            t.start()
+        time.sleep(1.0)
+        loaded = [get(path) for _ in range(30)]
+        stop.set()
+        for t in ts:
+            t.join()
+    return {"alone_ms": 1000 * alone, "catalog_ms": 1000 * catalog, "loaded_median_ms": 1000 * statistics.median(loaded),
+            "loaded_max_ms": 1000 * max(loaded)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blobs", type=int, default=8)
@@ -133,7 +201,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=10, help="manifest load duration")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--catalog-refs", type=int, default=5000, help="refs for the catalog-load scenario (0: skip it)")
+    ap.add_argument("--catalog-clients", type=int, default=20, help="concurrent /v2/_catalog clients")
+    ap.add_argument("--catalog-only", action="store_true", help="run only the catalog-load scenario")
+    ap.add_argument("--cwd", type=Path, default=ROOT, help=argparse.SUPPRESS)  # another checkout (before/after)
     a = ap.parse_args()
+    if a.catalog_only:
+        work = a.work or Path(tempfile.mkdtemp(prefix="patchctl-bench-serve-"))
+        try:
+            return report_catalog(catalog_load(work, a.catalog_refs, a.catalog_clients, a.cwd), a)
+        finally:
+            if a.work is None:
+                shutil.rmtree(work, ignore_errors=True)
 
     work = a.work or Path(tempfile.mkdtemp(prefix="patchctl-bench-serve-"))
     total = a.blobs * a.mib * MiB
@@ -195,10 +274,19 @@ def main() -> int:
                   f"  -> {rps / 1500:.2f}x the 1,500/s goal")
             ok &= rps >= 1500
             print(f"load average after: {os.getloadavg()[0]:.2f}")
+        if a.catalog_refs:
+            ok &= report_catalog(catalog_load(work, a.catalog_refs, a.catalog_clients, a.cwd), a) == 0
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
+
+
+def report_catalog(r: dict[str, float], a: argparse.Namespace) -> int:
+    print(f"catalog load ({a.catalog_refs} refs, {a.catalog_clients} clients looping on /v2/_catalog, "
+          f"{r['catalog_ms']:.1f} ms each alone): manifest GET median {r['alone_ms']:.1f} ms alone, "
+          f"{r['loaded_median_ms']:.1f} ms loaded (max {r['loaded_max_ms']:.1f} ms)  (goal: loaded median < 100 ms)")
+    return 0 if r["loaded_median_ms"] < 100 else 1
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def test_fsck_names_each_corrupt_object_and_reads_raise_digest_mismatch(reg_path
         assert res["corrupt_blobs"] == [blob] and res["corrupt_manifests"] == [] and not res["ok"]
         with pytest.raises(DigestMismatch):
             reg.store.read_blob(blob)
-        mp = reg.store._path("manifests", d)
+        mp = reg.store.manifest_path(d)
         mp.write_bytes(mp.read_bytes().replace(b'"diff"', b'"lora"'))
         res = reg.fsck()
         assert res["corrupt_manifests"] == [d]
@@ -391,7 +391,7 @@ def test_fsck_repair_fetches_good_copies_from_a_remote(tmp_path, models):
     with Registry(local) as reg:
         reg.pull("ft:v1", str(origin))
         blob = sorted(reg.manifest("ft:v1").blob_digests())[0]
-        for path in (reg.store.blob_path(blob), reg.store._path("manifests", digest)):
+        for path in (reg.store.blob_path(blob), reg.store.manifest_path(digest)):
             data = bytearray(path.read_bytes())
             data[len(data) // 2] ^= 0x01
             path.write_bytes(bytes(data))
@@ -442,7 +442,7 @@ def test_fsck_repair_from_a_live_server(tmp_path, reg_path, cli):
             good[a_digest] = reg.store.read_manifest_bytes(a_digest)
             wa, wb, y = a.tensors["w"].digest, b.tensors["w"].digest, local.tensors["y"].digest
             bad = {wa: _flip(reg.store.blob_path(wa)), y: _flip(reg.store.blob_path(y)),
-                   a_digest: _flip(reg.store._path("manifests", a_digest))}
+                   a_digest: _flip(reg.store.manifest_path(a_digest))}
             reg.store.blob_path(wb).unlink()  # a missing blob
             before = reg.fsck()
             assert (sorted(before["corrupt_blobs"]), before["corrupt_manifests"]) == (sorted([wa, y]), [a_digest])
@@ -468,16 +468,16 @@ def test_fsck_repair_from_a_live_server(tmp_path, reg_path, cli):
     shutil.copytree(origin, liar)
     with Registry(liar) as lr:
         _flip(lr.store.blob_path(wa), at=0)
-        _flip(lr.store._path("manifests", b_digest))
+        _flip(lr.store.manifest_path(b_digest))
     with Registry(reg_path) as reg:
-        bad2 = {wa: _flip(reg.store.blob_path(wa), at=100), b_digest: _flip(reg.store._path("manifests", b_digest))}
+        bad2 = {wa: _flip(reg.store.blob_path(wa), at=100), b_digest: _flip(reg.store.manifest_path(b_digest))}
     with R.serving(liar) as (url, proc):
         r = cli("fsck", "--repair", url)
         assert proc.poll() is None
     assert r.code == 1 and "repaired 0 objects" in r.out and "3 could not be repaired" in r.out, r.out + r.err
     with Registry(reg_path) as reg:
         assert reg.store.blob_path(wa).read_bytes() == bad2[wa]  # nothing renamed into place: our copy is back
-        assert reg.store._path("manifests", b_digest).read_bytes() == bad2[b_digest]
+        assert reg.store.manifest_path(b_digest).read_bytes() == bad2[b_digest]
         res = reg.fsck()
         assert (sorted(res["corrupt_blobs"]), res["corrupt_manifests"]) == (sorted([wa, y]), [b_digest]), res
     tmp = {p.name: p.read_bytes() for p in (reg_path / "tmp").iterdir()}

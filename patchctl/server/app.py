@@ -29,6 +29,24 @@ Design choices:
   which also does ``Range`` and ``If-Range``); they are not re-hashed on the
   way out — the client hashes everything it receives (invariant 5). Verified
   manifests are cached in memory by digest (bounded; they are immutable).
+- A blob is opened component by component from the registry folder with
+  ``O_NOFOLLOW`` (``objects``, ``sha256``, the shard folder, the file) and
+  served from that descriptor only if it is a regular file: a symlink planted
+  anywhere on the way answers 404 (and one log line), never a file from
+  elsewhere, and nothing can be swapped between the check and the read.
+- Handlers that touch the disk (manifests, blobs, ``_catalog``, ``tags/list``,
+  ``/api/``) are plain functions, which Starlette runs in a worker thread
+  (:data:`~patchctl.server.guard.THREADS` of them): a slow disk or a large
+  answer never stalls the event loop and the other requests on it.
+- ``_catalog`` and ``tags/list`` are answered from the SQLite index, never by
+  reading every ref log: ``tags/list`` is one paginated query; the catalog's
+  sorted names are kept while the index files' stat is unchanged (1 s at
+  most). A manifest by tag reads that one ref log (re-read only when its stat
+  changes), so it is never stale.
+- Connections: header and send timeouts, and a cap below the descriptor limit
+  that closes the longest-idle connection to make room (see
+  :mod:`patchctl.server.guard`); :func:`serve` builds them from
+  :class:`~patchctl.server.guard.Limits` (``PATCHCTL_SERVE_*`` variables).
 - Errors: a :class:`~patchctl.errors.PatchctlError` becomes an HTTP status at
   one boundary (:data:`STATUS`, :func:`_patchctl_error`), with an OCI body
   ``{"errors": [{"code", "message"}]}``; so do unmatched routes (404) and
@@ -37,13 +55,22 @@ Design choices:
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import errno
 import json
+import logging
 import os
+import socket
 import stat as stat_mod
 import threading
+import time
+import weakref
 from collections import OrderedDict
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import IO, Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -60,14 +87,34 @@ from patchctl.errors import (
     PatchctlError,
     RegistryError,
 )
+from patchctl.registry.remote.protocol import (
+    API_VERSION_HEADER,
+    BLOB_MEDIA_TYPE,
+    BLOB_ROUTE,
+    CATALOG_ROUTE,
+    MANIFEST_MEDIA_TYPE,
+    MANIFEST_ROUTE,
+    TAGS_ROUTE,
+    V2_ROUTE,
+    read_token_file,
+)
 from patchctl.registry.store.folder import Store
 from patchctl.registry.store.names import DIGEST_RE, TAG_RE, Ref, check_name
-from patchctl.server.guard import Guard, error_body
+from patchctl.server import pages
+from patchctl.server.cookie import TokenCookie
+from patchctl.server.guard import (
+    BACKLOG,
+    Guard,
+    Limits,
+    Server,
+    error_body,
+    protocol,
+    raise_descriptor_limit,
+)
+from patchctl.server.oci import OciArtifacts
 
-MANIFEST_MEDIA_TYPE = "application/vnd.patchctl.manifest.v1+json"
-BLOB_MEDIA_TYPE = "application/octet-stream"
 IMMUTABLE = "public, max-age=31536000, immutable"
-API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+_log = logging.getLogger("uvicorn.error")  # uvicorn's configured logger: one line each, on stderr
 
 #: PatchctlError subclass → HTTP status; the first match along the MRO wins, else 500.
 STATUS: dict[type[PatchctlError], int] = {
@@ -118,7 +165,28 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 class _Blob(FileResponse):
+    """A blob streamed from a file already opened (and checked) by :meth:`_Reader.open_blob`."""
+
     chunk_size = 1 << 20
+
+    def __init__(self, file: IO[bytes], path: str, **kw: Any):
+        self._file = file
+        super().__init__(path, **kw)
+
+    @contextlib.asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:  # never reopens the path
+        f = anyio.wrap_file(self._file)
+        try:
+            yield f
+        finally:
+            with anyio.CancelScope(shield=True):
+                await f.aclose()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._file.close()  # HEAD, 304 paths and errors never open it
 
 
 class _Json(Response):
@@ -146,21 +214,25 @@ def _check_range(value: str, size: int) -> None:
                        {"Content-Range": f"bytes */{size}"}) from None
 
 
-def _page(items: list[str], request: Request, url: str) -> tuple[list[str], dict[str, str]]:
-    """OCI pagination: ``n`` (at most this many) and ``last`` (after this one), a ``Link`` to the next page."""
+def _page(fetch: Callable[[str | None, int | None], list[str]], request: Request,
+          url: str) -> tuple[list[str], dict[str, str]]:
+    """OCI pagination: ``n`` (at most this many) and ``last`` (after this one), a ``Link`` to the next page.
+
+    ``fetch(last, limit)`` answers the sorted items after ``last``, at most ``limit`` (None: all).
+    """
     last = request.query_params.get("last")
-    if last is not None:
-        items = [x for x in items if x > last]
     n_raw = request.query_params.get("n")
-    headers: dict[str, str] = {}
+    n = None
     if n_raw is not None:
         if not n_raw.isdigit() or len(n_raw) > 9:
             raise ApiError(400, "PAGINATION_NUMBER_INVALID", f"n must be a non-negative integer, got {n_raw[:20]!r}")
         n = int(n_raw)
-        if len(items) > n:
-            items = items[:n]
-            if items:
-                headers["Link"] = f'<{url}?n={n}&last={items[-1]}>; rel="next"'
+    items = fetch(last, None if n is None else n + 1)  # one more than asked: is there a next page?
+    headers: dict[str, str] = {}
+    if n is not None and len(items) > n:
+        items = items[:n]
+        if items:
+            headers["Link"] = f'<{url}?n={n}&last={items[-1]}>; rel="next"'
     return items, headers
 
 
@@ -176,6 +248,9 @@ class _Reader:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._refs: dict[Any, tuple[tuple[int, int, int], str | None]] = {}
+        self._root_fd = os.open(store.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # held while serving
+        weakref.finalize(self, os.close, self._root_fd)
+        self._names: tuple[list[Any], float, list[str]] | None = None  # (index files' stat, when, names)
 
     def registry(self) -> Any:
         """A :class:`Registry` (SQLite index) for this thread; opened on first use."""
@@ -204,7 +279,7 @@ class _Reader:
 
     def ref_target(self, ref: Ref) -> str | None:
         """The manifest a ref points at, re-read only when its log file's stat changes."""
-        path = self.store._ref_path(ref)  # checks the name and tag first
+        path = self.store.ref_path(ref)  # checks the name and tag first
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -219,12 +294,71 @@ class _Reader:
         self._refs[path] = (key, target)
         return target
 
-    def tags(self, name: str) -> list[str]:
-        return sorted(r.tag for r in self.store.iter_refs()
-                      if r.name == name and self.store.ref_target(r) is not None)
+    def tags(self, name: str, after: str | None = None, limit: int | None = None) -> list[str]:
+        """``name``'s tags from the index (sorted, after ``after``, at most ``limit``)."""
+        return list(self.registry().index.tags_page(name, after, limit))
 
-    def names(self) -> list[str]:
-        return sorted({r.name for r in self.store.iter_refs() if self.store.ref_target(r) is not None})
+    NAMES_TTL = 1.0  # seconds; also re-read at once when the index files change
+
+    def names(self, after: str | None = None, limit: int | None = None) -> list[str]:
+        """Names with a tag, from the index (sorted, after ``after``, at most ``limit``).
+
+        The whole sorted list is kept while the index files' stat is unchanged (and
+        :attr:`NAMES_TTL` at most, for file systems with coarse timestamps): many
+        concurrent catalog requests then cost one query, not one each.
+        """
+        sig = []
+        for suffix in ("", "-wal"):
+            try:
+                st = os.stat(self.store.root / f"index.sqlite{suffix}")
+                sig.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                sig.append(None)
+        now = time.monotonic()
+        hit = self._names
+        if hit is None or hit[0] != sig or now - hit[1] > self.NAMES_TTL:
+            hit = self._names = (sig, now, self.registry().index.names_page())
+        names = hit[2]
+        start = 0 if after is None else bisect.bisect_right(names, after)
+        return names[start:] if limit is None else names[start:start + limit]
+
+    def open_blob(self, digest: str) -> tuple[IO[bytes], os.stat_result] | None:
+        """The blob's file and its stat; None when it is not here.
+
+        Every component below the registry folder is opened with ``O_NOFOLLOW``
+        (relative to the previous one), so a symlink anywhere on the way is never
+        followed; anything but a regular file is refused (logged, and None).
+        """
+        hexd = digest[7:]
+        shown = f"objects/sha256/{hexd[:2]}/{hexd[2:]}"
+        fd = self._root_fd
+        try:
+            for part in ("objects", "sha256", hexd[:2]):
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                if fd != self._root_fd:
+                    os.close(fd)
+                fd = nxt
+            blob = os.open(hexd[2:], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise ApiError(503, "UNAVAILABLE", "the server is out of file descriptors: retry in a moment",
+                               {"Retry-After": "1"}) from None
+            # ELOOP (a symlink), ENOTDIR (a link or file where a folder should be), EACCES...
+            _log.warning("refused to serve %s: %s is not a regular file inside the registry (%s); "
+                         "run `patchctl fsck`", digest, shown, e.strerror)
+            return None
+        finally:
+            if fd != self._root_fd:
+                os.close(fd)
+        st = os.fstat(blob)
+        if not stat_mod.S_ISREG(st.st_mode):
+            os.close(blob)
+            _log.warning("refused to serve %s: %s is not a regular file; run `patchctl fsck`", digest, shown)
+            return None
+        os.set_blocking(blob, True)
+        return open(blob, "rb", buffering=0), st  # noqa: SIM115 - closed by the response (_Blob)
 
 
 class _Handlers:
@@ -238,19 +372,19 @@ class _Handlers:
     async def v2(self, request: Request) -> Response:
         return _Json({}, headers=API_VERSION_HEADER)
 
-    async def catalog(self, request: Request) -> Response:
-        names, headers = _page(self.r.names(), request, "/v2/_catalog")
+    # The handlers below touch the disk or the index: plain functions, run in a worker thread.
+    def catalog(self, request: Request) -> Response:
+        names, headers = _page(self.r.names, request, "/v2/_catalog")
         return _Json({"repositories": names}, headers=headers)
 
-    async def tags_list(self, request: Request) -> Response:
+    def tags_list(self, request: Request) -> Response:
         name = self._name(request)
-        tags = self.r.tags(name)
-        if not tags:
+        if not self.r.tags(name, limit=1):
             raise ApiError(404, "NAME_UNKNOWN", f"no patch named {name!r} on this server")
-        tags, headers = _page(tags, request, f"/v2/{name}/tags/list")
+        tags, headers = _page(lambda last, limit: self.r.tags(name, last, limit), request, f"/v2/{name}/tags/list")
         return _Json({"name": name, "tags": tags}, headers=headers)
 
-    async def manifest(self, request: Request) -> Response:
+    def manifest(self, request: Request) -> Response:
         name = self._name(request)
         reference = request.path_params["reference"]
         if DIGEST_RE.fullmatch(reference):
@@ -274,26 +408,29 @@ class _Handlers:
             return Response(None, headers=headers, media_type=MANIFEST_MEDIA_TYPE)
         return Response(data, headers=headers, media_type=MANIFEST_MEDIA_TYPE)
 
-    async def blob(self, request: Request) -> Response:
+    def blob(self, request: Request) -> Response:
         self._name(request)
         digest = request.path_params["digest"]
         if not DIGEST_RE.fullmatch(digest):
             raise ApiError(400, "DIGEST_INVALID", f"{digest[:140]!r} is not sha256: followed by 64 lowercase hex digits")
-        path = self.r.store.blob_path(digest)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise ApiError(404, "BLOB_UNKNOWN", f"no blob {digest} on this server") from None
-        if not stat_mod.S_ISREG(st.st_mode):
+        opened = self.r.open_blob(digest)
+        if opened is None:
             raise ApiError(404, "BLOB_UNKNOWN", f"no blob {digest} on this server")
-        etag = f'"{digest}"'
-        headers = {"Docker-Content-Digest": digest, "ETag": etag, "Cache-Control": IMMUTABLE}
-        if _etag_matches(request, etag):
-            return Response(status_code=304, headers=headers)
-        rng = request.headers.get("range")
-        if rng is not None:
-            _check_range(rng, st.st_size)
-        return _Blob(path, headers=headers, media_type=BLOB_MEDIA_TYPE, stat_result=st)
+        file, st = opened
+        try:
+            etag = f'"{digest}"'
+            headers = {"Docker-Content-Digest": digest, "ETag": etag, "Cache-Control": IMMUTABLE}
+            if _etag_matches(request, etag):
+                file.close()
+                return Response(status_code=304, headers=headers)
+            rng = request.headers.get("range")
+            if rng is not None:
+                _check_range(rng, st.st_size)
+            path = os.fspath(self.r.store.root / "objects" / "sha256" / digest[7:9] / digest[9:])
+            return _Blob(file, path, headers=headers, media_type=BLOB_MEDIA_TYPE, stat_result=st)
+        except BaseException:
+            file.close()
+            raise
 
     async def health(self, request: Request) -> Response:
         return _Json({"status": "ok", "registry": "patchctl", "format_version": 1})
@@ -321,14 +458,15 @@ def create_app(registry: str | os.PathLike[str] | None = None, token: str | None
     store = Store.open(registry, create=False)
     h = _Handlers(_Reader(store))
     routes = [
-        Route("/v2/", h.v2),
-        Route("/v2/_catalog", h.catalog),
-        Route("/v2/{name:path}/manifests/{reference}", h.manifest),
-        Route("/v2/{name:path}/blobs/{digest}", h.blob),
-        Route("/v2/{name:path}/tags/list", h.tags_list),
+        Route(V2_ROUTE, h.v2),
+        Route(CATALOG_ROUTE, h.catalog),
+        Route(MANIFEST_ROUTE, h.manifest),
+        Route(BLOB_ROUTE, h.blob),
+        Route(TAGS_ROUTE, h.tags_list),
         Route("/api/health", h.health),
         Route("/api/patches", h.patches),
         Route("/api/patches/{name:path}/{tag}", h.patch),
+        *pages.routes(h.r.registry),  # the registry browser: HTML pages and /api/pages/ twins
     ]
     app = Starlette(
         routes=routes,
@@ -339,29 +477,54 @@ def create_app(registry: str | os.PathLike[str] | None = None, token: str | None
             Exception: _internal_error,
         },
     )
-    return Guard(app, token)
+    return TokenCookie(Guard(OciArtifacts(app, store), token), token)  # a browser sends the token once as ?token=
+
+
+def bind(host: str = "127.0.0.1", port: int = 8080) -> socket.socket:
+    """A socket bound to ``host:port`` (0 picks a free port), checked before anything is printed.
+
+    A port out of range or one that is busy is an :class:`InvalidArgument` with a one-line message.
+    """
+    if not 0 <= port <= 65535:
+        raise InvalidArgument(f"port {port} is out of range: use 1-65535 (0 picks a free one)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the proto says TCP;
+    # without it, Nagle + delayed ACKs hold small responses for ~40 ms
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = "; pick another --port (0 picks a free one)" if e.errno == errno.EADDRINUSE else ""
+        raise InvalidArgument(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    return sock
 
 
 def serve(registry: str | os.PathLike[str] | None = None, host: str = "127.0.0.1", port: int = 8080,
-          token: str | None = None, log_level: str = "warning", access_log: bool = False) -> None:
-    """Run the server with uvicorn until interrupted."""
+          token: str | None = None, log_level: str = "warning", access_log: bool = False,
+          sock: socket.socket | None = None, limits: Limits | None = None) -> None:
+    """Run the server with uvicorn until interrupted (on ``sock`` if given, else on a new :func:`bind`).
+
+    ``limits`` (default: :meth:`Limits.from_env`) sets the header, keep-alive and send timeouts and the
+    connection cap; the soft descriptor limit is raised towards what the cap needs (up to the hard one)
+    and the cap lowered to what the descriptors allow.
+    """
     import uvicorn
 
+    limits = limits if limits is not None else Limits.from_env()
     app = create_app(registry, token)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                server_header=False, proxy_headers=False)
+    sock = sock if sock is not None else bind(host, port)
+    cap = limits.cap(raise_descriptor_limit(limits))
+    # ws="none": a read-only HTTP server speaks no websocket, whatever websocket library is installed.
+    # http=: uvicorn's h11 protocol with the header/send timeouts and the cap (patchctl.server.guard);
+    # uvicorn's own limit_concurrency stays off: it counts idle sockets and answers 503 to real requests.
+    # h11 refuses a request line + headers over 16 KiB (its default) with 400.
+    config = uvicorn.Config(app, host=host, port=sock.getsockname()[1], log_level=log_level, access_log=access_log,
+                            server_header=False, proxy_headers=False, ws="none", http=protocol(limits, cap),
+                            timeout_keep_alive=max(1, round(limits.keep_alive)), backlog=BACKLOG,
+                            h11_max_incomplete_event_size=16 * 1024)
+    Server(config).run(sockets=[sock])
 
 
-def read_token_file(path: str | os.PathLike[str]) -> str:
-    """The token in ``path`` (surrounding whitespace stripped); refuses an empty one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise NotFound(f"cannot read token file {os.fspath(path)!r}: {e.strerror}") from None
-    if not token or any(c.isspace() for c in token):
-        raise InvalidArgument(f"token file {os.fspath(path)!r} must hold one token with no spaces")
-    return token
-
-
-__all__ = ["MANIFEST_MEDIA_TYPE", "STATUS", "create_app", "read_token_file", "serve"]
+__all__ = ["MANIFEST_MEDIA_TYPE", "STATUS", "Limits", "bind", "create_app", "read_token_file", "serve"]

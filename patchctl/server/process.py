@@ -2,7 +2,9 @@
 
 :func:`serving` starts ``python -m patchctl serve`` on a free loopback port,
 waits until ``/api/health`` answers, yields ``(url, process)`` and stops the
-server when the block ends (terminate, then kill after 10 s).
+server when the block ends (terminate, then kill after 10 s). Tests of the
+server's limits lower its descriptor limit (``nofile``), set its environment
+(``env``: ``PATCHCTL_SERVE_*``) and read its log afterwards (``log``).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import resource
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -42,10 +46,16 @@ def serving(
     *extra: str,
     timeout: float = 60,
     cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    nofile: int | None = None,
+    log: str | os.PathLike[str] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Serve ``registry`` (None: the default one) until the block ends; ``(base URL, process)``.
 
-    ``extra`` are more ``serve`` options (``--token-file F``, ...). Raises
+    ``extra`` are more ``serve`` options (``--token-file F``, ...); ``env`` is
+    added to this process's environment; ``nofile`` sets the child's descriptor
+    limit (soft and hard); ``log`` is a file that receives the server's stderr
+    (else a pipe, read only when it fails to start). Raises
     :class:`RuntimeError` with the server's stderr when it exits or does not
     answer within ``timeout`` seconds.
     """
@@ -53,14 +63,18 @@ def serving(
     argv = [sys.executable, "-m", "patchctl", "serve", "--port", str(port), *map(str, extra)]
     if registry is not None:
         argv += ["--registry", str(registry)]
-    p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+    err_file = open(log, "wb") if log is not None else None  # noqa: SIM115 - closed in finally
+    p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err_file or subprocess.PIPE,
+                         env={**os.environ, **env} if env else None, preexec_fn=limit)
     try:
         deadline = time.monotonic() + timeout
         while not _healthy(port):
             if p.poll() is not None or time.monotonic() > deadline:
                 if p.poll() is None:
                     p.kill()
-                err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+                raw = p.stderr.read() if p.stderr else Path(log).read_bytes() if log is not None else b""
+                err = raw.decode(errors="replace")
                 raise RuntimeError(f"patchctl serve did not start: {err.strip()[-2000:]}")
             time.sleep(0.05)
         yield f"http://127.0.0.1:{port}", p
@@ -73,3 +87,5 @@ def serving(
             p.wait()
         if p.stderr:
             p.stderr.close()
+        if err_file is not None:
+            err_file.close()
