@@ -4,8 +4,12 @@ Run it with ``bash scripts/demo.sh`` (README command 1). It trains (once; cached
 in ``.demo/cache``) two LoRA adapters and two full fine-tunes of
 all-MiniLM-L6-v2 on two real tasks (WordNet supersenses, fortune topics), then
 drives the ``patchctl`` CLI against the default registry (``$PATCHCTL_HOME``,
-else ``~/.patchctl``): push, ls, show, log, export, apply — and checks that
-what comes back out scores the same as what went in.
+else ``~/.patchctl``): push, ls, show, log, export, apply, merge (validated),
+serve + pull, compress — and checks that what comes back out scores the same
+as what went in. ``--full`` adds the long tour: porting to the base's next
+release and the coefficient searches (``--search``). Every step prints a
+progress line with the time so far; the scratch folder is removed and the
+candidates a search left behind are collected (``patchctl gc``) at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,13 +92,21 @@ def port_demo(work: Path, base: Path, cache: Path, tok: object) -> None:
     print(f"  gain recovered on v2: {gain:.1%}")
 
 
+_T0 = time.perf_counter()
+_STEPS = {"n": 0, "of": 0}
+
+
 def banner(text: str) -> None:
-    print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
+    """A step's heading, with a progress line: step k of n and the time so far."""
+    _STEPS["n"] += 1
+    spent = time.perf_counter() - _T0
+    progress = f"[step {_STEPS['n']}/{_STEPS['of']} · {int(spent // 60)}:{int(spent % 60):02d} so far]"
+    print(f"\n{'=' * 78}\n{text}\n{progress}\n{'=' * 78}", flush=True)
 
 
-def compress_step() -> None:
+def compress_step(number: int) -> None:
     """Compress both full fine-tunes (ComPEFT ternary, d = 0.1, κ = 4) and score them next to the originals."""
-    banner("7. Compress the full fine-tunes: ComPEFT ternary, density 0.1, alpha = 4 x std; validate them")
+    banner(f"{number}. Compress the full fine-tunes: ComPEFT ternary, density 0.1, alpha = 4 x std; validate them")
     rows = []
     for task in ("wordnet", "fortunes"):
         src, ref = f"minilm/{task}-full:v1", f"minilm/{task}-full:v1-d0.1"
@@ -114,7 +127,7 @@ def search_step() -> None:
     """compress --search and merge --search: chosen on validation, test scores beside the defaults."""
     banner("8. Choose the scales on validation data (--search); test scores beside the defaults")
     src = "minilm/wordnet-full:v1"
-    sh("compress", src, "--density", "0.1", "--as", "minilm/wordnet-full:v1-d0.1-k1", "--no-latest",
+    sh("compress", src, "--density", "0.1", "--kappa", "1", "--as", "minilm/wordnet-full:v1-d0.1-k1", "--no-latest",
        "-m", "ComPEFT's default kappa = 1")
     sh("compress", src, "--density", "0.1", "--search", "--as", "minilm/wordnet-full:v1-d0.1-searched", "--no-latest")
     score = {r: json.loads(sh("validate", r, "--json").stdout)[0]["metrics"]["score"]
@@ -143,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m patchctl.demo", description=__doc__)
     ap.add_argument("--cache", type=Path, default=ROOT / ".demo" / "cache", help="where trained models are kept")
     ap.add_argument("--steps", type=int, default=120, help="training steps per fine-tune")
+    ap.add_argument("--full", action="store_true", help="the long tour too: port to the base's next release, "
+                    "and the --search runs (about 10 more minutes on 2 cores)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder (exported and applied models)")
     args = ap.parse_args(argv)
+    _STEPS["of"] = 8 if args.full else 6
 
     base = tasks.base_model_dir()
     names = {"wordnet": "wordnet", "fortunes": "fortunes"}
@@ -196,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         model = tasks.load_model(path)
         accs = [tasks.accuracy(model, tok, tasks.load_task(t), "test") for t in names]
         print(f"{label:38s} {accs[0]:8.3f} {accs[1]:9.3f}", flush=True)
-    print(f"\nexported and applied models are in {work}")
+    if args.keep:
+        print(f"\nexported and applied models are in {work}")
 
     banner("4. Merge the two full fine-tunes; every merge is validated on both tasks")
     merges = [
@@ -232,11 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     banner("5. Serve the registry, pull the merged patch into a second registry, apply it there")
     serve_and_pull(work, base)
 
-    banner("6. Port the WordNet fine-tune to the int8 release of the base (version 2)")
-    port_demo(work, base, args.cache, tok)
-    compress_step()
-    search_step()
-    banner("done")
+    if args.full:
+        banner("6. Port the WordNet fine-tune to the int8 release of the base (version 2)")
+        port_demo(work, base, args.cache, tok)
+    compress_step(6 if not args.full else 7)
+    if args.full:
+        search_step()
+    spent = time.perf_counter() - _T0
+    print(f"\n{'=' * 78}\ndone in {int(spent // 60)}:{int(spent % 60):02d}: the registry keeps what was pushed, "
+          f"merged and compressed\n{'=' * 78}", flush=True)
+    sh("gc")  # the failed merge and any search candidates: unreferenced, collected now
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nregistry: {home}   (patchctl ls --registry {home}; "
+          f"{'' if args.full else 'python -m patchctl.demo --full for ports and --search; '}"
+          f"the base model: {base})")
     return 0
 
 
