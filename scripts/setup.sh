@@ -8,9 +8,10 @@ extras="${1:-test}"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-# Headless Chromium for tests/test_browser.py (Debian packages; no browser download at test time).
+# The tests' real parts from Debian (only for the test extra: the demo needs neither).
+# Headless Chromium for tests/test_browser.py (no browser download at test time).
 # Only as root and only when missing; a failure here leaves those tests skipped, not the setup broken.
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+if [ "$extras" = test ] && { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; }; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
       || echo "setup: could not install chromium chromium-driver; the browser tests will skip" >&2
@@ -20,7 +21,8 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
 fi
 PY=.venv/bin/python
 # the CNCF registry (distribution 2.8) that tests/test_oci.py runs; they skip, naming the package, without it
-if ! command -v docker-registry >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+if [ "$extras" = test ] && ! command -v docker-registry >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && command -v apt-get >/dev/null 2>&1; then
   # the package lists are often fresh already (the block above updated them): update only when that fails
   { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry \
     || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry; }; } >/dev/null 2>&1 \

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from patchctl.demo import tasks
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     "and the --search runs (about 10 more minutes on 2 cores)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (exported and applied models)")
     args = ap.parse_args(argv)
+    # transformers' own deprecation notices are not the demo's to show a newcomer
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     _STEPS["of"] = 8 if args.full else 6
 
     base = tasks.base_model_dir()
