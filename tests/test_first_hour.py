@@ -253,3 +253,42 @@ def test_export_peft_to_safetensors_path_refuses_naming_format_diff(cli, models,
     r = cli("export", "lora:v1", tmp_path / "x.safetensors", "--format", "peft")
     assert r.code != 0 and r.err.count("\n") == 1 and "--format diff" in r.err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_base_block_names_no_local_folder_and_non_finite_values_are_refused(registry, models, tmp_path):
+    import json as _json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from patchctl.errors import InvalidPatch
+    from patchctl.registry.store.names import parse_ref
+
+    # a PEFT adapter whose config names the trainer's absolute base folder (as PEFT writes it)
+    ada = tmp_path / "ada"
+    shutil.copytree(models.lora, ada)
+    cfg = _json.loads((ada / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(models.base.resolve())
+    (ada / "adapter_config.json").write_text(_json.dumps(cfg))
+    d = registry.push(ada, "abs:v1", base=models.base)
+    m = registry.manifest(d)
+    # the manifest's base block names no folder (the adapter's own config, kept for a byte-exact
+    # PEFT export, still holds what PEFT wrote there: a known gap)
+    assert str(models.base.resolve()) not in _json.dumps(m.base) and m.base["name"] == models.base.name
+    # pushed from another folder, the same adapter is the same patch
+    ada2 = tmp_path / "elsewhere" / "ada"
+    shutil.copytree(ada, ada2)
+    assert registry.push(ada2, "abs:v2", base=models.base) == d
+    # NaN and Inf are refused with the tensor named, and no tag moves
+    from patchctl.registry.formats.checkpoint import Checkpoint
+
+    ck = Checkpoint(models.base)
+    name = next(n for n in ck.names() if n.endswith("layer.0.attention.self.query.weight"))
+    for bad in (float("nan"), float("inf")):
+        t = torch.zeros(ck.info(name).shape)
+        t[1, 2] = bad
+        save_file({name: t}, tmp_path / "bad.safetensors")
+        with pytest.raises(InvalidPatch, match=f"tensor '{name}' contains NaN or Inf"):
+            registry.push(tmp_path / "bad.safetensors", "bad:v1", base=models.base)
+        assert registry.store.ref_target(parse_ref("bad:v1")) is None

@@ -43,10 +43,21 @@ def base_doc(base: Checkpoint, base_name: str | None, hint: str | None) -> dict[
         name, _, rev = base_name.partition("@")
         revision = rev or None
     else:
-        name = hint or base.config().get("_name_or_path") or base.path.name
+        name = public_name(hint) or public_name(base.config().get("_name_or_path")) or base.path.name
         m = re.search(r"snapshots/([0-9a-f]{40})(/|$)", base.path.as_posix())
         revision = m.group(1) if m else None
     return {"name": str(name), "revision": revision, "fingerprint": base.fingerprint()}
 
 
-__all__ = ["base_doc", "locate"]
+def public_name(name: str | None) -> str | None:
+    """``name`` when it is a model id (``org/name``), else the last part of a local path: a manifest
+    names no folder of the machine it was made on (the same adapter gives the same digest anywhere)."""
+    if not name:
+        return None
+    text = str(name)
+    local = text.startswith(("/", "~", "./", "../", ".\\")) or ":\\" in text or text.count("/") > 1 \
+        or Path(text).expanduser().is_dir()
+    return Path(text.rstrip("/")).name or None if local else text
+
+
+__all__ = ["base_doc", "locate", "public_name"]

@@ -382,6 +382,9 @@ def push(
             m0 = Manifest("lora", {"fingerprint": zero, "name": ""}, probe, imp.params)
             check_against_base(PatchView(repo.store, m0), base_ckpt)
         for name, t, pins in imp.tensors:
+            if t.is_floating_point() and t.numel() and not bool(t.isfinite().all()):
+                raise InvalidPatch(f"{srcp}: tensor {name!r} contains NaN or Inf; a patch must be finite "
+                                   "(nothing was tagged; `patchctl gc` collects what was written)")
             tensors[name] = repo.put_tensor(t, pins)
         doc = base_doc(base_ckpt, base_name, imp.base_hint)
         repo.remember_base(doc["fingerprint"], base_ckpt.path)
