@@ -162,10 +162,6 @@ class Repository:
             pin_meta = {"digest": self.store.put_blob(pdata), "count": int(pins[0].numel()), "size": len(pdata)}
         return TensorEntry(digest, dtype_name(t.dtype), tuple(t.shape), "raw", len(data), pin_meta)
 
-    def _write_tensor(self, name: str, t: Any, pins: Any = None) -> TensorEntry:
-        """Deprecated spelling of :meth:`put_tensor` (``name`` unused)."""
-        return self.put_tensor(t, pins)
-
     def commit(self, m: Manifest, ref: str | None = None, message: str = "", move_latest: bool = True) -> str:
         """Store a manifest (its blobs must exist) and point ``ref`` (and ``name:latest``) at it."""
         self.index.db  # noqa: B018 - import sqlite-utils now: less time between file and index writes

@@ -137,8 +137,8 @@ def lora_tensors(p: _Plan, reg: Repository, alpha: float | None, beta: float,
         if p.as_lora == "cat":
             a, b = _cat_factors(p, t, scale)
             ka, kb = _lora_keys(module, _is_embedding(p, t))
-            tensors[ka] = reg._write_tensor(ka, a.to(out_dtype).cpu().contiguous())
-            tensors[kb] = reg._write_tensor(kb, b.to(out_dtype).cpu().contiguous())
+            tensors[ka] = reg.put_tensor(a.to(out_dtype).cpu().contiguous())
+            tensors[kb] = reg.put_tensor(b.to(out_dtype).cpu().contiguous())
             ranks[module] = int(a.shape[0])
             del a, b
             _tick(p, t, progress, done, total)
@@ -162,8 +162,8 @@ def lora_tensors(p: _Plan, reg: Repository, alpha: float | None, beta: float,
                 errors[t] = err
                 tail_sq += err * err * sq
                 ka, kb = _lora_keys(module, emb)
-                tensors[ka] = reg._write_tensor(ka, a.to(out_dtype).cpu().contiguous())
-                tensors[kb] = reg._write_tensor(kb, b.to(out_dtype).cpu().contiguous())
+                tensors[ka] = reg.put_tensor(a.to(out_dtype).cpu().contiguous())
+                tensors[kb] = reg.put_tensor(b.to(out_dtype).cpu().contiguous())
                 ranks[module] = int(p.rank or 0)
         del merged
         _tick(p, t, progress, done, total)
