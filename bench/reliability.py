@@ -16,8 +16,18 @@ when every goal is met):
    ``Registry.fsck()`` must be clean, no object corrupt, every ref must point
    at a complete patch (manifest parses, every blob present with its hash),
    every ref that existed before must be unchanged; then the interrupted
-   command is run again and must finish with the digest of the calibration run.
+   command is run again and must finish with the digest of the calibration run,
+   fsck clean and nothing left in ``tmp/``. Each kill is classified from what it
+   left (:func:`classify_kill`): *before any write* (no file changed), *mid-write*
+   (a file under objects/, manifests/, refs/, records/ or tmp/ changed, no target
+   ref moved), *after the ref moved* (a target ref's log grew).
    Goal: 100 kills survived, 0 corrupt objects, 0 lost refs.
+   **1b. paused** (:func:`crash_paused`) — the same commands (push, pull from a
+   folder, merge, compress) SIGKILLed exactly where the store's test hook
+   (``PATCHCTL_TEST_PAUSE_AT``, ``pause_point`` in patchctl/registry/store/folder.py,
+   inert unless set) stopped them: a blob or manifest half-written in ``tmp/``;
+   objects stored and the ref about to move; the ref's log line appended and the
+   index not updated. The classification must agree with the point.
 2. **concurrency** — W worker processes × N mixed operations (push, tag, rm,
    gc with and without ``prune_history``, pull from a folder remote, merge) on
    one registry through the Python API. Each worker writes only its own refs
@@ -26,6 +36,10 @@ when every goal is met):
    every expected ref must resolve to that digest and a complete patch,
    every removed ref must be gone, and fsck (objects, refs, index against the
    files) must be clean. Goal: 8 × 50, 0 lost.
+   **2b. same-ref** (:func:`same_ref`) — W processes push different patches to the
+   *same* ``name:tag`` at once (and once with one writer stalled by the test hook
+   between its log append and its index update): every push has its entry in the
+   tag's and ``latest``'s logs, chains intact, the index agrees with the logs.
 3. **corruption** — one bit flipped in random blobs and manifests of a
    registry of synthetic patches: ``fsck`` must report exactly those
    (``corrupt_blobs`` / ``corrupt_manifests``), reading each must raise
@@ -34,6 +48,10 @@ when every goal is met):
    against a ``patchctl serve`` of a clean copy must bring every damaged
    object back (verified; the bad copies moved aside into ``tmp/``) and leave
    fsck clean. Goal: 100 % detected, 100 % repaired.
+   **3b. flips** (:func:`flips`) — one bit flipped in objects, manifests, ref logs,
+   record logs and ``index.sqlite`` (and, targeted, a log's final newline and the
+   index's stored digests): each must be detected by fsck naming the file (or the
+   index), or provably change nothing; 0 undetected, 0 tracebacks.
 4. **fuzz** — the safetensors header parser (``SafetensorsFile`` on files,
    then reading every tensor it accepts), the manifest parser
    (``manifest.parse``), the PEFT config reader (``read_peft_config``) and
@@ -42,6 +60,9 @@ when every goal is met):
    crash is any exception that is not a ``PatchctlError``. Hostile headers
    that claim huge tensors are also run under ``tracemalloc`` (peak must stay
    small). Goal: >= 100,000 inputs, 0 crashes.
+   **4b. push-fuzz** (:func:`push_fuzz`) — mutated diff files, fine-tune folders and
+   PEFT folders through ``Registry.push`` in a worker process: each answered within
+   5 s, a refusal leaving the registry as it was.
 5. **server** — abusive requests to a real ``patchctl serve`` on 127.0.0.1:
    traversal, malformed digests, inverted / huge / many Ranges, oversized and
    malformed requests, and slow clients sending their headers byte by byte;
@@ -260,6 +281,7 @@ class CrashOp:
     target: list[str]  # refs the command moves
     reset: Callable[[Path], None]
     expected: str | None = None  # digest of an uninterrupted run (None: gc)
+    api: Callable[[Any], Any] | None = None  # the same command through the Python API (a fast re-run)
     wall: float = 0.0  # seconds, uninterrupted
     first_write: float = 0.0  # seconds until the registry first changes
     stats: Counter = field(default_factory=Counter)
@@ -291,6 +313,31 @@ def _dir_mtimes(reg: Path) -> tuple:
         for d in os.scandir(reg / "manifests" / "sha256"):
             sig.append(d.stat().st_mtime_ns)
     return tuple(sig)
+
+
+def raw_ref_logs(reg_path: Path, refs: list[str]) -> dict[str, tuple[int, str | None]]:
+    """Per ref: (entries in its log, its target), read straight from the files; opening a
+    Registry would clean what a killed writer left in ``tmp/``, which is evidence here."""
+    from patchctl.registry.store import logfile
+
+    out = {}
+    for r in refs:
+        ref = _ref(r)
+        entries = logfile.read(reg_path / "refs" / ref.name / f"@{ref.tag}")
+        out[r] = (len(entries), entries[-1]["new"] if entries else None)
+    return out
+
+
+KILL_CLASSES = ("before any write", "mid-write", "after the ref moved")
+
+
+def classify_kill(reg_path: Path, files_before: dict[str, int], refs_before: dict[str, tuple[int, str | None]],
+                  targets: list[str]) -> str:
+    """Where a kill landed, from what it left: a target ref's log grew (after the ref moved); else some file
+    under objects/, manifests/, refs/, records/ or tmp/ changed (mid-write); else nothing (before any write)."""
+    if targets and raw_ref_logs(reg_path, targets) != refs_before:
+        return "after the ref moved"
+    return "mid-write" if file_state(reg_path) != files_before else "before any write"
 
 
 def _calibrate(op: CrashOp, reg_path: Path) -> None:
@@ -353,12 +400,146 @@ def crash(work: Path, kills: int, ops: list[str] | None = None, seed: int = 0, m
     ``calibrate=False`` (tests) skips the uninterrupted first run: the first kill aims at
     :data:`WALL_GUESS`, the later ones at the re-runs' time, and the expected digest is the
     first re-run's (so the determinism check against an uninterrupted run is the bench's only)."""
+    rng = random.Random(seed)
+    ops = list(ops or ["push", "pull-folder", "pull-http", "merge", "compress", "gc"])
+    with contextlib.ExitStack() as stack:
+        table, reg_path, server, skipped = _crash_setup(stack, work, ops, seed, mib, rng)
+        per = split_kills(kills, ops)
+        for name in ops:
+            op = table[name]
+            if name == "gc":
+                op.reset(reg_path)  # makes the garbage
+            if calibrate:
+                _calibrate(op, reg_path)
+                op.reset(reg_path)
+            else:
+                op.wall, op.first_write = WALL_GUESS[name], 0.6 * WALL_GUESS[name]
+                if name == "gc":
+                    op.first_write = 0.25 * op.wall
+            est = op.wall
+            if verbose:
+                log(f"  {name}: uninterrupted {op.wall:.2f} s (first write at {op.first_write:.2f} s); "
+                    f"{per[name]} kills")
+            attempts = 0
+            while op.stats["killed"] < per[name] and attempts < 4 * per[name] + 4:
+                attempts += 1
+                keep = refs_of(reg_path)
+                for t in op.target:
+                    keep.pop(t, None)
+                before, logs_before = file_state(reg_path), raw_ref_logs(reg_path, op.target)
+                what, delay = _kill_once(op, reg_path, rng, est)
+                if what == "finished":  # slower calibration than this run: aim earlier next time
+                    op.stats["finished before the kill"] += 1
+                    est = max(0.05, 0.7 * est)
+                    op.reset(reg_path)
+                    continue
+                op.stats["killed"] += 1
+                op.stats[classify_kill(reg_path, before, logs_before, op.target)] += 1
+                t_rerun = time.monotonic()
+                _after_kill(op, reg_path, keep, f"kill at {delay:.2f} s", rerun=lambda op=op: run(op.args, timeout=600))
+                t_rerun = time.monotonic() - t_rerun
+                op.reset(reg_path)
+                if not calibrate and name != "gc":
+                    est = t_rerun  # the re-run did the whole work: the best estimate of the next run
+                elif name != "gc":
+                    est = max(est, 0.5 * op.wall)
+        out = {"ops": {}, "skipped": skipped, "server_alive": server is None or server.poll() is None}
+        for name in ops:
+            op = table[name]
+            out["ops"][name] = {"command": cmd_str(op.args).replace(str(work) + "/", ""), "wall": op.wall,
+                                "first_write": op.first_write, **dict(op.stats), "failures": op.failures[:10]}
+    return _crash_totals(out, kills)
+
+
+def _crash_totals(out: dict[str, Any], kills: int) -> dict[str, Any]:
+    tot = Counter()
+    for v in out["ops"].values():
+        for k in ("killed", *KILL_CLASSES, "corrupt objects", "lost refs", "incomplete refs",
+                  "fsck clean after the kill", "tmp/ empty after the kill", "re-run completes, fsck clean",
+                  "tmp/ empty after the re-run", "re-run failed", "fsck: index only", "fsck: other problems",
+                  "ref at a wrong digest"):
+            tot[k] += v.get(k, 0)
+    out["total"] = dict(tot)
+    # sound: objects and refs intact after every kill (the index, a cache, may lag: counted apart)
+    out["ok"] = (tot["killed"] >= kills and tot["corrupt objects"] == 0 and tot["lost refs"] == 0
+                 and tot["incomplete refs"] == 0 and tot["fsck: other problems"] == 0
+                 and tot["re-run completes, fsck clean"] == tot["killed"] and tot["ref at a wrong digest"] == 0
+                 and tot["tmp/ empty after the re-run"] == tot["killed"])
+    out["fsck_clean_after_every_kill"] = tot["fsck clean after the kill"] == tot["killed"]
+    return out
+
+
+def _after_kill(op: CrashOp, reg_path: Path, keep: dict[str, str], when: str,
+                rerun: Callable[[], subprocess.CompletedProcess[str]]) -> None:
+    """The checks after one kill, counted in ``op.stats``: fsck (objects, refs, logs, index, ``tmp/`` once
+    opened), no lost or incomplete ref, no target ref at a digest other than the uninterrupted run's; then
+    the re-run must finish with that digest, fsck clean and ``tmp/`` empty."""
     from patchctl import Registry
 
-    rng = random.Random(seed)
+    c = check_registry(reg_path, keep)
+    op.stats["corrupt objects"] += c.corrupt
+    op.stats["lost refs"] += len(c.lost)
+    op.stats["incomplete refs"] += len(c.incomplete)
+    # a killed pull keeps its verified part files for the next pull to resume; nothing else may stay
+    left = [p.name for p in (reg_path / "tmp").iterdir() if not p.name.startswith("pull-")]
+    op.stats["tmp/ empty after the kill" if not left else "tmp/ not empty after the kill"] += 1
+    if left:
+        op.failures.append(f"after {when}: left in tmp/: {left[:3]}")
+    with Registry(reg_path, create=False) as reg:
+        partial = {t: reg.store.ref_target(_ref(t)) for t in op.target}
+    if c.fsck_ok:
+        op.stats["fsck clean after the kill"] += 1
+    else:
+        op.stats["fsck: index only" if c.index_only else "fsck: other problems"] += 1
+        op.failures.append(f"after {when}: {c.problems[:3]}")
+    rr = rerun()
+    if rr.returncode != 0:
+        op.stats["re-run failed"] += 1
+        op.failures.append(f"re-run after {when}: {rr.stderr.strip()[:300]}")
+    c2 = check_registry(reg_path, keep)
+    with Registry(reg_path, create=False) as reg:
+        got = {t: reg.store.ref_target(_ref(t)) for t in op.target}
+        if op.expected is None and op.target and rr.returncode == 0:
+            op.expected = got[op.target[0]]  # no calibration run: the first re-run's digest
+        if any(v not in (None, op.expected) for v in partial.values()):
+            op.stats["ref at a wrong digest"] += 1
+            op.failures.append(f"after {when}: {partial} (expected {op.expected})")
+        ok = rr.returncode == 0 and c2.fsck_ok and not c2.lost and not c2.incomplete \
+            and all(v == op.expected for v in got.values())
+        if op.name == "gc":
+            ok = ok and not any(r.name.startswith("junk/") for r in reg.store.iter_refs()
+                                if reg.store.ref_log(r) and reg.store.ref_target(r) is not None) \
+                and sum(1 for _ in reg.store.iter_digests("manifests")) == 5
+        if not c2.fsck_ok:
+            op.failures.append(f"after the re-run: {c2.problems[:3]}")
+            reg.fsck(rebuild_index=True)  # so the next round starts clean
+    left = sorted(p.name for p in (reg_path / "tmp").iterdir())
+    op.stats["tmp/ empty after the re-run"] += not left
+    if left:
+        op.failures.append(f"after the re-run ({when}): left in tmp/: {left[:3]}")
+    op.stats["re-run completes, fsck clean" if ok else "re-run left problems"] += 1
+    op.stats["lost refs"] += len(c2.lost)
+
+
+def _api_rerun(op: CrashOp, reg_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``op.api`` in this process (what a re-run of the command does, without its start-up)."""
+    from patchctl import Registry
+    from patchctl.errors import PatchctlError
+
+    try:
+        with Registry(reg_path, create=False) as reg:
+            op.api(reg)
+    except PatchctlError as e:
+        return subprocess.CompletedProcess(op.args, 1, "", f"{type(e).__name__}: {e}")
+    return subprocess.CompletedProcess(op.args, 0, "", "")
+
+
+def _crash_setup(stack: contextlib.ExitStack, work: Path, ops: list[str], seed: int, mib: float,
+                 rng: random.Random) -> tuple[dict[str, CrashOp], Path, Any, dict[str, str]]:
+    """The registry, origin, inputs and :class:`CrashOp` table the crash sections kill commands in."""
+    from patchctl import Registry
+
     work.mkdir(parents=True, exist_ok=True)
-    all_ops = ["push", "pull-folder", "pull-http", "merge", "compress", "gc"]
-    ops = list(ops or all_ops)
     skipped: dict[str, str] = {}
     if "compress" in ops:
         h = run(cli("compress", "--help"), timeout=120)
@@ -389,111 +570,105 @@ def crash(work: Path, kills: int, ops: list[str] | None = None, seed: int = 0, m
                                        "shared.weight": gaussian(1, 4096).tobytes()})
                 reg.rm(ref)
 
+    url, server = stack.enter_context(serving(origin)) if "pull-http" in ops else ("http://unused", None)
+    table = {
+        "push": CrashOp("push", cli("push", ft, "p/ft:v1", "--base", base, "--registry", reg_path),
+                        ["p/ft:v1", "p/ft:latest"], _drop_refs(["p/ft:v1", "p/ft:latest"]),
+                        api=lambda reg: reg.push(ft, "p/ft:v1", base=base)),
+        "pull-folder": CrashOp("pull-folder", cli("pull", "src/big:v1", "--from", origin, "--registry", reg_path),
+                               ["src/big:v1"], _drop_refs(["src/big:v1"]),
+                               api=lambda reg: reg.pull("src/big:v1", str(origin))),
+        "pull-http": CrashOp("pull-http", cli("pull", "src/big:v1", "--from", url, "--registry", reg_path),
+                             ["src/big:v1"], _drop_refs(["src/big:v1"]),
+                             api=lambda reg: reg.pull("src/big:v1", url)),
+        "merge": CrashOp("merge", cli("merge", "m/a:v1", "m/b:v1", "--as", "m/merged:v1", "--no-validate",
+                                      "--registry", reg_path),
+                         ["m/merged:v1", "m/merged:latest"], _drop_refs(["m/merged:v1", "m/merged:latest"]),
+                         api=lambda reg: reg.merge(["m/a:v1", "m/b:v1"], "m/merged:v1", validate=False)),
+        "compress": CrashOp("compress", cli("compress", "m/a:v1", "--density", "0.1", "--as", "m/comp:v1",
+                                            "--registry", reg_path),
+                            ["m/comp:v1", "m/comp:latest"], _drop_refs(["m/comp:v1", "m/comp:latest"]),
+                            api=lambda reg: reg.compress("m/a:v1", "m/comp:v1", density=0.1)),
+        "gc": CrashOp("gc", cli("gc", "--prune-history", "--registry", reg_path), [], make_garbage,
+                      api=lambda reg: reg.gc(prune_history=True)),
+    }
+    return table, reg_path, server, skipped
+
+
+def crash_paused(work: Path, kills: int, ops: list[str] | None = None, seed: int = 0, mib: float = 1.0,
+                 points: tuple[str, ...] = ("write", "write", "ref", "moved"), verbose: bool = True,
+                 cli_rerun: bool = False) -> dict[str, Any]:
+    """SIGKILL each command ``kills`` times exactly where the store's test hook paused it.
+
+    ``PATCHCTL_TEST_PAUSE_AT=<point>:<n>`` (``pause_point`` in patchctl/registry/store/folder.py) makes
+    the command stop the n-th time it reaches ``point`` — ``write`` (a blob or manifest half-written in
+    ``tmp/``), ``ref`` (objects stored, a ref about to move), ``moved`` (a ref's log line appended, the index
+    not updated) — and tell us its pid; n is drawn at random below the number of times the point is reached.
+    Each kill is then classified from what it left (:func:`classify_kill`, the same as for the random kills),
+    which must agree with the point. After each: :func:`_after_kill`'s checks; the re-run goes through the
+    Python API (``cli_rerun``: the CLI). Kills per command, per class, and the checks' counts."""
+    rng = random.Random(seed)
+    ops = list(ops or ["push", "pull-folder", "merge", "compress"])
+    expect = {"write": "mid-write", "ref": "mid-write", "moved": "after the ref moved"}
+    pause_file = work / "paused.pid"
     with contextlib.ExitStack() as stack:
-        url, server = stack.enter_context(serving(origin)) if "pull-http" in ops else ("http://unused", None)
-        table = {
-            "push": CrashOp("push", cli("push", ft, "p/ft:v1", "--base", base, "--registry", reg_path),
-                            ["p/ft:v1", "p/ft:latest"], _drop_refs(["p/ft:v1", "p/ft:latest"])),
-            "pull-folder": CrashOp("pull-folder", cli("pull", "src/big:v1", "--from", origin, "--registry", reg_path),
-                                   ["src/big:v1"], _drop_refs(["src/big:v1"])),
-            "pull-http": CrashOp("pull-http", cli("pull", "src/big:v1", "--from", url, "--registry", reg_path),
-                                 ["src/big:v1"], _drop_refs(["src/big:v1"])),
-            "merge": CrashOp("merge", cli("merge", "m/a:v1", "m/b:v1", "--as", "m/merged:v1", "--no-validate",
-                                          "--registry", reg_path),
-                             ["m/merged:v1", "m/merged:latest"], _drop_refs(["m/merged:v1", "m/merged:latest"])),
-            "compress": CrashOp("compress", cli("compress", "m/a:v1", "--density", "0.1", "--as", "m/comp:v1",
-                                                "--registry", reg_path),
-                                ["m/comp:v1", "m/comp:latest"], _drop_refs(["m/comp:v1", "m/comp:latest"])),
-            "gc": CrashOp("gc", cli("gc", "--prune-history", "--registry", reg_path), [], make_garbage),
-        }
-        per = split_kills(kills, ops)
+        table, reg_path, server, skipped = _crash_setup(stack, work, ops, seed, mib, rng)
         for name in ops:
             op = table[name]
-            if name == "gc":
-                make_garbage(reg_path)
-            if calibrate:
-                _calibrate(op, reg_path)
-                op.reset(reg_path)
-            else:
-                op.wall, op.first_write = WALL_GUESS[name], 0.6 * WALL_GUESS[name]
-                if name == "gc":
-                    op.first_write = 0.25 * op.wall
-            est = op.wall
-            if verbose:
-                log(f"  {name}: uninterrupted {op.wall:.2f} s (first write at {op.first_write:.2f} s); "
-                    f"{per[name]} kills")
+            t0 = time.monotonic()
+            _api_rerun(op, reg_path)  # the uninterrupted run: its digest is what every re-run must give
+            op.wall = time.monotonic() - t0
+            op.expected = refs_of(reg_path).get(op.target[0])
+            op.reset(reg_path)
+            # n is drawn in 1..high; "ref" only at the first move (after it, a target ref has moved)
+            high = {"write": 12, "ref": 1, "moved": 1}  # a command's refs move together: "moved" once
             attempts = 0
-            while op.stats["killed"] < per[name] and attempts < 4 * per[name] + 4:
+            while op.stats["killed"] < kills and attempts < 3 * kills + 6:
+                point = points[op.stats["killed"] % len(points)]  # a pause not reached does not skip a point
                 attempts += 1
+                n = rng.randint(1, high[point])
                 keep = refs_of(reg_path)
                 for t in op.target:
                     keep.pop(t, None)
-                before = file_state(reg_path)
-                what, delay = _kill_once(op, reg_path, rng, est)
-                if what == "finished":  # slower calibration than this run: aim earlier next time
-                    op.stats["finished before the kill"] += 1
-                    est = max(0.05, 0.7 * est)
+                before, logs_before = file_state(reg_path), raw_ref_logs(reg_path, op.target)
+                pause_file.unlink(missing_ok=True)
+                env = {**os.environ, "PATCHCTL_TEST_PAUSE_AT": f"{point}:{n}", "PATCHCTL_TEST_PAUSE_FILE": str(pause_file)}
+                p = subprocess.Popen(op.args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                deadline = time.monotonic() + 120
+                while p.poll() is None and not pause_file.exists() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                if not pause_file.exists():  # the point was reached fewer than n times: draw lower next time
+                    p.kill()
+                    _, err = p.communicate()
+                    op.stats["finished before the pause"] += 1
+                    if p.returncode not in (0, -signal.SIGKILL):
+                        op.failures.append(f"{point}:{n}: exit {p.returncode}: {err.decode()[-300:]}")
+                    high[point] = max(1, n - 1)
                     op.reset(reg_path)
                     continue
+                tmp_blobs = [q.name for q in (reg_path / "tmp").glob("blob-*")]
+                p.kill()
+                p.communicate()
                 op.stats["killed"] += 1
-                op.stats["mid-write" if file_state(reg_path) != before else "before any write"] += 1
-                c = check_registry(reg_path, keep)
-                op.stats["corrupt objects"] += c.corrupt
-                op.stats["lost refs"] += len(c.lost)
-                op.stats["incomplete refs"] += len(c.incomplete)
-                with Registry(reg_path, create=False) as reg:
-                    partial = {t: reg.store.ref_target(_ref(t)) for t in op.target}
-                if c.fsck_ok:
-                    op.stats["fsck clean after the kill"] += 1
-                else:
-                    op.stats["fsck: index only" if c.index_only else "fsck: other problems"] += 1
-                    op.failures.append(f"after kill at {delay:.2f} s: {c.problems[:3]}")
-                t_rerun = time.monotonic()
-                rerun = run(op.args, timeout=600)
-                t_rerun = time.monotonic() - t_rerun
-                if rerun.returncode != 0:
-                    op.stats["re-run failed"] += 1
-                    op.failures.append(f"re-run after kill at {delay:.2f} s: {rerun.stderr.strip()[:300]}")
-                c2 = check_registry(reg_path, keep)
-                with Registry(reg_path, create=False) as reg:
-                    got = {t: reg.store.ref_target(_ref(t)) for t in op.target}
-                    if op.expected is None and op.target and rerun.returncode == 0:
-                        op.expected = got[op.target[0]]  # no calibration run: the first re-run's digest
-                    if any(v not in (None, op.expected) for v in partial.values()):
-                        op.stats["ref at a wrong digest"] += 1
-                    ok = rerun.returncode == 0 and c2.fsck_ok and not c2.lost and not c2.incomplete \
-                        and all(v == op.expected for v in got.values())
-                    if name == "gc":
-                        ok = ok and not any(r.name.startswith("junk/") for r in reg.store.iter_refs()
-                                            if reg.store.ref_log(r) and reg.store.ref_target(r) is not None) \
-                            and sum(1 for _ in reg.store.iter_digests("manifests")) == 5
-                    if not c2.fsck_ok:
-                        op.failures.append(f"after the re-run: {c2.problems[:3]}")
-                        reg.fsck(rebuild_index=True)  # so the next round starts clean
-                op.stats["re-run completes, fsck clean" if ok else "re-run left problems"] += 1
-                op.stats["lost refs"] += len(c2.lost)
+                got = classify_kill(reg_path, before, logs_before, op.target)
+                op.stats[got] += 1
+                op.stats[f"at {point}"] += 1
+                if got != expect[point] or (point == "write" and not tmp_blobs):
+                    op.stats["class disagrees with the point"] += 1
+                    op.failures.append(f"{point}:{n} classified {got!r}; tmp/ blobs at the kill: {tmp_blobs}")
+                op.stats["a half-written blob in tmp/ at the kill"] += bool(tmp_blobs)
+                rerun = (lambda op=op: run(op.args)) if cli_rerun else (lambda op=op: _api_rerun(op, reg_path))
+                _after_kill(op, reg_path, keep, f"kill at {point}:{n}", rerun)
                 op.reset(reg_path)
-                if not calibrate and name != "gc":
-                    est = t_rerun  # the re-run did the whole work: the best estimate of the next run
-                elif name != "gc":
-                    est = max(est, 0.5 * op.wall)
+            if verbose:
+                log(f"  {name}: {dict(op.stats)}")
         out = {"ops": {}, "skipped": skipped, "server_alive": server is None or server.poll() is None}
         for name in ops:
             op = table[name]
             out["ops"][name] = {"command": cmd_str(op.args).replace(str(work) + "/", ""), "wall": op.wall,
-                                "first_write": op.first_write, **dict(op.stats), "failures": op.failures[:10]}
-    tot = Counter()
-    for v in out["ops"].values():
-        for k in ("killed", "mid-write", "corrupt objects", "lost refs", "incomplete refs",
-                  "fsck clean after the kill", "re-run completes, fsck clean", "re-run failed",
-                  "fsck: index only", "fsck: other problems", "ref at a wrong digest"):
-            tot[k] += v.get(k, 0)
-    out["total"] = dict(tot)
-    # sound: objects and refs intact after every kill (the index, a cache, may lag: counted apart)
-    out["ok"] = (tot["killed"] >= kills and tot["corrupt objects"] == 0 and tot["lost refs"] == 0
-                 and tot["incomplete refs"] == 0 and tot["fsck: other problems"] == 0
-                 and tot["re-run completes, fsck clean"] == tot["killed"] and tot["ref at a wrong digest"] == 0)
-    out["fsck_clean_after_every_kill"] = tot["fsck clean after the kill"] == tot["killed"]
+                                **dict(op.stats), "failures": op.failures[:10]}
+    out = _crash_totals(out, kills * len(ops))
+    out["ok"] = out["ok"] and not any(v.get("class disagrees with the point") for v in out["ops"].values())
     return out
 
 
@@ -578,6 +753,130 @@ def concurrency(work: Path, workers: int, ops: int, seed: int = 0, n_origin: int
     out["ok"] = (out["completed"] == workers * ops and not lost and not wrong_gone and not incomplete
                  and fs["ok"] and not errs)
     return out
+
+
+SAME_REF = "shared/model:prod"
+
+
+def same_ref(work: Path, workers: int = 4, pushes: int = 5, seed: int = 0, numel: int = 2048,
+             timeout: float = 600, stall: bool = False) -> dict[str, Any]:
+    """``workers`` processes push ``pushes`` different patches each to the **same** ``name:tag`` at once.
+
+    ``stall``: worker 0 is held by the store's test hook (``PATCHCTL_TEST_PAUSE_AT=moved:1``) right after
+    its first ref append, with the locks released and its index update still to come, until every other
+    worker has finished: the interleaving in which a slow writer records its move in the index last.
+
+    Afterwards, read straight from the ref logs: every successful push has its own entry in the tag's log
+    and in ``name:latest``'s (no lost update), each log's chain checks, its seqs run 1..n and each entry's
+    ``old`` is the entry before's ``new``; ``latest`` ends where the tag ends; the index (what ``ls``
+    answers) agrees with each log's last entry before any fsck; then fsck is clean and ``tmp/`` empty."""
+    from patchctl import Registry
+    from patchctl.errors import LogDamaged
+
+    work.mkdir(parents=True, exist_ok=True)
+    reg_path = work / "reg"
+    base = write_model(work / "base", {f"layers.{i}.weight": gaussian(seed + i, numel, 0.02) for i in range(2)})
+    Registry(reg_path).close()
+    go, go_others, paused = work / "go", work / "go-others", work / "paused.pid"
+    procs = []
+    for w in range(workers):
+        n = 1 if stall and w == 0 else pushes  # the stalled writer's one move is then the index's last word
+        cfg = {"registry": str(reg_path), "base": str(base), "work": str(work), "wid": w, "pushes": n,
+               "seed": seed, "go": str(go if w == 0 or not stall else go_others), "ref": SAME_REF,
+               "log": str(work / f"same-{w}.json")}
+        env = dict(os.environ)
+        if stall and w == 0:
+            env.update(PATCHCTL_TEST_PAUSE_AT="moved:1", PATCHCTL_TEST_PAUSE_FILE=str(paused))
+        procs.append(subprocess.Popen([PY, str(Path(__file__).resolve()), "--same-ref-worker", json.dumps(cfg)],
+                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and sum((work / f"ready-{w}").exists() for w in range(workers)) < workers \
+            and all(p.poll() is None for p in procs):
+        time.sleep(0.02)
+    go.touch()  # all at once: every worker has imported patchctl and written its inputs
+    out_stall = None
+    if stall:  # worker 0 first, until it stops at the hook; then the others
+        while time.monotonic() < deadline and not paused.exists() and procs[0].poll() is None:
+            time.sleep(0.005)
+        out_stall = paused.exists()
+        go_others.touch()
+        for p in procs[1:]:  # the others finish while worker 0 waits between its log append and its index update
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        paused.unlink(missing_ok=True)
+    errs = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        if p.returncode != 0:
+            errs.append(err.decode()[-1500:])
+    pushed: list[str] = []
+    failed: list[str] = []
+    for w in range(workers):
+        f = work / f"same-{w}.json"
+        if f.is_file():
+            doc = json.loads(f.read_text())
+            pushed += doc["digests"]
+            failed += doc["errors"]
+    name, tag = SAME_REF.split(":")
+    out: dict[str, Any] = {"workers": workers, "pushes_each": pushes, "succeeded": len(pushed), "failed": failed[:5],
+                           "worker_errors": errs, "refs": {}, "stalled": out_stall}
+    with Registry(reg_path, create=False) as reg:
+        index_refs = reg.index.all_refs()  # before fsck (which would rebuild a wrong index)
+        for r in (SAME_REF, f"{name}:latest"):
+            ref = _ref(r)
+            row: dict[str, Any] = {}
+            try:
+                log_ = reg.store.ref_log(ref)
+                row["chain_intact"] = True
+            except LogDamaged as e:
+                log_, row["chain_intact"] = [], False
+                row["damage"] = str(e)
+            news = [e.new for e in log_]
+            row["entries"] = len(log_)
+            row["lost_updates"] = sorted(set(pushed) - set(news))
+            row["seq_1_to_n"] = [e.seq for e in log_] == list(range(1, len(log_) + 1))
+            row["old_is_previous_new"] = all(log_[i].old == (log_[i - 1].new if i else None) for i in range(len(log_)))
+            row["index_agrees"] = index_refs.get((ref.name, ref.tag)) == (log_[-1].new if log_ else None)
+            row["target"] = log_[-1].new if log_ else None
+            out["refs"][r] = row
+        out["latest_equals_tag"] = out["refs"][SAME_REF]["target"] == out["refs"][f"{name}:latest"]["target"]
+        fs = reg.fsck()
+        out["fsck_ok"], out["fsck_problems"] = fs["ok"], fs["problems"][:5]
+    out["tmp_left"] = sorted(p.name for p in (reg_path / "tmp").iterdir())
+    expected = (workers - 1) * pushes + 1 if stall else workers * pushes
+    out["ok"] = (not errs and not failed and len(pushed) == expected and out["fsck_ok"] and stall == bool(out_stall)
+                 and out["latest_equals_tag"]
+                 and not out["tmp_left"] and all(
+                     r["chain_intact"] and not r["lost_updates"] and r["entries"] == len(pushed) and r["seq_1_to_n"]
+                     and r["old_is_previous_new"] and r["index_agrees"] for r in out["refs"].values()))
+    return out
+
+
+def same_ref_worker(cfg: dict[str, Any]) -> None:
+    """One same-ref writer: its diff files first, then, once ``go`` exists, its pushes (digests logged)."""
+    from patchctl import Registry
+    from patchctl.errors import PatchctlError
+
+    wid, work = cfg["wid"], Path(cfg["work"])
+    srcs = [write_diff_file(work / f"same-w{wid}-{j}.safetensors", Path(cfg["base"]),
+                            seed=cfg["seed"] * 10**6 + wid * 1000 + j) for j in range(cfg["pushes"])]
+    with Registry(cfg["registry"], create=False):
+        pass  # the first open of a registry (index schema) before the race
+    (work / f"ready-{wid}").touch()
+    while not Path(cfg["go"]).exists():
+        time.sleep(0.002)
+    digests, errors = [], []
+    for src in srcs:
+        try:
+            with Registry(cfg["registry"], create=False) as reg:
+                digests.append(reg.push(src, cfg["ref"], base=cfg["base"]))
+        except PatchctlError as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    Path(cfg["log"]).write_text(json.dumps({"digests": digests, "errors": errors}))
 
 
 def worker_main(cfg: dict[str, Any]) -> None:
@@ -753,6 +1052,218 @@ def corruption(work: Path, n_blobs: int, n_manifests: int, seed: int = 0, http: 
         out["ok"] &= (out["repair"]["repaired"] == n and p.returncode == 0 and res.get("ok") is True
                       and len(aside) == n)
     return out
+
+
+FLIP_CLASSES = ("objects", "manifests", "refs", "records", "index")
+
+
+def _flip_registry(path: Path, seed: int) -> dict[str, Any]:
+    """A registry with every kind of file: patches, refs moved several times, validation records of patches
+    and of a base; what its refs resolve to and what ``ls`` says (the truth a flipped bit must not change)."""
+    from patchctl import Registry
+    from patchctl.registry.store import records
+
+    with Registry(path) as reg:
+        for k in range(4):
+            d1 = synth_patch(reg, f"f/p{k}:v1", {f"t{j}.weight": gaussian(seed * 1000 + 10 * k + j, 64 + 32 * j).tobytes()
+                                                 for j in range(3)}, move_latest=True)
+            synth_patch(reg, f"f/p{k}:v2", {"t0.weight": gaussian(seed * 1000 + 10 * k + 7, 96).tobytes()},
+                        move_latest=True)
+            reg.tag(f"f/p{k}:v1", f"f/p{k}:stable")
+            records.add_validation(reg.store, d1, {"suite": "s", "score": 0.5 + k / 10, "n": 20})
+            records.add_validation(reg.store, d1, {"suite": "s", "score": 0.6 + k / 10, "n": 20})
+        records.add_validation(reg.store, "base:" + FAKE_FP, {"suite": "s", "score": 0.25, "n": 20})
+        truth = {str(r): reg.store.ref_target(r) for r in reg.store.iter_refs()}
+        return {"refs": truth, "ls": _ls_key(reg)}
+
+
+def _ls_key(reg: Any) -> list[tuple[Any, ...]]:
+    return sorted((r["name"], r["tag"], r["digest"], r.get("kind"), r.get("tensors")) for r in reg.ls())
+
+
+def _flip_targets(path: Path, cls: str) -> list[Path]:
+    if cls == "index":
+        return [path / "index.sqlite"]
+    sub = {"objects": "objects", "manifests": "manifests", "refs": "refs", "records": "records"}[cls]
+    return sorted(q for q in (path / sub).rglob("*") if q.is_file() and q.stat().st_size)
+
+
+def _index_used_offsets(data: bytes, values: list[str]) -> list[int]:
+    """Offsets of bytes of the index that hold a value the files also hold (a digest, a name, a tag)."""
+    out = []
+    for v in values:
+        b = v.encode()
+        i = data.find(b)
+        while i >= 0:
+            out.extend(range(i, i + len(b)))
+            i = data.find(b, i + 1)
+    return out
+
+
+def flip_one(pristine: Path, case: Path, cls: str, rng: random.Random, truth: dict[str, Any],
+             where: str = "uniform") -> dict[str, Any]:
+    """Copy ``pristine`` to ``case``, flip one bit of one file of class ``cls``, and see who notices.
+
+    ``where``: ``uniform`` (any byte of the file), ``last-newline`` (a log's final newline: the torn-line
+    case), ``row`` (index only: a byte of a stored digest, name or tag). Outcome: ``detected`` (fsck
+    reports it, naming the file or the index), ``read refused`` (counted alongside: a read of what the
+    byte belongs to raises, naming it), ``no effect`` (the bytes changed carry nothing: every answer and
+    the index's contents as before), ``undetected`` (an answer changed and nothing said so), ``crash``
+    (not a PatchctlError)."""
+    import shutil
+    import sqlite3
+
+    from patchctl import Registry
+    from patchctl.errors import DigestMismatch, LogDamaged, PatchctlError
+    from patchctl.registry.store import records
+
+    shutil.rmtree(case, ignore_errors=True)
+    shutil.copytree(pristine, case)
+    target = rng.choice(_flip_targets(case, cls))
+    data = bytearray(target.read_bytes())
+    if where == "last-newline":
+        pos = len(data) - 1
+    elif where == "row":
+        vals = [d[7:] for d in truth["refs"].values() if d] + [r.split(":")[0] for r in truth["refs"]]
+        pos = rng.choice(_index_used_offsets(bytes(data), vals))
+    else:
+        pos = rng.randrange(len(data))
+    bit = rng.randrange(8)
+    data[pos] ^= 1 << bit
+    os.chmod(target, 0o644)
+    target.write_bytes(bytes(data))
+    rel = target.relative_to(case).as_posix()
+    out: dict[str, Any] = {"class": cls, "file": rel, "offset": pos, "bit": bit, "where": where}
+    logical_before = None
+    if cls == "index":
+        with contextlib.suppress(sqlite3.DatabaseError):
+            logical_before = _index_dump(pristine / "index.sqlite")
+    try:
+        with Registry(case, create=False) as reg:
+            set_aside = any(q.name.startswith("index.sqlite.damaged-") for q in (case / "tmp").iterdir())
+            # what a reader sees before any fsck
+            read_refused = False
+            answers_right = True
+            if cls in ("objects", "manifests"):
+                d = "sha256:" + target.parent.name + target.name
+                try:
+                    reg.store.read_blob(d) if cls == "objects" else reg.manifest(d)
+                except DigestMismatch as e:
+                    read_refused = d in str(e)
+            elif cls == "refs":
+                name = target.parent.relative_to(case / "refs").as_posix()
+                ref = f"{name}:{target.name[1:]}"
+                try:
+                    answers_right = reg.resolve(ref) == truth["refs"][ref]
+                except LogDamaged as e:
+                    read_refused = e.path == rel
+            elif cls == "records":
+                stem = target.stem
+                subject = "base:sha256:" + stem[5:] if stem.startswith("base-") else "sha256:" + stem
+                try:
+                    records.read(reg.store, subject)
+                except LogDamaged as e:
+                    read_refused = e.path == rel
+            else:
+                try:
+                    answers_right = _ls_key(reg) == truth["ls"]
+                except PatchctlError as e:  # `ls` refused in one line: the damaged index is named
+                    out["ls_error"] = f"{type(e).__name__}: {e}"
+                    read_refused = "index.sqlite" in str(e)
+            res = reg.fsck()
+            named = {
+                "objects": lambda: "sha256:" + target.parent.name + target.name in res["corrupt_blobs"],
+                "manifests": lambda: "sha256:" + target.parent.name + target.name in res["corrupt_manifests"],
+                "refs": lambda: rel in res["damaged_logs"],
+                "records": lambda: rel in res["damaged_logs"],
+                "index": lambda: set_aside or any(p.startswith("index:") for p in res["problems"]),
+            }[cls]()
+            detected = (not res["ok"] and named) or (cls == "index" and set_aside)
+            after = reg.fsck() if cls == "index" else None  # the index is rebuilt by the first fsck
+            if cls == "index":
+                out["clean_after_rebuild"] = bool(after and after["ok"]) and _ls_key(reg) == truth["ls"]
+            logical_after = None
+            if cls == "index" and not detected:
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    logical_after = _index_dump(case / "index.sqlite")
+        out["read_refused"] = read_refused
+        out["answers_right_before_fsck"] = answers_right
+        if detected:
+            out["outcome"] = "detected"
+        elif cls == "index" and answers_right and logical_before is not None and logical_after == logical_before:
+            out["outcome"] = "no effect"
+        elif cls != "index" and answers_right and _same_entries(pristine, case, rel, cls):
+            out["outcome"] = "no effect"
+        else:
+            out["outcome"] = "undetected"
+    except PatchctlError as e:  # a one-line refusal naming the damage counts as detection
+        out["outcome"] = "detected" if rel.split("/")[0] in str(e) or "index" in str(e) else "undetected"
+        out["error"] = f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - a crash: reported
+        out["outcome"] = "crash"
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _index_dump(path: Path) -> list[str]:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return sorted(con.iterdump())
+    finally:
+        con.close()
+
+
+def _same_entries(pristine: Path, case: Path, rel: str, cls: str) -> bool:
+    """The flipped log still reads as the same entries (e.g. a bit of the word ``chain`` of its last line)."""
+    from patchctl.errors import LogDamaged
+    from patchctl.registry.store import logfile
+
+    if cls not in ("refs", "records"):
+        return False
+    try:
+        a, b = logfile.read(pristine / rel), logfile.read(case / rel)
+    except LogDamaged:
+        return False
+    strip = lambda es: [{k: v for k, v in e.items() if k in ("seq", "old", "new", "message", "user", "time",  # noqa: E731
+                                                            "type", "record", "suite", "role")} for e in es]
+    return strip(a) == strip(b)
+
+
+def flips(work: Path, per_class: int, seed: int = 0, targeted: int = 0) -> dict[str, Any]:
+    """One bit flipped in ``per_class`` random files of each class (objects, manifests, ref logs, record logs,
+    the SQLite index), each in a fresh copy of one registry; per class: outcomes (see :func:`flip_one`) and
+    the detection rate. ``targeted``: as many more flips of a log's final newline (refs, records) and of the
+    index's stored digests and names (``row``)."""
+    rng = random.Random(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    pristine = work / "pristine"
+    truth = _flip_registry(pristine, seed)
+    results: list[dict[str, Any]] = []
+    plan = [(c, "uniform") for c in FLIP_CLASSES for _ in range(per_class)]
+    plan += [(c, "last-newline") for c in ("refs", "records") for _ in range(targeted)]
+    plan += [("index", "row") for _ in range(targeted)]
+    for i, (cls, where) in enumerate(plan):
+        results.append(flip_one(pristine, work / f"case-{i % 2}", cls, rng, truth, where))
+    table: dict[str, dict[str, Any]] = {}
+    for r in results:
+        key = r["class"] if r["where"] == "uniform" else f"{r['class']} ({r['where']})"
+        row = table.setdefault(key, {"flips": 0, "detected": 0, "read refused": 0, "no effect": 0,
+                                     "undetected": 0, "crash": 0, "wrong answers before fsck": 0, "examples": []})
+        row["flips"] += 1
+        row[r["outcome"]] += 1
+        row["read refused"] += bool(r.get("read_refused"))
+        row["wrong answers before fsck"] += not r.get("answers_right_before_fsck", True)
+        if "clean_after_rebuild" in r:
+            row["clean after fsck rebuilt it"] = row.get("clean after fsck rebuilt it", 0) + r["clean_after_rebuild"]
+        if r["outcome"] in ("undetected", "crash") and len(row["examples"]) < 5:
+            row["examples"].append(r)
+    for row in table.values():
+        effective = row["flips"] - row["no effect"]
+        row["detected_pct"] = 100.0 * row["detected"] / max(1, effective)
+    ok = all(row["undetected"] == 0 and row["crash"] == 0 for row in table.values())
+    return {"classes": table, "ok": ok, "flips": len(results)}
 
 
 # ============================================================================ 4. fuzz
@@ -1088,6 +1599,214 @@ def fuzz(work: Path, total: int, seed: int = 0, hypothesis_share: float = 0.2) -
     out["ok"] = out["crashes"] == 0 and not mem["problems"] and mem["peak_traced_bytes"] < 16 * MiB \
         and out["total"] >= total
     return out
+
+
+# ---------------------------------------------------------------------------- fuzzing through `push`
+
+PUSH_KINDS = ("diff file", "fine-tune folder", "adapter weights", "adapter config")
+
+
+def push_seed_inputs(work: Path) -> dict[str, Any]:
+    """A base and a valid input of every kind ``push`` takes, as bytes to mutate: a diff safetensors file, a
+    fine-tuned model folder's ``model.safetensors``, a PEFT folder's ``adapter_model.safetensors`` and its
+    ``adapter_config.json``."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    tensors = {"layers.0.q.weight": gaussian(1, 64, 0.02).reshape(8, 8),
+               "layers.0.v.weight": gaussian(2, 64, 0.02).reshape(8, 8), "layers.0.norm.bias": gaussian(3, 8)}
+    base = write_model(work / "base", tensors)
+    diff = save({k: gaussian(10 + i, v.size, 1e-3).reshape(v.shape) for i, (k, v) in enumerate(tensors.items())})
+    ft = save({k: v + gaussian(20 + i, v.size, 1e-3).reshape(v.shape) for i, (k, v) in enumerate(tensors.items())},
+              metadata={"format": "pt"})
+    lora = {}
+    for i, m in enumerate(("q", "v")):
+        lora[f"base_model.model.layers.0.{m}.lora_A.weight"] = gaussian(30 + i, 16, 0.1).reshape(2, 8)
+        lora[f"base_model.model.layers.0.{m}.lora_B.weight"] = np.ascontiguousarray(
+            gaussian(40 + i, 16, 0.1).reshape(8, 2))
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q", "v"],
+           "base_model_name_or_path": str(base), "task_type": "FEATURE_EXTRACTION"}
+    return {"base": base, "diff file": diff, "fine-tune folder": ft,
+            "adapter weights": save(lora), "adapter config": json.dumps(cfg).encode()}
+
+
+def _push_input(rng: random.Random, kind: str, seeds: dict[str, Any]) -> bytes:
+    seed = seeds[kind]
+    if kind == "adapter config":
+        return json_mutate(rng, seed) if rng.random() < 0.6 else mutate(rng, seed, [seed])
+    return st_structured(rng) if rng.random() < 0.1 else mutate(rng, seed, [seeds[k] for k in PUSH_KINDS[:3]])
+
+
+def _lay_out(folder: Path, kind: str, data: bytes, seeds: dict[str, Any]) -> Path:
+    """The input of kind ``kind`` with ``data`` in place of its mutated file, where ``push`` will read it."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if kind == "diff file":
+        (folder / "diff.safetensors").write_bytes(data)
+        return folder / "diff.safetensors"
+    if kind == "fine-tune folder":
+        (folder / "model.safetensors").write_bytes(data)
+        (folder / "config.json").write_text(json.dumps({"_name_or_path": "fuzzed-finetune"}))
+        return folder
+    (folder / "adapter_model.safetensors").write_bytes(data if kind == "adapter weights" else seeds["adapter weights"])
+    (folder / "adapter_config.json").write_bytes(data if kind == "adapter config" else seeds["adapter config"])
+    return folder
+
+
+def push_fuzz(work: Path, total: int, seed: int = 0, time_bound: float = 5.0) -> dict[str, Any]:
+    """``total`` mutated inputs (see :data:`PUSH_KINDS`) pushed, one at a time, by a worker process
+    (``Registry.push``, the base given); each must be answered — a digest or a PatchctlError — within
+    ``time_bound`` seconds, else it counts as a hang and the worker is killed and restarted. After every
+    refused input the registry's state (manifests, refs, records, the index's rows, ``tmp/``) must be what
+    it was before; new blobs that nothing refers to are counted apart (a tensor refused after others were
+    stored: only ``gc`` deletes). A crash is any other exception (the worker reports its traceback)."""
+    import select
+
+    from patchctl import Registry
+
+    rng = random.Random(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    seeds = push_seed_inputs(work)
+    reg_path = work / "reg"
+    Registry(reg_path).close()
+    stats: dict[str, Counter] = {k: Counter() for k in PUSH_KINDS}
+    problems: list[dict[str, Any]] = []
+    slowest = 0.0
+    worker: subprocess.Popen | None = None
+
+    warm = {"registry": str(reg_path), "warm_registry": str(work / "warm-reg"), "base": str(seeds["base"]),
+            "warm_src": str(_lay_out(work / "warm", "diff file", seeds["diff file"], seeds))}
+
+    def start() -> subprocess.Popen:
+        w = subprocess.Popen([PY, str(Path(__file__).resolve()), "--push-fuzz-worker", json.dumps(warm)], cwd=ROOT,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             bufsize=1)
+        ready = w.stdout.readline()  # the worker's imports are not the inputs' time
+        if ready.strip() != "@@ready":
+            raise RuntimeError(f"push fuzz worker did not start: {ready!r}")
+        return w
+
+    def answer(w: subprocess.Popen, deadline: float) -> dict[str, Any] | None:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([w.stdout], [], [], left)[0]:
+                return None
+            line = w.stdout.readline()
+            if not line:
+                w.communicate()
+                return {"crash": f"the worker died (exit {w.returncode})"}
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+
+    t0 = time.monotonic()
+    state = _reg_state(reg_path)
+    for i in range(total):
+        kind = PUSH_KINDS[i % len(PUSH_KINDS)]
+        data = _push_input(rng, kind, seeds)
+        src = _lay_out(work / "input", kind, data, seeds)
+        if worker is None or worker.poll() is not None:
+            worker = start()
+        started = time.monotonic()
+        worker.stdin.write(json.dumps({"src": str(src), "ref": f"fz/i{i}:v1", "base": str(seeds["base"])}) + "\n")
+        worker.stdin.flush()
+        got = answer(worker, started + time_bound)
+        secs = time.monotonic() - started
+        slowest = max(slowest, secs)
+        st = stats[kind]
+        st["inputs"] += 1
+        if got is None:
+            st["over the time bound"] += 1
+            worker.kill()
+            worker.communicate()  # reaps it and closes its pipes
+            worker = None
+            problems.append({"kind": kind, "why": f"no answer in {time_bound} s", "input": data[:300].hex()})
+            state = _reg_state(reg_path)  # whatever the killed push left is the next baseline
+            continue
+        if "crash" in got:
+            st["crashes"] += 1
+            problems.append({"kind": kind, "why": got["crash"][-800:], "input": data[:300].hex()})
+        elif "digest" in got:
+            st["accepted"] += 1
+            state = _reg_state(reg_path)
+            continue
+        else:
+            st["refused"] += 1
+            st[f"refused: {got['error']}"] += 1
+        now = _reg_state(reg_path)
+        if now != state:
+            changed = sorted(k for k in set(now) | set(state) if now.get(k) != state.get(k))
+            # a push refused at a later tensor (NaN) keeps the blobs it stored: only gc deletes (design.md)
+            visible = [k for k in changed if not (k.startswith("objects/") and k not in state)]
+            if visible:
+                st["registry changed by a refused input"] += 1
+                problems.append({"kind": kind, "why": f"changed: {visible[:4]}", "answer": got,
+                                 "input": data[:300].hex()})
+            else:
+                st["refused, leaving blobs nothing refers to (gc collects them)"] += 1
+            state = now
+    if worker is not None:
+        worker.communicate(timeout=60)  # closes its stdin: the worker's loop ends
+    with Registry(reg_path, create=False) as reg:
+        fs = reg.fsck()
+    left = sorted(q.name for q in (reg_path / "tmp").iterdir())
+    tot = Counter()
+    for c in stats.values():
+        tot.update(c)
+    out = {"inputs": total, "by_kind": {k: dict(v) for k, v in stats.items()}, "total": dict(tot),
+           "slowest_s": round(slowest, 3), "time_bound_s": time_bound, "seconds": round(time.monotonic() - t0, 1),
+           "problems": problems[:10], "fsck_ok": fs["ok"], "fsck_problems": fs["problems"][:5], "tmp_left": left}
+    out["ok"] = (not tot["over the time bound"] and not tot["crashes"] and not tot["registry changed by a refused input"]
+                 and fs["ok"] and not left and tot["inputs"] == total)
+    return out
+
+
+def _reg_state(reg_path: Path) -> dict[str, str]:
+    """Digest of every file that carries state, and of the index's rows (a refused push changes none)."""
+    import hashlib
+    import sqlite3
+
+    out = {}
+    for sub in ("objects", "manifests", "refs", "records", "tmp"):
+        for q in sorted((reg_path / sub).rglob("*")):
+            if q.is_file():
+                out[q.relative_to(reg_path).as_posix()] = hashlib.sha256(q.read_bytes()).hexdigest()
+    con = sqlite3.connect(f"file:{reg_path / 'index.sqlite'}?mode=ro", uri=True)
+    try:
+        out["index rows"] = hashlib.sha256("\n".join(sorted(con.iterdump())).encode()).hexdigest()  # any row order
+    finally:
+        con.close()
+    return out
+
+
+def push_fuzz_worker(cfg: dict[str, str]) -> None:
+    """Push each input named on stdin; answer ``@@{"digest"}``, ``@@{"error"}`` or ``@@{"crash"}`` on stdout.
+
+    First one valid push into a scratch registry, so that no input's time includes the lazy imports."""
+    import io
+
+    from patchctl import Registry
+    from patchctl.errors import PatchctlError
+
+    reg_path = cfg["registry"]
+    with Registry(cfg["warm_registry"]) as warm:
+        warm.push(cfg["warm_src"], "warm:v1", base=cfg["base"])
+    real_stdout = sys.stdout
+    print("@@ready", file=real_stdout, flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        sys.stdout = io.StringIO()  # whatever a push prints is not an answer
+        try:
+            with Registry(reg_path, create=False) as reg:
+                ans = {"digest": reg.push(job["src"], job["ref"], base=job["base"])}
+        except PatchctlError as e:
+            ans = {"error": type(e).__name__, "message": str(e)[:300]}
+        except Exception:  # noqa: BLE001 - a crash: reported to the parent
+            ans = {"crash": traceback.format_exc()}
+        finally:
+            sys.stdout = real_stdout
+        print("@@" + json.dumps(ans), file=real_stdout, flush=True)
 
 
 def hypothesis_strategies(hst: Any, seeds: dict[str, list[bytes]]) -> dict[str, Any]:
@@ -1734,6 +2453,18 @@ def _exclusive_wait(reg: Path, timeout: float) -> float | None:
 # ============================================================================ report
 
 
+def _crash_table(r: dict[str, Any]) -> None:
+    log("\n| command | kills | before any write | mid-write | after the ref moved | fsck clean after the kill | "
+        "tmp/ empty after the kill | corrupt objects | lost refs | incomplete refs | re-run ok, fsck clean | "
+        "tmp/ empty after the re-run |")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    keys = ("killed", *KILL_CLASSES, "fsck clean after the kill", "tmp/ empty after the kill", "corrupt objects",
+            "lost refs", "incomplete refs", "re-run completes, fsck clean", "tmp/ empty after the re-run")
+    for v in r["ops"].values():
+        log(f"| `{v['command']}` | " + " | ".join(str(v.get(k, 0)) for k in keys) + " |")
+    log("| **total** | " + " | ".join(f"**{r['total'].get(k, 0)}**" for k in keys) + " |")
+
+
 def machine() -> str:
     try:
         import torch
@@ -1749,11 +2480,15 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a scaled-down run (~2 min)")
-    ap.add_argument("--only", default="crash,concurrency,corruption,fuzz,server,hostile")
+    ap.add_argument("--only", default="crash,paused,concurrency,same-ref,corruption,flips,fuzz,push-fuzz,server,hostile")
     ap.add_argument("--client-tree", type=Path, default=None,
                     help="hostile: run the pulling client from this checkout (e.g. the code before a change)")
     ap.add_argument("--hostile", default=None, help="hostile: scenarios to run, comma-separated (default all)")
     ap.add_argument("--kills", type=int, default=None, help="SIGKILLs in total (default 100; quick 12)")
+    ap.add_argument("--paused-kills", type=int, default=None,
+                    help="SIGKILLs per command at the store's write points (default 12; quick 4)")
+    ap.add_argument("--flips", type=int, default=None, help="bit flips per file class (default 100; quick 20)")
+    ap.add_argument("--push-fuzz", type=int, default=None, help="mutated inputs pushed (default 2000; quick 240)")
     ap.add_argument("--crash-ops", default=None,
                     help="commands to kill, comma-separated (default push,pull-folder,pull-http,merge,compress,gc)")
     ap.add_argument("--mib", type=float, default=None, help="size of each killed transfer, MiB (default 8)")
@@ -1765,9 +2500,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write every figure here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--same-ref-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--push-fuzz-worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         worker_main(json.loads(a.worker))
+        return 0
+    if a.push_fuzz_worker:
+        push_fuzz_worker(json.loads(a.push_fuzz_worker))
+        return 0
+    if a.same_ref_worker:
+        same_ref_worker(json.loads(a.same_ref_worker))
         return 0
     q = a.quick
     kills = a.kills if a.kills is not None else (12 if q else 100)
@@ -1775,6 +2518,9 @@ def main(argv: list[str] | None = None) -> int:
     workers = a.workers or (4 if q else 8)
     ops = a.ops or (10 if q else 50)
     ncorrupt = a.corrupt if a.corrupt is not None else (20 if q else 100)
+    paused = a.paused_kills if a.paused_kills is not None else (4 if q else 12)
+    nflips = a.flips if a.flips is not None else (20 if q else 100)
+    npush = a.push_fuzz if a.push_fuzz is not None else (240 if q else 2000)
     nfuzz = a.fuzz if a.fuzz is not None else (8000 if q else 100_000)
     only = set(a.only.split(","))
     log(f"# bench/reliability.py — {machine()}")
@@ -1788,19 +2534,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             r = crash(work / "crash", kills, ops=a.crash_ops.split(",") if a.crash_ops else None, seed=a.seed, mib=mib)
             figures["crash"] = r
-            log("\n| command | uninterrupted s | kills | mid-write | fsck clean after the kill | only the index "
-                "behind | corrupt objects | lost refs | incomplete refs | re-run ok, fsck clean |")
-            log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-            for v in r["ops"].values():
-                log(f"| `{v['command']}` | {v['wall']:.2f} | {v.get('killed', 0)} | {v.get('mid-write', 0)} | "
-                    f"{v.get('fsck clean after the kill', 0)} | {v.get('fsck: index only', 0)} | "
-                    f"{v.get('corrupt objects', 0)} | {v.get('lost refs', 0)} | {v.get('incomplete refs', 0)} | "
-                    f"{v.get('re-run completes, fsck clean', 0)} |")
-            t = r["total"]
-            log(f"| **total** | | **{t.get('killed', 0)}** | {t.get('mid-write', 0)} | "
-                f"{t.get('fsck clean after the kill', 0)} | {t.get('fsck: index only', 0)} | "
-                f"**{t.get('corrupt objects', 0)}** | **{t.get('lost refs', 0)}** | {t.get('incomplete refs', 0)} | "
-                f"{t.get('re-run completes, fsck clean', 0)} |")
+            _crash_table(r)
             for name, why in r["skipped"].items():
                 log(f"\nskipped {name}: {why}")
             for name, v in r["ops"].items():
@@ -1811,11 +2545,27 @@ def main(argv: list[str] | None = None) -> int:
                     for f in v["failures"][:4]:
                         log(f"    {f}")
             if not r["fsck_clean_after_every_kill"]:
-                log(f"\n{t.get('fsck: index only', 0)} kills landed between a file write and its index update: "
+                log(f"\n{r['total'].get('fsck: index only', 0)} kills landed between a file write and its index update: "
                     "objects and refs were sound, fsck reported `index: ... differ from the files` until the "
                     "command was re-run (or `fsck --rebuild-index`).")
             log(f"\ncrash: {'PASS' if r['ok'] else 'FAIL'} (goal: {kills} kills survived, 0 corrupt, 0 lost) "
                 f"in {time.monotonic() - t0:.0f} s")
+            ok &= r["ok"]
+        if "paused" in only:
+            log(f"\n## 1b. crash inside a write: {paused} SIGKILLs per command where the store's test hook stopped it "
+                "(PATCHCTL_TEST_PAUSE_AT: a blob or manifest half-written in tmp/; objects stored, the ref not moved; "
+                "the ref's log line appended, the index not updated); re-run through the Python API")
+            t0 = time.monotonic()
+            r = crash_paused(work / "crash-paused", paused, seed=a.seed, mib=min(mib, 1.0), verbose=False)
+            figures["crash_paused"] = r
+            _crash_table(r)
+            for name, v in r["ops"].items():
+                pts = {k: v[k] for k in ("at write", "at ref", "at moved", "a half-written blob in tmp/ at the kill",
+                                         "finished before the pause", "class disagrees with the point") if v.get(k)}
+                log(f"    {name}: {pts}")
+                for f in v["failures"][:4]:
+                    log(f"        {f}")
+            log(f"\ncrash inside a write: {'PASS' if r['ok'] else 'FAIL'} in {time.monotonic() - t0:.0f} s")
             ok &= r["ok"]
         if "concurrency" in only:
             log(f"\n## 2. concurrency: {workers} processes x {ops} operations on one registry")
@@ -1840,6 +2590,25 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"    worker crashed: {e[-500:]}")
             log(f"\nconcurrency: {'PASS' if r['ok'] else 'FAIL'} (goal: {workers * ops} completed, 0 lost)")
             ok &= r["ok"]
+        if "same-ref" in only:
+            for stall in (False, True):
+                w_, n_ = (workers, 5) if not stall else (3, 3)
+                log(f"\n## 2b. {w_} processes push different patches to the same ref `{SAME_REF}`"
+                    + (" (one writer stalled by the test hook between its log append and its index update until the "
+                       "others finish: its index write comes last)" if stall else f", {n_} each, all at once"))
+                r = same_ref(work / f"same-{stall}", workers=w_, pushes=n_, seed=a.seed, stall=stall)
+                figures[f"same_ref{'_stalled' if stall else ''}"] = r
+                log("\n| ref | pushes succeeded | log entries | lost updates | chain intact | seq 1..n, old = previous new "
+                    "| index (`ls`) = log's last entry |")
+                log("|---|---:|---:|---:|---|---|---|")
+                for ref, row in r["refs"].items():
+                    log(f"| `{ref}` | {r['succeeded']} | {row['entries']} | {len(row['lost_updates'])} | "
+                        f"{row['chain_intact']} | {row['seq_1_to_n'] and row['old_is_previous_new']} | "
+                        f"{row['index_agrees']} |")
+                log(f"\nfsck clean: {r['fsck_ok']} {r['fsck_problems']}; tmp/ left: {r['tmp_left']}; `latest` = the "
+                    f"tag's target: {r['latest_equals_tag']}; failed pushes {r['failed']} {r['worker_errors'][:1]}")
+                log(f"same ref{' (stalled writer)' if stall else ''}: {'PASS' if r['ok'] else 'FAIL'}")
+                ok &= r["ok"]
         if "corruption" in only:
             nb, nm = ncorrupt - ncorrupt // 5, ncorrupt // 5
             log(f"\n## 3. corruption: one bit flipped in {nb} blobs and {nm} manifests")
@@ -1859,6 +2628,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"{rp['unrepaired']} unrepaired, {rp['moved_aside']} bad copies moved aside, fsck clean after: "
                 f"{rp['fsck_clean_after']}, exit {rp['exit']}, {rp['seconds']:.1f} s {rp['error']}")
             log(f"corruption: {'PASS' if r['ok'] else 'FAIL'} ({r['detected_pct']:.0f} % detected; goal 100 %)")
+            ok &= r["ok"]
+        if "flips" in only:
+            log(f"\n## 3b. one bit flipped per file class: {nflips} random flips each in objects, manifests, ref logs, "
+                f"record logs and index.sqlite (a fresh copy of one registry each time), plus {nflips // 4} of a log's "
+                "final newline and of the index's stored digests and names")
+            r = flips(work / "flips", nflips, seed=a.seed, targeted=nflips // 4)
+            figures["flips"] = r
+            log("\n| file class | flips | detected by fsck, naming it | read refused, naming it | no effect | "
+                "undetected | tracebacks | wrong answers before fsck | detection rate (flips with an effect) |")
+            log("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for cls, row in r["classes"].items():
+                log(f"| {cls} | {row['flips']} | {row['detected']} | {row['read refused']} | {row['no effect']} | "
+                    f"{row['undetected']} | {row['crash']} | {row['wrong answers before fsck']} | "
+                    f"{row['detected_pct']:.0f} % |")
+            for cls, row in r["classes"].items():
+                for e in row["examples"][:3]:
+                    log(f"    {cls}: {e}")
+            log(f"flips: {'PASS' if r['ok'] else 'FAIL'} (goal: 0 undetected, 0 tracebacks)")
             ok &= r["ok"]
         if "fuzz" in only:
             log(f"\n## 4. fuzz: {nfuzz} inputs over 4 parsers (hypothesis, then a seeded mutator)")
@@ -1883,6 +2670,27 @@ def main(argv: list[str] | None = None) -> int:
             for p in m["problems"]:
                 log(f"    memory/time: {p}")
             log(f"fuzz: {'PASS' if r['ok'] else 'FAIL'} (goal: >= {nfuzz} inputs, 0 crashes)")
+            ok &= r["ok"]
+        if "push-fuzz" in only:
+            log(f"\n## 4b. fuzz through `push`: {npush} mutated inputs (diff file, fine-tune folder, adapter weights, "
+                "adapter config), each answered within 5 s by a worker process")
+            r = push_fuzz(work / "push-fuzz", npush, seed=a.seed)
+            figures["push_fuzz"] = r
+            log("\n| input | pushed | accepted | refused (PatchctlError) | of which left unreferenced blobs | "
+                "over 5 s | crashes | refusals that changed the registry |")
+            log("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for kind, row in [*r["by_kind"].items(), ("**total**", r["total"])]:
+                log(f"| {kind} | {row.get('inputs', 0)} | {row.get('accepted', 0)} | {row.get('refused', 0)} | "
+                    f"{row.get('refused, leaving blobs nothing refers to (gc collects them)', 0)} | "
+                    f"{row.get('over the time bound', 0)} | {row.get('crashes', 0)} | "
+                    f"{row.get('registry changed by a refused input', 0)} |")
+            refusals = {k[len("refused: "):]: v for k, v in r["total"].items() if k.startswith("refused: ")}
+            log(f"\nrefused as: {refusals}; slowest answer {r['slowest_s']} s; {r['seconds']} s in all; fsck clean "
+                f"{r['fsck_ok']}; tmp/ left {r['tmp_left']}")
+            for pr in r["problems"][:5]:
+                log(f"    {pr['kind']}: {pr['why'][-300:]}")
+            log(f"push fuzz: {'PASS' if r['ok'] else 'FAIL'} (goal: every input answered in time, 0 crashes, "
+                "0 refusals that change the registry)")
             ok &= r["ok"]
         if "server" in only:
             log(f"\n## 5. server abuse: `patchctl serve` on 127.0.0.1, {a.slow} slow clients")

@@ -107,7 +107,32 @@ class RemoteError(PatchctlError):
     code = "REMOTE_ERROR"
 
 
+class LimitExceeded(RemoteError):
+    """A peer's manifest, blob count or declared blob size over a pull's caps (raise them with the flags)."""
+
+    code = "LIMIT_EXCEEDED"
+
+
+class TransferTimeout(RemoteError):
+    """A pull that passed its deadline or received less than its minimum rate."""
+
+    code = "TRANSFER_TIMEOUT"
+
+
+class StorageError(RegistryError):
+    """The registry's disk refused a write: no space (ENOSPC, EDQUOT), file too large (EFBIG), no permission."""
+
+    code = "STORAGE_ERROR"
+
+
 class EvaluationFailed(PatchctlError):
     """A custom evaluator that raised while scoring a model."""
 
     code = "EVALUATION_FAILED"
+
+
+class PatchctlWarning(UserWarning):
+    """Something done as asked that a user should know about (e.g. a change to tied embeddings).
+
+    Raised with :func:`warnings.warn`; the CLI prints it as one ``warning: ...`` line on stderr.
+    """

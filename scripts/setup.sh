@@ -28,6 +28,14 @@ if [ "$extras" = test ] && ! command -v docker-registry >/dev/null 2>&1 && [ "$(
     || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry; }; } >/dev/null 2>&1 \
     || echo "setup.sh: could not install docker-registry; the OCI registry tests will skip" >&2
 fi
+# mergekit 0.1.5 in a venv of its own (its pins clash with ours) for tests/test_mergekit_yaml.py and
+# bench/merge.py; CPU torch first, as below. A failure leaves those tests skipped (they say why).
+MK=bench/_work/venv-mergekit
+if [ "$extras" = test ] && [ ! -x "$MK/bin/mergekit-yaml" ]; then
+  { python3 -m venv "$MK" && timeout 900 "$MK/bin/pip" install -q "torch==2.13.0" \
+    && timeout 900 "$MK/bin/pip" install -q "mergekit==0.1.5"; } >/dev/null 2>&1 \
+    || { rm -rf "$MK"; echo "setup.sh: could not install mergekit 0.1.5 in $MK; the mergekit comparison tests will skip" >&2; }
+fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi

@@ -54,7 +54,8 @@ def test_adapter_config_with_bad_rank(cli, models, tmp_path, seeded, reg_path):
 
 @pytest.mark.parametrize(("ptype", "extra", "message"), [
     ("IA3", {}, "unsupported peft_type 'IA3'"),
-    ("LORA", {"use_dora": True}, "DoRA adapters (use_dora: true) are not supported"),
+    ("LORA", {"use_dora": True}, "use_dora=true but LoRA module 'encoder.layer.0.attention.self.query' has no "
+                                 "lora_magnitude_vector; the config and the weights disagree"),
 ])
 def test_unknown_peft_type_and_dora(cli, models, tmp_path, seeded, reg_path, ptype, extra, message):
     def edit(d):

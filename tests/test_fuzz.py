@@ -1,4 +1,5 @@
-"""Fuzzing the parsers of untrusted input: only PatchctlError comes out, and no header drives an allocation.
+"""Fuzzing the parsers of untrusted input, and `push` itself: only PatchctlError comes out, in bounded time,
+and no header drives an allocation.
 
 Targets (from `bench/reliability.py`, which runs >= 100,000 inputs): the
 safetensors header parser (`SafetensorsFile` on files, then reading every
@@ -7,7 +8,10 @@ sparse codec's `decode` (tests/test_codec.py already fuzzes it with random and
 mutated bytes; here: hostile header fields and the memory bound). Each input
 comes from hypothesis (random bytes, structured JSON, mutated valid inputs) or
 from a seeded byte-level mutator; a crash is any exception that is not a
-PatchctlError.
+PatchctlError. `push` is fuzzed end to end with mutated diff files, fine-tune
+folders and PEFT folders (`bench/reliability.py`'s `push_fuzz`): each input
+answered within a time bound by a worker process, and a refused one leaving
+the registry as it was.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from patchctl.registry.formats.safetensors import SafetensorsFile
 from patchctl.registry.ops.importing import check_peft_config
 from patchctl.registry.store import manifest as manifest_mod
 
+from ._integrity import assert_registry_clean
 from .test_reliability import R
 
 FUZZ = settings(max_examples=250, deadline=None, database=None,
@@ -259,4 +264,57 @@ def test_pull_of_a_manifest_with_nan_is_refused_and_stores_nothing(tmp_path):
         with pytest.raises(InvalidPatch, match="canonical"):
             reg.pull("evil:v1", str(origin))
         assert reg.ls() == [] and not any(reg.store.iter_digests("manifests"))
-        assert reg.fsck()["ok"]
+    assert_registry_clean(tmp_path / "dst")
+
+
+# ---------------------------------------------------------------------------- through `push`
+
+
+def test_push_answers_every_mutated_input_in_time_and_a_refusal_changes_nothing(tmp_path):
+    """240 inputs (60 per kind: diff file, fine-tune folder, adapter weights, adapter config), mutated from
+    valid ones; each answered within 5 s (a worker process, killed past the bound); after each refusal the
+    manifests, refs, records, index rows and tmp/ as before. Found: a non-string base_model_name_or_path
+    (true, NaN, {}) was a TypeError."""
+    r = R.push_fuzz(tmp_path, 240, seed=1, time_bound=5.0)
+    detail = json.dumps({k: v for k, v in r.items()}, indent=1, default=str)
+    t = r["total"]
+    assert t["inputs"] == 240, detail
+    assert t.get("over the time bound", 0) == 0 and t.get("crashes", 0) == 0, detail
+    assert t.get("registry changed by a refused input", 0) == 0, detail
+    for kind, row in r["by_kind"].items():  # the mutations reach both outcomes of every kind
+        assert row["inputs"] == 60 and row.get("refused", 0) >= 10 and row.get("accepted", 0) >= 1, (kind, detail)
+    assert r["slowest_s"] < 5.0 and r["ok"], detail
+    assert_registry_clean(tmp_path / "reg")
+
+
+def test_push_fuzz_enforces_its_time_bound(tmp_path):
+    """The bound is real: with 1 ms no push is answered in time, and each counts (the worker is restarted)."""
+    r = R.push_fuzz(tmp_path, 2, seed=2, time_bound=0.001)
+    assert r["total"].get("over the time bound", 0) == 2 and not r["ok"], r
+
+
+@pytest.mark.parametrize("hint", [True, 1.5, {"a": {}}, ["org/model"]])
+def test_a_non_string_base_model_name_or_path_is_refused_naming_the_field(hint):
+    with pytest.raises(InvalidPatch, match="base_model_name_or_path must be a string"):
+        check_peft_config({"peft_type": "LORA", "r": 4, "base_model_name_or_path": hint})
+
+
+def test_peft_config_reader_refuses_nan_anywhere(targets):
+    """NaN under a key nothing checks was stored in the manifest's params: a ValueError (a traceback) when the
+    manifest was written, after its blobs (found by the push fuzzer)."""
+    with pytest.raises(InvalidPatch, match="adapter_config.json: malformed JSON .*NaN is not JSON"):
+        targets.peft(b'{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "notes": NaN}')
+
+
+def test_a_base_hint_too_long_for_a_path_is_not_a_crash(tmp_path):
+    """base_model_name_or_path of 5,000 characters: `Path.is_dir()` raised OSError (ENAMETOOLONG), a traceback
+    with or without --base (found by the push fuzzer)."""
+    seeds = R.push_seed_inputs(tmp_path)
+    cfg = json.loads(seeds["adapter config"])
+    cfg["base_model_name_or_path"] = "/x" + "[" * 5000
+    src = R._lay_out(tmp_path / "in", "adapter config", json.dumps(cfg).encode(), seeds)
+    with Registry(tmp_path / "reg") as reg:
+        assert reg.push(src, "a:v1", base=seeds["base"]).startswith("sha256:")  # the explicit base wins
+        with pytest.raises(PatchctlError, match="pass --base"):
+            reg.push(src, "a:v2")
+    assert_registry_clean(tmp_path / "reg")

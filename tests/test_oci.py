@@ -64,7 +64,7 @@ class RegistryServer:
         return out
 
 
-def _start(tmp: Path, htpasswd: Path | None = None) -> RegistryServer:
+def _start(tmp: Path, htpasswd: Path | None = None, addr: str = "127.0.0.1") -> RegistryServer:
     port = _free_port()
     storage = tmp / "storage"
     auth = ""
@@ -74,17 +74,17 @@ def _start(tmp: Path, htpasswd: Path | None = None) -> RegistryServer:
     cfg.write_text(
         "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n{auth}")
+        f"http:\n  addr: {addr}:{port}\n{auth}")
     with open(tmp / "registry.log", "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([BINARY or "docker-registry", "serve", str(cfg)], stdout=log, stderr=log)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn = http.client.HTTPConnection(addr, port, timeout=1)
             conn.request("GET", "/v2/")
             if conn.getresponse().status in (200, 401):
                 conn.close()
-                return RegistryServer(f"127.0.0.1:{port}", storage, proc)
+                return RegistryServer(f"{addr}:{port}", storage, proc)
         except OSError:
             time.sleep(0.05)
     proc.kill()
@@ -677,6 +677,11 @@ def test_oras_and_patchctl_pull_from_patchctl_serve(served, patches, tmp_path, n
         res = fresh.pull(f"oci://{served}/team/lora:v1")
         assert res["digest"] == digest and res["oci_digest"] == oci_digest
         assert _objects(tmp_path / "fresh", digest) == _objects(patches, digest)
+        with Registry(patches) as src:  # its eval suite came as a referrer too, under its own ref
+            suites = src.show("team/lora:v1")["suites"]
+        assert suites and res["suites"] == len(suites) and fresh.show("lora:v1")["suites"] == suites
+        assert fresh.resolve("evals/tiny:v1") == suites[0]
+        assert _objects(tmp_path / "fresh", suites[0]) == _objects(patches, suites[0])
         with Registry(patches) as src:
             shown = src.show("team/merged:v1")
         assert shown["validations"]
@@ -815,3 +820,87 @@ def test_oci_manifest_over_4_mib_on_the_wire_is_refused_before_any_blob(oci_regi
         assert "larger than the 4 MiB cap; refused before fetching any blob" in r.err and proxy.blob_gets == 0
     finally:
         proxy.close()
+
+
+@pytest.fixture(scope="module")
+def plain_http_registry(tmp_path_factory):
+    """A ``docker-registry`` without TLS on 127.0.0.2: an address patchctl does not count as loopback
+    (only localhost, 127.0.0.1 and ::1 are), so it stands for a plain-HTTP registry on the network."""
+    if BINARY is None:
+        pytest.skip("the CNCF registry is not installed: apt-get install docker-registry (scripts/setup.sh)")
+    server = _start(tmp_path_factory.mktemp("oci-plain"), addr="127.0.0.2")
+    yield server
+    _stop(server)
+
+
+@pytest.mark.parametrize(("url", "insecure", "stored", "ok"), [
+    ("oci://ghcr.io/team", False, False, True),
+    ("oci://ghcr.io/team", True, False, False),  # --insecure never turns TLS checks off
+    ("oci+http://10.1.2.3:5000/team", False, False, False),  # plain HTTP needs consent
+    ("oci+http://10.1.2.3:5000/team", True, False, True),
+    ("oci+http://10.1.2.3:5000/team", False, True, True),  # a remote added with --insecure
+    ("oci://127.0.0.1:5000/team", False, False, True),
+    ("oci://localhost:5000/team", True, False, True),
+    ("http://10.1.2.3:8080", True, False, False),
+    ("/some/folder", True, False, False),
+])
+def test_insecure_only_for_explicit_http_or_loopback(url, insecure, stored, ok):
+    from patchctl.errors import InvalidArgument
+    from patchctl.registry.remote.oci import check_transport
+
+    if ok:
+        check_transport(url, insecure, stored=stored)
+    else:
+        with pytest.raises(InvalidArgument, match="insecure"):
+            check_transport(url, insecure, stored=stored)
+
+
+@needs_registry
+def test_plain_http_registry_needs_insecure(plain_http_registry, patches, cli, reg_path, no_creds):
+    with __import__("patchctl").Registry(patches) as src:
+        digest = src.resolve("team/merged:v1")
+    host = plain_http_registry.host
+    # oci:// verifies TLS: against a registry without TLS it fails in one line, and sends no blob
+    r = cli("push", "team/merged:v1", "--to", f"oci://{host}/plain/merged:v1", "--registry", str(patches),
+            registry=False)
+    assert r.code != 0 and len(r.err.strip().splitlines()) == 1, r.err
+    assert "TLS failed" in r.err and "oci+http://" in r.err and "--insecure" in r.err
+    # the explicit oci+http:// still needs --insecure; refused before any request
+    r = cli("push", "team/merged:v1", "--to", f"oci+http://{host}/plain/merged:v1", "--registry", str(patches),
+            registry=False)
+    assert r.code != 0 and len(r.err.strip().splitlines()) == 1 and "--insecure" in r.err, r.err
+    assert plain_http_registry.blob_files() == set()
+    r = cli("push", "team/merged:v1", "--to", f"oci+http://{host}/plain/merged:v1", "--insecure", "--json",
+            "--registry", str(patches), registry=False)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["digest"] == digest and plain_http_registry.blob_files()
+    r = cli("pull", f"oci+http://{host}/plain/merged:v1")
+    assert r.code != 0 and "--insecure" in r.err and len(r.err.strip().splitlines()) == 1
+    r = cli("remote", "add", "plain", f"oci+http://{host}/plain")
+    assert r.code != 0 and "--insecure" in r.err
+    assert cli("remote", "ls", "--json").out.strip() in ("[]", "")
+    r = cli("remote", "add", "plain", f"oci+http://{host}/plain", "--insecure")
+    assert r.code == 0, r.err
+    r = cli("pull", "plain/merged:v1", "--json")  # the consent was given when the remote was added
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["digest"] == digest
+    r = cli("pull", "merged:v1", "--from", f"oci://{host}/plain", "--insecure")
+    assert r.code != 0 and "only for an explicit oci+http://" in r.err
+
+
+@needs_registry
+def test_oci_pull_honours_the_pull_limits(oci_registry, patches, cli, reg_path, no_creds):
+    from patchctl import Registry
+
+    with Registry(patches) as src:
+        src.publish("team/diff:v1", oci_registry.url("limits"))
+    url = oci_registry.url("limits/team/diff:v1")
+    for flag, value, said in (("--max-blob-bytes", "1000", "--max-blob-bytes"),
+                              ("--max-blobs", "1", "--max-blobs"),
+                              ("--max-manifest-bytes", "100", "--max-manifest-bytes")):
+        r = cli("pull", url, flag, value)
+        assert r.code != 0 and len(r.err.strip().splitlines()) == 1 and said in r.err, (flag, r.err)
+        assert not list((reg_path / "tmp").iterdir())
+        assert cli("ls", "--json").out.strip() in ("[]", "")
+    r = cli("pull", url, "--json")
+    assert r.code == 0, r.err

@@ -184,8 +184,11 @@ def test_ported_patch_records_base_lineage_recipe_and_diagnostics(registry, mode
     rep = registry.port("ft:v1", models.other_base, from_base=models.base, to_name="tiny/bert@v2",
                         lam=0.5, as_ref="ft:v2")
     m = registry.manifest("ft:v2")
+    from patchctl.registry.formats.content import content_digest
+
     assert m.base == {"name": "tiny/bert", "revision": "v2",
-                      "fingerprint": Checkpoint(models.other_base).fingerprint()}
+                      "fingerprint": Checkpoint(models.other_base).fingerprint(),
+                      "content": content_digest(Checkpoint(models.other_base))}
     assert m.parents == (src,)
     assert m.recipe == {"op": "port", "lambda": 0.5, "maps": [], "vocab": "prefix",
                         "from_fingerprint": Checkpoint(models.base).fingerprint(),

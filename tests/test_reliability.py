@@ -24,6 +24,8 @@ from patchctl import Registry
 from patchctl.errors import DigestMismatch, NotFound, PickleRefused
 from patchctl.registry.store.names import Ref
 
+from ._integrity import assert_registry_clean
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,10 +44,14 @@ R = _load_bench()
 
 
 def _assert_survived(r: dict, kills: int) -> None:
-    """Objects and refs sound after every kill, and every re-run clean (the index may lag: see below)."""
+    """Objects and refs sound after every kill, every re-run clean with nothing left in tmp/; every kill
+    classified (before any write / mid-write / after the ref moved)."""
     t = r["total"]
     detail = json.dumps(r["ops"], indent=1, default=str)
     assert t.get("killed", 0) >= kills, detail
+    assert sum(t.get(c, 0) for c in R.KILL_CLASSES) == t["killed"], detail
+    assert t.get("tmp/ empty after the re-run", 0) == t["killed"], detail
+    assert t.get("tmp/ empty after the kill", 0) == t["killed"], detail  # pull-*.part files are kept to resume
     assert t.get("corrupt objects", 0) == 0, detail
     assert t.get("lost refs", 0) == 0, detail
     assert t.get("incomplete refs", 0) == 0, detail
@@ -91,6 +97,7 @@ def test_rerun_of_gc_repairs_the_index_of_a_gc_killed_before_its_index_update(re
         assert not reg.fsck()["ok"]
         reg.gc(prune_history=True)
         assert reg.fsck()["ok"]
+    assert_registry_clean(reg_path)
 
 
 def test_rerun_of_a_ref_move_repairs_the_index_of_a_command_killed_after_its_append(reg_path, tmp_path):
@@ -136,6 +143,7 @@ def test_fsck_is_clean_right_after_a_kill_between_a_file_and_its_index_update(re
     with Registry(reg_path) as reg:
         assert reg.fsck()["ok"]
         assert not list((reg_path / "tmp").glob("index-pending-*"))
+    assert_registry_clean(reg_path)
 
 
 def test_a_ref_move_waits_for_gc_and_never_points_at_what_gc_deleted(reg_path):
@@ -161,6 +169,7 @@ def test_a_ref_move_waits_for_gc_and_never_points_at_what_gc_deleted(reg_path):
         assert isinstance(got.get("error"), NotFound)  # refused cleanly, nothing points at a deleted manifest
         assert reg.store.ref_target(Ref("late", "v1")) is None
         assert reg.fsck()["ok"]
+    assert_registry_clean(reg_path)
 
 
 def test_merge_holds_the_writer_lock_until_its_ref_moves(reg_path, monkeypatch):
@@ -194,6 +203,7 @@ def test_merge_holds_the_writer_lock_until_its_ref_moves(reg_path, monkeypatch):
         gc_done["thread"].join(60)
         assert res.moved and reg.resolve("m/merged:v1") == res.digest
         assert R.incomplete_refs(reg) == [] and reg.fsck()["ok"]
+    assert_registry_clean(reg_path)
 
 
 # ---------------------------------------------------------------------------- concurrency
@@ -254,6 +264,109 @@ def test_a_damaged_index_is_set_aside_and_rebuilt(reg_path):
         assert [(r["name"], r["digest"]) for r in reg.ls()] == [("a", d)]
         assert reg.fsck()["ok"]
     assert any(p.name.startswith("index.sqlite.damaged-") for p in (reg_path / "tmp").iterdir())
+    assert_registry_clean(reg_path, allow_tmp=("index.sqlite",))  # the damaged copy is kept, nothing else
+
+
+def test_concurrent_writers_of_the_same_ref_lose_no_update(tmp_path):
+    """4 processes push 4 different patches each to the same name:tag at once: both logs (the tag's and
+    `latest`'s) hold all 16 moves in one chain, seq 1..16, each entry's old the previous new; `latest` ends
+    where the tag ends; the index (what `ls` answers) agrees with each log's last entry before any fsck;
+    fsck clean, tmp/ empty."""
+    r = R.same_ref(tmp_path, workers=4, pushes=4, seed=3)
+    detail = json.dumps(r, indent=1, default=str)
+    assert r["succeeded"] == 16 and not r["failed"] and not r["worker_errors"], detail
+    assert r["latest_equals_tag"], detail
+    for row in r["refs"].values():
+        assert row["lost_updates"] == [] and row["entries"] == 16, detail
+        assert row["chain_intact"] and row["seq_1_to_n"] and row["old_is_previous_new"], detail
+        assert row["index_agrees"], detail
+    assert r["ok"], detail
+    assert_registry_clean(tmp_path / "reg")
+
+
+def test_a_writer_recording_its_move_in_the_index_last_does_not_roll_the_index_back(tmp_path):
+    """The writer stalled between its log append and its index update (the test hook) while 2 others push
+    3 patches each to the same ref: its late index write was the index's last word, so `ls` answered its
+    older digest while the log said another (lost in the index until `fsck` rebuilt it); now the index
+    follows the highest seq. And its `latest` move, made after the others', left `latest` at its patch and
+    the tag at another's; now a tag and its `latest` move under one hold of the log lock."""
+    r = R.same_ref(tmp_path / "stall", workers=3, pushes=3, seed=4, stall=True)
+    detail = json.dumps(r, indent=1, default=str)
+    assert r["stalled"] is True and r["succeeded"] == 7, detail
+    assert r["latest_equals_tag"], detail
+    for row in r["refs"].values():
+        assert row["lost_updates"] == [] and row["entries"] == 7 and row["chain_intact"], detail
+        assert row["index_agrees"], detail
+    assert r["ok"], detail
+    assert_registry_clean(tmp_path / "stall" / "reg")
+
+
+# ---------------------------------------------------------------------------- bit flips in every file class
+
+
+def test_a_flipped_bit_in_any_file_class_is_detected_and_named(tmp_path):
+    """One bit flipped in objects, manifests, ref logs, record logs and the SQLite index (12 random flips
+    each, in a fresh copy of a registry every time), plus 4 flips of a log's final newline (was a silent
+    rollback: the whole last line read as a torn write and dropped) and 4 of the index's stored digests
+    and names: each detected by fsck naming the file (or the index), or provably without effect; none
+    undetected, none a traceback."""
+    r = R.flips(tmp_path, per_class=12, seed=4, targeted=4)
+    detail = json.dumps(r, indent=1, default=str)
+    rows = r["classes"]
+    assert set(rows) == {*R.FLIP_CLASSES, "refs (last-newline)", "records (last-newline)", "index (row)"}, detail
+    for row in rows.values():
+        assert row["undetected"] == 0 and row["crash"] == 0, detail
+        assert row["detected"] + row["no effect"] == row["flips"], detail
+    for cls in ("objects", "manifests"):  # named by their hash: every flip, and every read refuses it
+        assert rows[cls]["detected"] == rows[cls]["read refused"] == 12, detail
+    for cls in ("refs", "records", "refs (last-newline)", "records (last-newline)"):
+        assert rows[cls]["read refused"] == rows[cls]["detected"], detail  # the read names the damaged line
+    for cls in ("refs (last-newline)", "records (last-newline)", "index (row)"):
+        assert rows[cls]["detected"] == 4, detail
+    assert rows["index"]["clean after fsck rebuilt it"] == 12 and rows["index (row)"]["clean after fsck rebuilt it"] == 4
+    assert r["ok"], detail
+
+
+def _page_of(reg_path: Path, table: str) -> tuple[int, int]:
+    """(offset, size) of the root page of ``table`` in index.sqlite."""
+    import sqlite3
+
+    con = sqlite3.connect(reg_path / "index.sqlite")
+    try:
+        root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", [table]).fetchone()[0]
+        size = con.execute("PRAGMA page_size").fetchone()[0]
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        con.close()
+    return (root - 1) * size, size
+
+
+@pytest.mark.parametrize("damage", ["page header", "high bit of a stored digest"])
+def test_a_damaged_index_page_is_one_line_for_ls_and_fsck_rebuilds_it(reg_path, cli, damage):
+    """Was a traceback (`sqlite3.DatabaseError: database disk image is malformed`, or `OperationalError:
+    Could not decode to UTF-8`) from `ls`, and from `fsck` itself."""
+    with Registry(reg_path) as reg:
+        d = R.synth_patch(reg, "a:v1", {"w": R.gaussian(12, 64).tobytes()})
+    off, size = _page_of(reg_path, "refs")
+    p = reg_path / "index.sqlite"
+    data = bytearray(p.read_bytes())
+    if damage == "page header":
+        data[off] = 0xFF  # not a b-tree page type
+    else:
+        i = data.index(d[7:].encode(), off, off + size)
+        data[i + 5] ^= 0x80
+    p.write_bytes(bytes(data))
+    r = cli("ls")
+    assert r.code != 0 and r.err.count("\n") == 1 and "index.sqlite" in r.err and "fsck" in r.err, r.err
+    r = cli("fsck")
+    assert r.code != 0 and "Traceback" not in r.err, r.out + r.err
+    assert "index.sqlite is damaged" in r.out, r.out
+    assert cli("ls").code == 0
+    with Registry(reg_path) as reg:
+        assert [(x["name"], x["digest"]) for x in reg.ls()] == [("a", d)]
+    assert_registry_clean(reg_path, allow_tmp=("index.sqlite.damaged-", "index.sqlite-wal.damaged-",
+                                               "index.sqlite-shm.damaged-"))
+    assert any(q.name.startswith("index.sqlite.damaged-") for q in (reg_path / "tmp").iterdir())
 
 
 # ---------------------------------------------------------------------------- server abuse
@@ -370,6 +483,7 @@ def test_pickles_are_refused_without_trust_pickle_whatever_their_shape(reg_path,
             reg.push(pickle_inputs["ft"], "ft:v1", base=pickle_inputs["base"], trust_pickle=True)
         assert reg.ls() == [] and not any(reg.store.iter_digests("objects"))
     assert calls == []  # torch.load never ran
+    assert_registry_clean(reg_path)
 
 
 def test_trust_pickle_loads_with_weights_only(reg_path, pickle_inputs, monkeypatch):

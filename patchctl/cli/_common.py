@@ -53,11 +53,48 @@ def __getattr__(name: str) -> Any:
     elif name in ("console", "err_console"):
         from rich.console import Console
 
-        value = Console(stderr=name == "err_console")
+        class SafeConsole(Console):
+            """A console that never interprets what it prints: no rich markup (names from files and
+            peers may hold ``[link=…]``), and control characters shown as escapes, in tables too."""
+
+            def render_str(self, text: str, **kw: Any) -> Any:
+                return super().render_str(safe(text, keep_newlines=True), **kw)
+
+        value = SafeConsole(stderr=name == "err_console", markup=False, highlight=False)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
     return value
+
+
+_BIDI = {0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066, 0x2067, 0x2068, 0x2069, 0x200E, 0x200F, 0x061C}
+
+
+def _escape_char(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
+
+
+def safe(text: str, keep_newlines: bool = False) -> str:
+    """``text`` with every control character (C0, DEL, C1, bidi overrides) written as an escape.
+
+    Whatever a terminal shows that came from a file or a peer (a base name, a tensor
+    name, a message, a remote's error) goes through this, so an escape sequence in a
+    pulled manifest cannot retitle, recolour or rewrite the user's terminal. Tabs
+    stay; newlines stay only with ``keep_newlines`` (multi-line text patchctl wrote).
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    out = []
+    for c in text:
+        n = ord(c)
+        if (c == "\n" and keep_newlines) or c == "\t":
+            out.append(c)
+        elif n < 0x20 or 0x7F <= n < 0xA0 or n in _BIDI:
+            out.append(_escape_char(c))
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 def open_registry(path: Path | None, create: bool = True) -> Registry:
@@ -184,6 +221,7 @@ def _cut(text: str, n: int) -> str:
 def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None,
                  title: str | None = None) -> str:
     """A plain, aligned table (two spaces between columns); column 0 is the key and is never cut."""
+    rows = [[safe(str(c)) for c in r] for r in rows]  # cells come from manifests, logs, peers
     cols = list(range(len(columns)))
     widths = [max([len(columns[i].header), *(len(r[i]) for r in rows)]) for i in cols]
     gap = 2
@@ -215,7 +253,7 @@ def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width
             parts.append(c.rjust(widths[i]) if columns[i].right else c.ljust(widths[i]))
         return (" " * gap).join(parts).rstrip()
 
-    lines = [title] if title else []
+    lines = [safe(title)] if title else []
     lines.append(line([columns[i].header for i in cols[1:]], columns[0].header))
     for r in rows:
         rest = [r[i] for i in cols[1:]]
@@ -229,13 +267,13 @@ def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width
 
 def render_tree(label: str, children: Sequence[Any], child: Any) -> str:
     """An indented tree (``├──``/``└──``); ``child(node) -> (label, children)``."""
-    lines = [label]
+    lines = [safe(label)]
 
     def walk(nodes: Sequence[Any], prefix: str) -> None:
         for k, node in enumerate(nodes):
             last = k == len(nodes) - 1
             lab, kids = child(node)
-            lines.append(prefix + ("└── " if last else "├── ") + lab)
+            lines.append(prefix + ("└── " if last else "├── ") + safe(lab))
             walk(kids, prefix + ("    " if last else "│   "))
 
     walk(children, "")
@@ -243,8 +281,8 @@ def render_tree(label: str, children: Sequence[Any], child: Any) -> str:
 
 
 def echo(text: str = "") -> None:
-    """Print a line of human output as is (no markup, no wrapping: names are never cut)."""
-    sys.stdout.write(text + "\n")
+    """Print human output as is (no markup, no wrapping: names are never cut; control characters escaped)."""
+    sys.stdout.write(safe(text, keep_newlines=True) + "\n")
 
 
 # -- the everyday commands' human output (shared by the typer commands and main's fast path) --
@@ -262,6 +300,17 @@ def show_needs_commands(info: dict[str, Any], inspected: dict[str, Any] | None) 
     """Whether ``show`` of ``info`` needs renderers that live in other command modules (and import typer)."""
     comp = info["metadata"].get("compression") if info["kind"] == "sparse" else None
     return bool(inspected or comp or (info["lineage"]["recipe"] or {}).get("search"))
+
+
+def _side_file_line(f: dict[str, Any], wide: bool) -> str:
+    """What a diff patch does to one of the base's side files (a ``show`` line)."""
+    if "json_patch" in f:
+        ops = f["json_patch"]
+        listed = ", ".join(f"{op['op']} {op['path']}" for op in ops[:4]) + (" …" if len(ops) > 4 else "")
+        return f"{len(ops)} change{'s' if len(ops) != 1 else ''} to the base's: {listed}"
+    if f.get("removed"):
+        return "removed (the fine-tune has none)"
+    return f"the fine-tune's, {human_bytes(f['size'])} {short(f['digest'], wide)}"
 
 
 def print_show(info: dict[str, Any], inspected: dict[str, Any] | None, tensors: bool = False,
@@ -299,6 +348,8 @@ def print_show(info: dict[str, Any], inspected: dict[str, Any] | None, tensors: 
     meta = {k: v for k, v in info["metadata"].items() if not (comp and k == "compression")}
     if meta:
         echo("metadata  " + json.dumps(meta, sort_keys=True))
+    for name, f in sorted(info.get("side_files", {}).items()):  # a fine-tune's config.json/tokenizer changes
+        echo(f"file      {name}: {_side_file_line(f, wide)}")
     if inspected and summary_line is not None:
         echo("inspect   " + summary_line(inspected))
     if info.get("suites"):

@@ -69,7 +69,7 @@ def compress(
             raise typer.Exit(3)
         return
     target = res.ref if res.ref else "(not tagged)"
-    console.print(f"compressed {ref} → [bold]{target}[/] {res.digest}  ({len(res.manifest.tensors)} tensors, "
+    console.print(f"compressed {ref} → {target} {res.digest}  ({len(res.manifest.tensors)} tensors, "
                   f"on {res.device})", soft_wrap=True)
     for line in report_lines(rep):
         console.print(line, soft_wrap=True, markup=False, highlight=False)

@@ -50,7 +50,7 @@ def eval_push(
     if json_out:
         emit_json({"digest": digest})
     else:
-        console.print(f"pushed suite [bold]{ref}[/] {digest}{' (control)' if control else ''}")
+        console.print(f"pushed suite {ref} {digest}{' (control)' if control else ''}")
 
 
 @eval_app.command("attach")
@@ -98,4 +98,5 @@ def render_merge_validation(v: dict[str, Any]) -> None:
         t.add_row(who, short(r["suite"]), r["task"], f"{r['alone']:.4f}", f"{r['merged']:.4f}", f"{r['normalized']:.3f}")
     console.print(t)
     color = {"pass": "green", "fail": "red"}.get(v["verdict"], "yellow")
-    console.print(f"verdict: [{color}]{v['verdict']}[/]" + (f" (min normalized {v['min_normalized']:.3f})" if v["min_normalized"] is not None else ""))
+    console.print(f"verdict: {v['verdict']}" + (f" (min normalized {v['min_normalized']:.3f})" if v["min_normalized"] is not None else ""),
+                  style=color)

@@ -10,10 +10,14 @@ same ``print_*`` functions of :mod:`patchctl.cli._common`). Anything else —
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from patchctl.errors import PatchctlError
+from patchctl.cli._common import safe
+from patchctl.errors import PatchctlError, PatchctlWarning
 
 if TYPE_CHECKING:
     import typer
@@ -168,10 +172,10 @@ def _run_typer(args: list[str]) -> int:
         return 2
     except click.UsageError as e:
         hint = f" (see `patchctl {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help`)".replace("  ", " ")
-        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+        print(f"error: {safe(e.format_message())}{hint}", file=sys.stderr)
         return 2
     except click.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
+        print(f"error: {safe(e.format_message())}", file=sys.stderr)
         return e.exit_code
     except typer.Abort as e:  # end of input at a prompt
         raise KeyboardInterrupt from e
@@ -179,17 +183,37 @@ def _run_typer(args: list[str]) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Each :class:`PatchctlWarning` raised meanwhile: one ``warning: ...`` line on stderr."""
+    saved = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        if not issubclass(category, PatchctlWarning):
+            return saved(message, category, *rest, **kw)
+        print(f"warning: {safe(str(message).splitlines()[0])}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PatchctlWarning)
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            warnings.showwarning = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a :class:`PatchctlError` becomes one line on stderr and its exit code; Ctrl-C exits 130."""
     args = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     try:
-        rv = _fast(args)
-        rv = rv if rv is not None else _run_typer(args)
+        with _one_line_warnings():
+            rv = _fast(args)
+            rv = rv if rv is not None else _run_typer(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe is then one more case below
         return rv
     except PatchctlError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {safe(msg)}", file=sys.stderr)  # messages quote names, files and remotes' answers
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,7 +46,10 @@ def merge(
     apply: Annotated[Path | None, typer.Option("--apply", help="Also write base + merged patch as a full model folder here (needs --base): an export, "
                   "built beside OUT and renamed onto it when the patch is committed; its files are not fsynced (the patch's blobs are).")] = None,
     base: Annotated[Path | None, typer.Option(help="Base model folder for --apply.")] = None,
-    recipe: Annotated[Path | None, typer.Option(help="YAML/JSON file with the same settings (inputs, method, weights, params, overrides, lines, lines_beta, as_lora, rank, dtype, seed); flags override it.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML/JSON file with the same settings (inputs, method, weights, params, overrides, lines, lines_beta, as_lora, rank, dtype, seed), "
+                   "or a mergekit YAML (merge_method, base_model, models: folders are imported); flags override it.")] = None,
+    emit_mergekit: Annotated[Path | None, typer.Option("--emit-mergekit", help="Also write the merge as a mergekit YAML here (models: the recipe's folders, "
+                          "else each patch applied to the base in FILE's stem + .models/).")] = None,
     message: MessageOpt = "",
     gate: Annotated[float, typer.Option(help="Validation gate: lowest normalized score a merge needs to move its tag.")] = 0.9,
     no_validate: NoValidateOpt = False,
@@ -58,6 +62,8 @@ def merge(
     json_out: JsonOpt = False,
 ) -> None:
     """Merge patches on one base into a new patch (diff, or LoRA with --as-lora)."""
+    from patchctl.errors import InvalidArgument
+    from patchctl.registry.ops.merging import mergekit
     from patchctl.registry.ops.merging.spec import (
         MergeSpec,
         parse_override,
@@ -68,6 +74,8 @@ def merge(
     _quick_exit()
 
     options: dict[str, Any] = read_recipe(recipe) if recipe is not None else {}
+    from_mergekit = "base_model" in options  # a mergekit recipe: its folders are imported, its base is the default --base
+    base_model = options.pop("base_model", None)
     params: dict[str, Any] = dict(options.pop("params", None) or {})
     for key, value in (("density", density), ("lambda", lam), ("gamma", gamma)):
         if value is not None:
@@ -91,10 +99,21 @@ def merge(
     if not ins:
         raise typer.BadParameter("give the patches to merge (or a --recipe with inputs)", param_hint="INPUTS")
     spec = MergeSpec(**options, params=params, device=device)  # the recipe's keys but inputs are its fields
+    if emit_mergekit is not None and mergekit.emit_problems(spec):
+        raise InvalidArgument("; ".join(mergekit.emit_problems(spec)))
+    folders = [i if from_mergekit and i.startswith(os.sep) else None for i in ins]
+    if apply is not None and base is None and base_model is not None:
+        base = Path(base_model)
     with open_registry(registry) as reg, Progress("merge", not json_out) as prog:
+        emit_base = None if emit_mergekit is None else mergekit.emit_base(
+            reg, emit_mergekit, ins, folders=folders, base=base if base is not None else base_model)
+        if any(folders):
+            ins = mergekit.import_folders(reg, ins, base_model, spec=spec)
         res = reg.merge(ins, as_ref, spec=spec, apply_to=apply, base=base, message=message, progress=prog,
                         validate=not no_validate, gate=gate, eval_device=eval_device, search=search,
                         budget=budget, with_control=with_control, force=force)
+        emitted = None if emit_base is None else mergekit.write_mergekit(
+            reg, emit_mergekit, ins, res.recipe, folders=folders, base=emit_base)
     for w in res.warnings:
         err_console.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
     if json_out:
@@ -102,11 +121,12 @@ def merge(
                    "recipe": res.recipe, "parents": list(res.manifest.parents), "rel_error": res.rel_error,
                    "tensor_rel_errors": res.tensor_errors or None,
                    "applied": str(res.applied) if res.applied else None,
-                   "validation": res.validation, "moved": res.moved, "held": res.held, "warnings": res.warnings})
+                   "validation": res.validation, "moved": res.moved, "held": res.held, "warnings": res.warnings,
+                   "mergekit_recipe": str(emitted) if emitted is not None else None})
         _exit_on_failed_gate(res)
         return
     m = res.manifest
-    console.print(f"merged [bold]{as_ref}[/] {res.digest}  ({m.kind}, {len(m.tensors)} tensors, "
+    console.print(f"merged {as_ref} {res.digest}  ({m.kind}, {len(m.tensors)} tensors, "
                   f"{human_bytes(m.stored_bytes)}, on {res.device})", soft_wrap=True)
     shown = {k: v for k, v in res.recipe.items() if k != "search"}
     console.print("recipe " + json.dumps(shown, sort_keys=True), soft_wrap=True, markup=False, highlight=False)
@@ -120,15 +140,17 @@ def merge(
                       soft_wrap=True, markup=False)
     if res.applied is not None:
         console.print(f"wrote {res.applied}")
+    if emitted is not None:
+        console.print(f"wrote mergekit recipe {emitted}", soft_wrap=True, markup=False, highlight=False)
     v = res.validation or {}
     if v.get("rows"):
         from patchctl.cli.evals import render_merge_validation
 
         render_merge_validation(v)
     elif v:
-        console.print(f"verdict: [yellow]{v['verdict']}[/] ({v.get('reason', '')})")
+        console.print(f"verdict: {v['verdict']} ({v.get('reason', '')})")
     if res.held:
-        console.print(f"[red]{as_ref} was not moved[/]: {res.held}; it is kept as {res.digest} "
+        console.print(f"{as_ref} was not moved: {res.held}; it is kept as {res.digest} "
                       "(--force moves the tag anyway)", soft_wrap=True)
     _exit_on_failed_gate(res)
 

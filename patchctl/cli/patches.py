@@ -31,22 +31,26 @@ def push(
     ref: Annotated[str | None, typer.Argument(help="NAME[:TAG] to store it under (tag defaults to latest).")] = None,
     base: Annotated[Path | None, typer.Option(help="Base model folder (needed for fine-tunes and diffs; PEFT adapters default to their base_model_name_or_path).")] = None,
     base_name: Annotated[str | None, typer.Option(help="Record the base as NAME@REVISION.")] = None,
+    force_base: Annotated[bool, typer.Option("--force-base", help="Accept --base although the adapter's config names another base.")] = False,
     message: Annotated[str, typer.Option("--message", "-m", help="Message kept in the ref history.")] = "",
     meta: Annotated[list[str] | None, typer.Option("--meta", help="KEY=VALUE user metadata (repeatable).")] = None,
     dtype: Annotated[str | None, typer.Option(help="Storage dtype of an imported diff (default: the fine-tune's).")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow .bin/.pt inputs, loaded with torch.load(weights_only=True).")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow a PEFT adapter_model.bin or a .bin/.pt diff file, loaded with torch.load(weights_only=True) (model folders must be safetensors).")] = False,
     no_latest: Annotated[bool, typer.Option("--no-latest", help="Do not move NAME:latest.")] = False,
     eval_suites: Annotated[list[str] | None, typer.Option("--eval", help="Eval suite that judges this patch (repeatable).")] = None,
     to: Annotated[str | None, typer.Option("--to", help="Publish the local NAME[:TAG] (SRC) to a remote: a name from `patchctl remote ls`, a registry folder, hf://ORG/REPO, oci://HOST/NAMESPACE or oci://HOST/REPOSITORY:TAG.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain HTTP to an explicit oci+http:// registry that is not on loopback (never turns off TLS checks).")] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Import a patch into the registry (or, with --to, publish one to a remote)."""
+    if insecure and to is None:
+        raise typer.BadParameter("--insecure goes with --to oci+http://...", param_hint="--insecure")
     if to is not None:
         if ref is not None:
             raise typer.BadParameter("with --to, give only the NAME[:TAG] to publish")
         with open_registry(registry) as reg, Progress("push", not json_out) as prog:
-            res = reg.publish(src, to, progress=prog)
+            res = reg.publish(src, to, progress=prog, insecure=insecure)
         if json_out:
             emit_json(res)
         else:
@@ -62,7 +66,8 @@ def push(
         metadata[k] = v
     with open_registry(registry) as reg:
         digest = reg.push(src, ref, base=base, base_name=base_name, message=message, metadata=metadata,
-                          dtype=dtype, trust_pickle=trust_pickle, move_latest=not no_latest, evals=eval_suites)
+                          dtype=dtype, trust_pickle=trust_pickle, move_latest=not no_latest, evals=eval_suites,
+                          force_base=force_base)
         info = reg.show(digest)
     if json_out:
         emit_json({"digest": digest, "refs": info["refs"], "kind": info["kind"], "stored_bytes": info["stored_bytes"]})
@@ -90,7 +95,7 @@ def show(
     json_out: JsonOpt = False,
     wide: WideOpt = False,
 ) -> None:
-    """Show a patch: kind, base, size, params, lineage, metadata."""
+    """Show a patch: kind, base, size, params, lineage, metadata, and a fine-tune's config/tokenizer changes."""
     with open_registry(registry) as reg:
         info = reg.show(ref)
         inspected = reg.inspection(info["digest"])
@@ -151,11 +156,12 @@ def export(
     out: Annotated[Path, typer.Argument(help="Output folder (peft) or .safetensors file (diff).")],
     format: Annotated[str, typer.Option("--format", "-f", help="peft | diff (default: diff for a .safetensors OUT or a non-LoRA patch, else peft; a LoRA exports as diff as its dense ΔW).")] = "auto",
     dtype: Annotated[str | None, typer.Option(help="dtype of exported diff tensors.")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="diff: add each tensor's exactness pins (NAME::pin_index, NAME::pin_values), so base + diff equals the fine-tune bit for bit.")] = False,
     registry: RegistryOpt = None,
 ) -> None:
-    """Export a patch as a PEFT folder or a diff safetensors file."""
+    """Export a patch as a PEFT folder or a diff safetensors file (its __metadata__ says how to apply it)."""
     with open_registry(registry) as reg:
-        path = reg.export(ref, out, format, dtype)
+        path = reg.export(ref, out, format, dtype, exact)
     echo(f"wrote {path}")
 
 

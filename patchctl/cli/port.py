@@ -85,7 +85,7 @@ def _render(r: dict[str, Any]) -> None:
     for w in r["warnings"]:
         err_console.print(f"warning: {w}")
     verdict = s["verdict"]
-    console.print(f"verdict   [bold]{verdict}[/]" + "".join(f"\n  - {x}" for x in s["reasons"]))
+    console.print(f"verdict   {verdict}" + "".join(f"\n  - {x}" for x in s["reasons"]))
     if r["dry_run"]:
         console.print(f"dry run: nothing written (would be {r['ref']})")
         return
@@ -101,12 +101,12 @@ def _render(r: dict[str, Any]) -> None:
                       f"{row['old_patched']:.4f}; new base {row['new_base']:.4f} → ported {row['new_ported']:.4f}: "
                       f"gain recovered {rec}", soft_wrap=True, markup=False, highlight=False)
     if v:
-        console.print(f"validation [bold]{v['verdict']}[/]" + (f" ({v['reason']})" if v.get("reason") else
+        console.print(f"validation {v['verdict']}" + (f" ({v['reason']})" if v.get("reason") else
                       f" (gate {v['gate']:g})"))
     if r.get("moved"):
         console.print(f"ported {r['ref']} {r['digest']}")
     else:
-        console.print(f"[red]{r['ref']} was not moved[/]: the port recovered less than the gate; "
+        console.print(f"{r['ref']} was not moved: the port recovered less than the gate; "
                       f"it is kept as {r['digest']}")
 
 

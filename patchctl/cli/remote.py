@@ -75,7 +75,10 @@ def _open_browser(host: str, port: int, token: str | None) -> None:
 @app.command()
 def pull(
     ref: Annotated[str, typer.Argument(help="REMOTE/NAME[:TAG]; NAME[:TAG] with --from or when one remote is configured; or oci://HOST/REPOSITORY[:TAG].")],
-    from_: Annotated[str | None, typer.Option("--from", help="Remote name, URL, registry folder or hf://ORG/REPO.")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Remote name, URL, registry folder, hf://ORG/REPO or hf://ORG/REPO/FOLDER.")] = None,
+    subfolder: Annotated[str | None, typer.Option(help="hf:// only: the folder of the repo that holds the adapter (or the patchctl layout).")] = None,
+    base: Annotated[str | None, typer.Option(help="hf:// PEFT adapters: the base model folder, or a model id in the local Hugging Face cache (default: the adapter's base_model_name_or_path).")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="hf:// PEFT adapters: load an adapter_model.bin with torch.load(weights_only=True).")] = False,
     workers: Annotated[int, typer.Option(min=1, max=32, help="Parallel blob downloads.")] = 4,
     max_manifest_bytes: Annotated[int, typer.Option(min=1, help="Refuse a manifest larger than this (bytes).")] = 4 << 20,
     max_blobs: Annotated[int, typer.Option(min=1, help="Refuse a patch of more blobs than this.")] = 100_000,
@@ -83,6 +86,7 @@ def pull(
     timeout: Annotated[float, typer.Option(min=0.001, help="Give up when the download takes longer (seconds).")] = 6 * 3600.0,
     min_rate: Annotated[float, typer.Option(min=0, help="Give up when less than this arrives a second, over each --rate-window (bytes/s).")] = 1024.0,
     rate_window: Annotated[float, typer.Option(min=0.001, help="Seconds over which --min-rate is measured.")] = 60.0,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain HTTP to an explicit oci+http:// registry that is not on loopback (never turns off TLS checks).")] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -96,13 +100,18 @@ def pull(
     limits = PullLimits(max_manifest_bytes=max_manifest_bytes, max_blobs=max_blobs, max_blob_bytes=max_blob_bytes,
                         deadline=timeout, min_rate=min_rate, rate_window=rate_window)
     with open_registry(registry) as reg, Progress("pull", not json_out) as prog:
-        res = reg.pull(ref, from_, progress=prog, workers=workers, limits=limits)
+        res = reg.pull(ref, from_, progress=prog, workers=workers, limits=limits, insecure=insecure,
+                       subfolder=subfolder, base=base, trust_pickle=trust_pickle)
     if json_out:
         emit_json(res)
-    else:
-        console.print(f"pulled [bold]{res['ref']}[/] {res['digest']} from {res['remote']}: "
+    elif "blobs_fetched" in res:
+        console.print(f"pulled {res['ref']} {res['digest']} from {res['remote']}: "
                       f"{res['blobs_fetched']} blobs fetched ({human_bytes(res['bytes_transferred'])}), "
-                      f"{res['blobs_skipped']} already here")
+                      f"{res['blobs_skipped']} already here", soft_wrap=True)
+    else:  # a PEFT adapter imported from the Hub
+        console.print(f"imported {res['ref']} {res['digest']} from {res['source_ref']}: PEFT adapter, "
+                      f"{res['tensors']} tensors ({human_bytes(res['bytes_read'])} read), base {res['base']}",
+                      soft_wrap=True)
 
 
 @remote_app.command("add")
@@ -110,12 +119,13 @@ def remote_add(
     name: Annotated[str, typer.Argument(help="Short name (lowercase letters, digits, _ -).")],
     url: Annotated[str, typer.Argument(help="http(s)://HOST:PORT, a registry folder (/path, file:///path), hf://ORG/REPO or oci://HOST[:PORT]/NAMESPACE.")],
     token_file: Annotated[Path | None, typer.Option(help="File with the bearer token for an HTTP remote.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain HTTP to an explicit oci+http:// registry that is not on loopback (never turns off TLS checks).")] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Add a remote."""
     with open_registry(registry) as reg:
-        r = reg.add_remote(name, url, token_file)
+        r = reg.add_remote(name, url, token_file, insecure=insecure)
     if json_out:
         emit_json(r)
     else:
@@ -149,6 +159,7 @@ def login(
     host: Annotated[str, typer.Argument(help="Registry HOST[:PORT] (as in oci://HOST[:PORT]/NAMESPACE).")],
     username: Annotated[str, typer.Option("--username", "-u", help="User name.")],
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password (or token) from stdin.")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain HTTP to an explicit oci+http:// registry that is not on loopback (never turns off TLS checks).")] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -162,7 +173,8 @@ def login(
         raise typer.BadParameter("give the password on stdin with --password-stdin (never as an argument)")
     password = read_password(sys.stdin, host)
     with open_registry(registry) as reg:
-        res = do_login(reg.store.root, host, Credentials(username, password, f"`patchctl login {host}`"))
+        res = do_login(reg.store.root, host, Credentials(username, password, f"`patchctl login {host}`"),
+                       insecure=insecure)
     if json_out:
         emit_json(res)
     else:

@@ -105,11 +105,13 @@ def banner(text: str) -> None:
     print(f"\n{'=' * 78}\n{text}\n{progress}\n{'=' * 78}", flush=True)
 
 
-def compress_step(number: int) -> None:
-    """Compress both full fine-tunes (ComPEFT ternary, d = 0.1, κ = 4) and score them next to the originals."""
-    banner(f"{number}. Compress the full fine-tunes: ComPEFT ternary, density 0.1, alpha = 4 x std; validate them")
+def compress_step(number: int, full: bool) -> None:
+    """Compress the full fine-tunes (ComPEFT ternary, d = 0.1, κ = 4) and score them next to the originals
+    (the WordNet one; both with ``--full``)."""
+    banner(f"{number}. Compress the full fine-tune{'s' if full else ''}: ComPEFT ternary, density 0.1, "
+           "alpha = 4 x std; validate")
     rows = []
-    for task in ("wordnet", "fortunes"):
+    for task in ("wordnet", "fortunes") if full else ("wordnet",):
         src, ref = f"minilm/{task}-full:v1", f"minilm/{task}-full:v1-d0.1"
         sh("compress", src, "--density", "0.1", "--kappa", "4", "--as", ref, "--no-latest", "-m", f"ComPEFT d=0.1 of {task}")
         sh("eval", "attach", ref, f"minilm/evals-{task}:v1")  # compress attaches its source's suites already
@@ -201,21 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     sh("apply", "minilm/fortunes-lora:v1", work / "fortunes-lora-applied", "--base", base)
 
     tok = tasks.load_tokenizer()
+    # each model on the task it was trained for (the base on both): what went in, and what came back out
     rows = [
-        ("base all-MiniLM-L6-v2", base),
-        ("full fine-tune wordnet (trained)", trained["full", "wordnet"]),
-        ("  … pushed, applied from registry", work / "wordnet-full-applied"),
-        ("LoRA wordnet (trained)", trained["lora", "wordnet"]),
-        ("  … pushed, exported as PEFT", work / "wordnet-lora-peft"),
-        ("full fine-tune fortunes (trained)", trained["full", "fortunes"]),
-        ("LoRA fortunes (trained)", trained["lora", "fortunes"]),
-        ("  … pushed, applied from registry", work / "fortunes-lora-applied"),
+        ("base all-MiniLM-L6-v2", base, ("wordnet", "fortunes")),
+        ("full fine-tune wordnet (trained)", trained["full", "wordnet"], ("wordnet",)),
+        ("  … pushed, applied from registry", work / "wordnet-full-applied", ("wordnet",)),
+        ("LoRA wordnet (trained)", trained["lora", "wordnet"], ("wordnet",)),
+        ("  … pushed, exported as PEFT", work / "wordnet-lora-peft", ("wordnet",)),
+        ("LoRA fortunes (trained)", trained["lora", "fortunes"], ("fortunes",)),
+        ("  … pushed, applied from registry", work / "fortunes-lora-applied", ("fortunes",)),
     ]
     print(f"\n{'model':38s} {'wordnet':>8s} {'fortunes':>9s}   (test accuracy)")
-    for label, path in rows:
+    for label, path, on in rows:
         model = tasks.load_model(path)
-        accs = [tasks.accuracy(model, tok, tasks.load_task(t), "test") for t in names]
-        print(f"{label:38s} {accs[0]:8.3f} {accs[1]:9.3f}", flush=True)
+        accs = [tasks.accuracy(model, tok, tasks.load_task(t), "test") if t in on else None for t in names]
+        shown = [f"{a:.3f}" if a is not None else "" for a in accs]
+        print(f"{label:38s} {shown[0]:>8s} {shown[1]:>9s}", flush=True)
     if args.keep:
         print(f"\nexported and applied models are in {work}")
 
@@ -223,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     merges = [
         ("task arithmetic", ["--method", "task_arithmetic"], "minilm/merged:ta"),
         ("TIES (density 0.2, lambda 1.5)", ["--method", "ties", "--density", "0.2", "--lambda", "1.5"], "minilm/merged:ties"),
-        ("TIES + LiNeS (auto alpha, beta 1)", ["--method", "ties", "--density", "0.2", "--lambda", "1.5",
-                                                "--lines", "auto", "--lines-beta", "1.0"], "minilm/merged:ties-lines"),
     ]
+    if args.full:
+        merges.append(("TIES + LiNeS (auto alpha, beta 1)", ["--method", "ties", "--density", "0.2", "--lambda", "1.5",
+                                                             "--lines", "auto", "--lines-beta", "1.0"],
+                       "minilm/merged:ties-lines"))
     results = []
     for label, flags, ref in merges:
         print(f"\n--- {label}")
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sh("merge", "minilm/wordnet-full:v1", "minilm/fortunes-full:v1", "--lambda", "5", "--as", "minilm/merged:bad",
            check=False)
     print(f"(exit code {p.returncode})")
-    sh("log", "minilm/merged:ties-lines")
+    sh("log", merges[-1][2])
 
     print(f"\n{'merge':38s} {'wordnet':>8s} {'fortunes':>9s} {'control':>8s} {'mean norm.':>10s} verdict"
           "   (test accuracy)")
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.full:
         banner("6. Port the WordNet fine-tune to the int8 release of the base (version 2)")
         port_demo(work, base, args.cache, tok)
-    compress_step(6 if not args.full else 7)
+    compress_step(6 if not args.full else 7, args.full)
     if args.full:
         search_step()
     spent = time.perf_counter() - _T0

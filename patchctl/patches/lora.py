@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - a dependency; without it every key goe
 
 __all__ = [
     "cat_lora",
+    "dora_weight",
     "lora_delta",
     "lora_embedding_delta",
     "lora_scaling",
@@ -99,6 +100,34 @@ def lora_embedding_delta(A: Tensor, B: Tensor, scaling: float) -> Tensor:
     ``lora_embedding_B`` ``[dim, r]`` (peft's ``Embedding.get_delta_weight``).
     """
     return lora_delta(A, B, scaling, fan_in_fan_out=True)
+
+
+def dora_weight(W: Tensor, delta: Tensor, magnitude: Tensor, fan_in_fan_out: bool = False) -> Tensor:
+    """DoRA's merged weight ``m / ‖W + ΔW‖ · (W + ΔW)``, in float32, for a base weight ``W``.
+
+    ``delta`` is the LoRA update in ``W``'s layout (:func:`lora_delta`, scaling applied);
+    ``magnitude`` is ``lora_magnitude_vector`` (one entry per output feature). The norm is
+    taken over the input features of each output feature: row-wise for ``[out, in]``, and
+    column-wise when ``fan_in_fan_out`` (``W`` stored ``[in, out]``; also an embedding's
+    ``[num_embeddings, dim]``, one entry per ``dim``). The operations are peft's
+    (``DoraLinearVariant.merge_unsafe``, ``DoraLinearLayer.get_weight_norm``) in the same order,
+    so with float32 inputs the result is peft's merge bit for bit. Returns float32 (float64
+    when ``W`` is float64); the caller rounds it once to ``W``'s dtype.
+    """
+    acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W32 = W.to(acc)
+    d = delta.to(device=W.device, dtype=acc)
+    m = magnitude.to(device=W.device, dtype=acc).reshape(-1)
+    out_features = W32.shape[1] if fan_in_fan_out else W32.shape[0]
+    if W32.dim() != 2 or tuple(d.shape) != tuple(W32.shape) or m.numel() != out_features:
+        raise ShapeMismatch(f"DoRA: weight {tuple(W.shape)}, update {tuple(delta.shape)} and magnitude "
+                            f"{tuple(magnitude.shape)} do not fit (fan_in_fan_out={fan_in_fan_out})")
+    Wt, dt = (W32.T, d.T) if fan_in_fan_out else (W32, d)
+    norm = torch.linalg.norm(Wt + 1 * dt, dim=1).to(acc)
+    factor = (m / norm).view(-1, 1)
+    if fan_in_fan_out:
+        factor = factor.T
+    return factor * (W32 + d)
 
 
 def pattern_value(module_name: str, pattern: Mapping[str, T], default: T) -> T:

@@ -102,20 +102,28 @@ class Registry(Repository):
 
     # -- remotes (registry/remote/) -------------------------------------------------------
     def pull(self, ref: str, remote: str | None = None, *, progress: Progress = None,
-             workers: int = 4, limits: PullLimits | None = None) -> dict[str, Any]:
+             workers: int = 4, limits: PullLimits | None = None, insecure: bool = False,
+             subfolder: str | None = None, base: str | os.PathLike[str] | None = None,
+             trust_pickle: bool = False) -> dict[str, Any]:
         """Pull ``REMOTE/NAME[:TAG]`` (or ``NAME[:TAG]`` from ``remote``, a name or URL); a summary.
 
-        ``limits`` caps what the remote may make it cost (:class:`~patchctl.registry.remote.limits.PullLimits`).
+        From an ``hf://`` remote only: ``subfolder``, the folder in the repo; for a PEFT adapter,
+        ``base`` (a folder, or a model id in the local Hugging Face cache) and ``trust_pickle``.
+
+        ``limits`` caps what the remote may make it cost (:class:`~patchctl.registry.remote.limits.PullLimits`);
+        ``insecure`` allows plain HTTP to an explicit ``oci+http://`` registry that is not on loopback.
         """
+        from patchctl.registry.remote.hub import HubPull
         from patchctl.registry.remote.sync import pull
 
-        return pull(self, ref, remote, progress=progress, workers=workers, limits=limits)
+        hub = HubPull(subfolder, None if base is None else os.fspath(base), trust_pickle)
+        return pull(self, ref, remote, progress=progress, workers=workers, limits=limits, insecure=insecure, hub=hub)
 
-    def publish(self, ref: str, remote: str, *, progress: Progress = None) -> dict[str, Any]:
-        """Copy the local ``NAME[:TAG]`` to a registry-folder or ``hf://`` remote; a summary."""
+    def publish(self, ref: str, remote: str, *, progress: Progress = None, insecure: bool = False) -> dict[str, Any]:
+        """Copy the local ``NAME[:TAG]`` to a registry-folder, ``hf://`` or ``oci://`` remote; a summary."""
         from patchctl.registry.remote.sync import publish
 
-        return publish(self, ref, remote, progress=progress)
+        return publish(self, ref, remote, progress=progress, insecure=insecure)
 
     def remotes(self) -> list[dict[str, Any]]:
         """The configured remotes (``remotes.json``)."""
@@ -123,10 +131,11 @@ class Registry(Repository):
 
         return [r.to_json() for _, r in sorted(remotes.load_remotes(self.store).items())]
 
-    def add_remote(self, name: str, url: str, token_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    def add_remote(self, name: str, url: str, token_file: str | os.PathLike[str] | None = None,
+                   insecure: bool = False) -> dict[str, Any]:
         from patchctl.registry.remote import config as remotes
 
-        return remotes.add_remote(self.store, name, url, token_file).to_json()
+        return remotes.add_remote(self.store, name, url, token_file, insecure=insecure).to_json()
 
     def remove_remote(self, name: str) -> dict[str, Any]:
         from patchctl.registry.remote import config as remotes
@@ -166,11 +175,13 @@ class Registry(Repository):
         return maintenance.fsck(self, rebuild_index=rebuild_index, repair=repair, fetch=fetch)
 
     # -- export / apply ----------------------------------------------------------
-    def export(self, ref: str, out: str | os.PathLike[str], format: str = "auto", dtype: str | None = None) -> Path:
+    def export(self, ref: str, out: str | os.PathLike[str], format: str = "auto", dtype: str | None = None,
+               exact: bool = False) -> Path:
         """Write a patch as a PEFT folder (``peft``) or a diff safetensors file (``diff``).
 
         ``auto`` picks ``diff`` for a ``.safetensors`` path (a LoRA as its dense ΔW) or a non-LoRA
-        patch, else ``peft``.
+        patch, else ``peft``. ``exact`` (diff): add the exactness pins, so base + diff equals the
+        fine-tune bit for bit (:func:`patchctl.registry.ops.exporting.export_diff`).
         """
         from patchctl.registry.ops.exporting import export_diff, export_peft
 
@@ -183,7 +194,7 @@ class Registry(Repository):
         if fmt == "peft":
             return export_peft(view, Path(out))
         if fmt == "diff":
-            return export_diff(view, Path(out), dtype)
+            return export_diff(view, Path(out), dtype, exact)
         raise InvalidArgument(f"unknown export format {format!r}: choose peft or diff")
 
     def apply(self, ref: str, base: str | os.PathLike[str], out: str | os.PathLike[str], progress: Progress = None) -> Path:

@@ -477,7 +477,8 @@ def create_app(registry: str | os.PathLike[str] | None = None, token: str | None
             Exception: _internal_error,
         },
     )
-    return TokenCookie(Guard(OciArtifacts(app, store), token), token)  # a browser sends the token once as ?token=
+    oci_layer = OciArtifacts(app, store, tags_of=lambda digest: h.r.registry().index.tags_of(digest))
+    return TokenCookie(Guard(oci_layer, token), token)  # a browser sends the token once as ?token=  # a browser sends the token once as ?token=
 
 
 def bind(host: str = "127.0.0.1", port: int = 8080) -> socket.socket:

@@ -13,8 +13,9 @@ An ASGI layer in front of the server's router (inside the token guard):
   ``{}`` of a referrer is served too.
 - ``GET /v2/<name>/referrers/<digest>[?artifactType=]`` answers the OCI 1.1
   referrers index of a patch's OCI manifest: its validation records as one
-  referrer (:func:`patchctl.registry.remote.oci.records_manifest`, the same
-  bytes a push writes), which is then served by digest like the patch.
+  referrer (:func:`patchctl.registry.remote.oci.records_manifest`) and each
+  attached eval suite as one (:func:`patchctl.registry.remote.oci.suite_referrer`),
+  the same bytes a push writes, then served by digest like the patch.
 
 Everything else — patchctl's own client, which asks for its media type,
 browsers, the JSON API — goes to the router unchanged, so older clients keep
@@ -29,6 +30,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -65,8 +67,9 @@ class OciArtifacts:
 
     CACHE = 4096
 
-    def __init__(self, app: Any, store: Store):
+    def __init__(self, app: Any, store: Store, tags_of: Callable[[str], list[str]] | None = None):
         self.app, self.store = app, store
+        self.tags_of = tags_of or (lambda digest: [])  # a suite's refs (the index), for its referrer's annotation
         self._by_oci: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # OCI digest → (name, OCI bytes)
         self._lock = threading.Lock()
 
@@ -129,15 +132,32 @@ class OciArtifacts:
         self._remember(name, body)
         return body
 
+    def _suites_of(self, name: str, digest: str, oci_body: bytes) -> list[bytes]:
+        """The eval-suite referrers of patch ``digest``: the OCI manifests ``push --to oci://`` writes."""
+        subject = ("sha256:" + hashlib.sha256(oci_body).hexdigest(), len(oci_body))
+        out = []
+        for e in records.read(self.store, digest):
+            if e.get("type") != "suite":
+                continue
+            sd = e["suite"]
+            data = self.store.read_manifest_bytes(sd)  # verifies the sha256
+            body = oci.suite_referrer(oci.suite_ref_of(self.tags_of(sd), sd), str(e.get("role", "target")),
+                                      manifest_mod.parse(data), data, sd, subject)
+            self._remember(name, body)
+            out.append(body)
+        return out
+
     def _referrers(self, name: str, digest: str, query: str) -> Response:
         if len(name) > 128 or not NAME_RE.fullmatch(name):
             return _error(400, "NAME_INVALID", f"invalid repository name {name[:140]!r}")
         wanted = parse_qs(query).get("artifactType", [])
         manifests = []
+        suites: list[bytes] = []
         try:
             subject = self._by_digest(name, digest)
             patch = json.loads(subject)["config"]["digest"]
             body = self._records_of(name, patch, subject)
+            suites = self._suites_of(name, patch, subject)
         except NotFound:
             body = None  # an unknown subject has no referrers (the spec: an empty index, not 404)
         except (PatchctlError, OSError) as e:
@@ -145,6 +165,9 @@ class OciArtifacts:
         if body is not None and (not wanted or oci.RECORDS_ARTIFACT_TYPE in wanted):
             manifests.append({"mediaType": oci.OCI_MANIFEST, "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
                               "size": len(body), "artifactType": oci.RECORDS_ARTIFACT_TYPE})
+        if not wanted or oci.SUITE_ARTIFACT_TYPE in wanted:
+            manifests.extend({"mediaType": oci.OCI_MANIFEST, "digest": "sha256:" + hashlib.sha256(s).hexdigest(),
+                              "size": len(s), "artifactType": oci.SUITE_ARTIFACT_TYPE} for s in suites)
         headers = {"OCI-Filters-Applied": "artifactType"} if wanted else {}
         doc = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": manifests}
         return Response(json.dumps(doc, sort_keys=True).encode(), media_type=oci.OCI_INDEX, headers=headers)
@@ -189,6 +212,9 @@ class OciArtifacts:
                 rec = self._records_of(name, target, body)
                 if rec is not None and "sha256:" + hashlib.sha256(rec).hexdigest() == digest:
                     return rec
+                for s in self._suites_of(name, target, body):
+                    if "sha256:" + hashlib.sha256(s).hexdigest() == digest:
+                        return s
         raise NotFound(f"no OCI manifest {digest} for {name} on this server")
 
     def _config(self, digest: str, head: bool) -> Response:

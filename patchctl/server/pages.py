@@ -353,6 +353,15 @@ class Browser:
                 changes.append({"target": c.target, "norm": st["norm"], "numel": e.numel,
                                 "nnz": round(st["density"] * e.numel)})
                 continue
+            if c.op in ("dora", "rows"):  # DoRA, trainable tokens: ΔW = new − W_base needs the base
+                ck = self._checkpoint(m.fingerprint)
+                key = ck.resolve(c.target) if ck is not None else None
+                if key is None:
+                    continue
+                d = view.delta(c, ck.read(key)).double()
+                changes.append({"target": c.target, "norm": float(d.norm()), "numel": d.numel(),
+                                "nnz": int(d.count_nonzero())})
+                continue
             d = view.value(c).double()  # a LoRA module's ΔW = B·A·scaling, or a replaced tensor's new value
             if c.op == "replace":
                 ck = self._checkpoint(m.fingerprint)

@@ -21,8 +21,11 @@ def locate(base: str | os.PathLike[str]) -> Path:
     """A base model folder: ``base`` itself, or the snapshot of the model id ``base``
     (``NAME[@REVISION]``) in the local Hugging Face cache. Never downloads."""
     p = Path(base).expanduser()
-    if p.is_dir():
-        return p
+    try:
+        if p.is_dir():
+            return p
+    except OSError:  # ENAMETOOLONG (an adapter config's hint of thousands of characters): not a folder
+        pass
     name, _, rev = str(base).partition("@")
     try:
         from huggingface_hub import snapshot_download

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,22 +36,41 @@ from patchctl.errors import (
     InvalidArgument,
     InvalidPatch,
     NotFound,
+    PatchctlError,
+    PatchctlWarning,
     PickleRefused,
     ShapeMismatch,
     UnsupportedPatch,
 )
-from patchctl.registry.formats.bases import base_doc, locate
+from patchctl.registry.formats import sidefiles
+from patchctl.registry.formats.bases import base_doc, locate, public_name
 from patchctl.registry.formats.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from patchctl.registry.formats.content import content_digest
 from patchctl.registry.formats.safetensors import (
     FLOAT_DTYPES,
     SafetensorsFile,
     dtype_name,
     torch_dtype,
 )
+from patchctl.registry.formats.sidefiles import SideChanges
+from patchctl.registry.ops.exporting import PIN_INDEX, PIN_VALUES
 from patchctl.registry.store import records
 from patchctl.registry.store.manifest import Manifest, TensorEntry
 from patchctl.registry.store.names import parse_ref
-from patchctl.registry.store.views import _LORA_KEY, PatchView, check_against_base, strip_peft
+from patchctl.registry.store.views import (
+    _EXTRA_KEY,
+    _LORA_KEY,
+    _TOKENS_KEY,
+    FILE_PREFIX,
+    HEADER_SUFFIX,
+    Change,
+    PatchView,
+    check_against_base,
+    strip_peft,
+    tied_changes,
+    tied_targets,
+    token_rows,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -77,13 +98,14 @@ class Imported:
     shapes: dict[str, tuple[str, tuple[int, ...]]] | None = None  # name -> (dtype, shape), when known up front
     recipe: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    side: SideChanges | None = None  # a fine-tune's config.json/tokenizer/generation changes (a diff)
 
 
 def detect(src: Path) -> str:
     if not src.exists():
         raise NotFound(f"{str(src)!r} does not exist")
     if src.is_dir():
-        if (src / ADAPTER_CONFIG).is_file():
+        if find_adapter(src) is not None:
             return "peft"
         return "checkpoint"
     if src.suffix == ".safetensors":
@@ -113,10 +135,43 @@ def _load_pickle(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 # -- PEFT ---------------------------------------------------------------------
+ADAPTER_CARD = "README.md"
+#: Options of a LoRA adapter_config.json that patchctl cannot merge into a base: (key, when set, why).
+_UNSUPPORTED_OPTIONS: tuple[tuple[str, str], ...] = (
+    ("layer_replication", "it stacks copies of base layers, so the adapted model is not the base's shape"),
+    ("target_parameters", "LoRA on bare nn.Parameters (MoE experts) is not handled"),
+    ("alora_invocation_tokens", "activated LoRA (aLoRA) changes only tokens after its invocation, "
+                                "so it has no merged weights"),
+    ("use_qalora", "QA-LoRA pools its inputs; its update is not B @ A"),
+    ("use_bdlora", "block-diagonal LoRA factors are not handled"),
+    ("arrow_config", "Arrow routes between adapters per token; it has no merged weights"),
+    ("kasa_config", "KaSA truncates the base weight's singular values, so it needs a changed base"),
+    ("monteclora_config", "MonteCLoRA samples its factors; it has no single merged weight"),
+)
+#: init_lora_weights values whose adapters need a base that the initialisation changed.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def find_adapter(folder: Path) -> Path | None:
+    """The folder holding the adapter's ``adapter_config.json``: ``folder`` itself or, as PEFT saves an
+    adapter with a name other than ``default``, its one subfolder that holds one."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        return folder
+    try:
+        subs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / ADAPTER_CONFIG).is_file())
+    except OSError:
+        return None
+    if len(subs) > 1:
+        names = ", ".join(p.name for p in subs[:5])
+        raise InvalidArgument(f"{folder} holds {len(subs)} PEFT adapters ({names}); push one of them: "
+                              f"{folder / subs[0].name}")
+    return subs[0] if subs else None
+
+
 def read_peft_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json)
     except json.JSONDecodeError as e:
         raise InvalidPatch(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
     except (ValueError, RecursionError) as e:  # not UTF-8, an int of 4300+ digits, nesting too deep
@@ -124,6 +179,11 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
     except OSError as e:
         raise InvalidPatch(f"{path}: cannot read: {e.strerror}") from None
     return check_peft_config(cfg, str(path))
+
+
+def _not_json(name: str) -> Any:
+    """NaN or Infinity anywhere in a config: was a ValueError when the manifest (canonical JSON) was written."""
+    raise ValueError(f"{name} is not JSON (a patch records its config as canonical JSON)")
 
 
 def check_peft_config(cfg: Any, where: str = ADAPTER_CONFIG) -> dict[str, Any]:
@@ -134,12 +194,27 @@ def check_peft_config(cfg: Any, where: str = ADAPTER_CONFIG) -> dict[str, Any]:
         raise InvalidPatch(f"{where}: no peft_type; is this a PEFT adapter?")
     if ptype != "LORA":
         raise UnsupportedPatch(f"{where}: unsupported peft_type {ptype!r}; patchctl handles LORA adapters")
-    if cfg.get("use_dora"):
-        raise UnsupportedPatch(f"{where}: DoRA adapters (use_dora: true) are not supported yet")
+    for key, why in _UNSUPPORTED_OPTIONS:
+        if cfg.get(key) not in (None, False, [], {}):
+            raise UnsupportedPatch(f"{where}: {key}={json.dumps(cfg[key])[:60]} is not supported: {why}")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        raise UnsupportedPatch(f"{where}: init_lora_weights={init!r} changed the base weights when the adapter was "
+                               "made, so it does not apply to the original base; save it with PEFT's "
+                               "path_initial_model_for_weight_conversion to get a plain LoRA")
+    if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise InvalidPatch(f"{where}: bias must be \"none\", \"all\" or \"lora_only\", got {cfg['bias']!r:.40}")
+    for key in ("use_dora", "lora_bias"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise InvalidPatch(f"{where}: {key} must be true or false")
     check_lora_numbers(cfg, where)
     tm = cfg.get("target_modules")
     if tm is not None and not isinstance(tm, (str, list)):
         raise InvalidPatch(f"{where}: target_modules must be a string or a list")
+    hint = cfg.get("base_model_name_or_path")
+    if hint is not None and not isinstance(hint, str):  # was a TypeError where the base was looked up
+        raise InvalidPatch(f"{where}: base_model_name_or_path must be a string (a Hub id or a folder), "
+                           f"got {json.dumps(hint)[:40]}")
     for key in ("fan_in_fan_out", "use_rslora"):
         if key in cfg and not isinstance(cfg[key], bool):
             raise InvalidPatch(f"{where}: {key} must be true or false")
@@ -200,13 +275,37 @@ def _finite(x: Any) -> bool:
 
 
 def import_peft(folder: Path, trust_pickle: bool = False) -> Imported:
+    """A PEFT LoRA folder (or its parent, PEFT's layout for an adapter not named ``default``).
+
+    Besides the tensors, the files a byte-identical export needs are kept as ``uint8`` entries under
+    :data:`~patchctl.registry.store.views.FILE_PREFIX`: ``adapter_config.json`` as read, the
+    safetensors header (its order and ``__metadata__``), and the model card ``README.md`` (next to the
+    config, or in the parent folder PEFT writes it to for a named adapter).
+    """
+    top = folder
+    folder = find_adapter(folder) or folder
     cfg = read_peft_config(folder)
+    hint = cfg.get("base_model_name_or_path")
+    files: dict[str, bytes] = {ADAPTER_CONFIG: (folder / ADAPTER_CONFIG).read_bytes()}
+    for card in (folder / ADAPTER_CARD, top / ADAPTER_CARD):
+        if card.is_file():
+            files[ADAPTER_CARD] = card.read_bytes()
+            break
+    public = public_name(hint) if isinstance(hint, str) else hint
+    if isinstance(hint, str) and public != hint:
+        # the trainer's local path: the patch (and anything `serve` publishes) names only the folder, so the
+        # same adapter gets the same digest wherever it was trained; export then says that name instead
+        cfg = {**cfg, "base_model_name_or_path": public}
+        files = {k: v.replace(hint.encode(), (public or "").encode()) for k, v in files.items()}
     st = folder / ADAPTER_WEIGHTS
     if st.is_file():
         f = SafetensorsFile(st)
         names = sorted(f.tensors)
         shapes = {n: f.tensors[n].shape for n in names}
         dtypes = {n: f.tensors[n].dtype for n in names}
+        with open(st, "rb") as fh:  # the header SafetensorsFile checked: 8-byte length + JSON, as written
+            head = fh.read(8)
+            files[ADAPTER_WEIGHTS + HEADER_SUFFIX] = head + fh.read(int.from_bytes(head, "little"))
 
         def load(n: str) -> torch.Tensor:
             return f.read(n)
@@ -223,15 +322,24 @@ def import_peft(folder: Path, trust_pickle: bool = False) -> Imported:
     if not names:
         raise InvalidPatch(f"{folder}: the adapter has no tensors")
     check_tensor_names(names, str(folder))
+    bad = [n for n in names if n.startswith(FILE_PREFIX)]
+    if bad:
+        raise InvalidPatch(f"{folder}: tensor name {bad[0]!r:.80} starts with {FILE_PREFIX!r}, which patchctl keeps "
+                           "for the adapter's files; rename it")
     _check_lora_shapes(names, shapes, cfg, str(folder))
 
     def gen() -> Iterator[tuple[str, torch.Tensor, None]]:
+        import torch
+
         for n in names:
             yield n, load(n), None
+        for fname, data in files.items():
+            yield FILE_PREFIX + fname, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
 
     return Imported(
-        kind="lora", params=cfg, tensors=gen(), base_hint=cfg.get("base_model_name_or_path"),
-        shapes={n: (dtypes[n], tuple(shapes[n])) for n in names},
+        kind="lora", params=cfg, tensors=gen(), base_hint=hint,
+        shapes={**{n: (dtypes[n], tuple(shapes[n])) for n in names},
+                **{FILE_PREFIX + k: ("uint8", (len(v),)) for k, v in files.items()}},
         recipe={"op": "import", "format": "peft"},
     )
 
@@ -242,7 +350,31 @@ def _check_lora_shapes(names: list[str], shapes: dict[str, tuple[int, ...]], cfg
         m = _LORA_KEY.match(n)
         if m:
             ranks.setdefault(m.group("module") or m.group("emodule"), {})[m.group("part") or m.group("epart")] = shapes[n]
+        elif mx := _EXTRA_KEY.match(n):
+            ranks.setdefault(mx.group("module"), {})["mag" if mx.group("mag") else "bias"] = shapes[n]
+        elif mt := _TOKENS_KEY.match(n):
+            rows = token_rows(cfg, strip_peft(mt.group("module")))
+            if rows is None or len(shapes[n]) != 2 or shapes[n][0] != len(rows):
+                raise InvalidPatch(f"{where}: {n} holds {list(shapes[n])[:1]} rows but trainable_token_indices lists "
+                                   f"{'no rows' if rows is None else len(rows)} for {strip_peft(mt.group('module'))!r}")
+    dora = cfg.get("use_dora") is True
     for module, parts in ranks.items():
+        if ("mag" in parts) != dora:
+            raise InvalidPatch(f"{where}: use_dora={'true' if dora else 'false'} but LoRA module "
+                               f"{strip_peft(module)!r} {'has no' if dora else 'has a'} lora_magnitude_vector; "
+                               "the config and the weights disagree")
+        extra = [(k, parts[k]) for k in ("mag", "bias") if k in parts]
+        if extra and "lora_A" not in parts and "lora_embedding_A" not in parts:
+            raise InvalidPatch(f"{where}: {strip_peft(module)!r} has a "
+                               f"{'lora_magnitude_vector (use_dora)' if extra[0][0] == 'mag' else 'lora_B.bias (lora_bias)'}"
+                               " but no LoRA factors")
+        b_shape = parts.get("lora_B", parts.get("lora_embedding_B"))
+        for k, shape in extra:
+            if b_shape is not None and len(b_shape) == 2 and tuple(shape) != (b_shape[0],):
+                what = "lora_magnitude_vector (use_dora)" if k == "mag" else "lora_B.bias (lora_bias)"
+                raise ShapeMismatch(f"{where}: {strip_peft(module)!r}: {what} is {list(shape)}, expected "
+                                    f"[{b_shape[0]}] (one entry per output feature)")
+        parts = {k: v for k, v in parts.items() if k not in ("mag", "bias")}
         a = parts.get("lora_A", parts.get("lora_embedding_A"))
         b = parts.get("lora_B", parts.get("lora_embedding_B"))
         if a is None or b is None:
@@ -254,6 +386,10 @@ def _check_lora_shapes(names: list[str], shapes: dict[str, tuple[int, ...]], cfg
 
 
 # -- full fine-tune → diff -------------------------------------------------------
+def _itemsize(dtype: str) -> int:
+    return {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
 def import_checkpoint(src: Path, base: Checkpoint, dtype: str | None = None) -> Imported:
     ft = Checkpoint(src)
     extra = sorted(set(ft.names()) - set(base.names()))
@@ -274,33 +410,72 @@ def import_checkpoint(src: Path, base: Checkpoint, dtype: str | None = None) -> 
         raise ShapeMismatch(f"{src} does not match the base: {'; '.join(problems[:5])}")
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise InvalidArgument(f"--dtype {dtype!r}: choose one of {sorted(FLOAT_DTYPES)}")
+    narrowed = sorted({i.dtype for i in (ft.info(n) for n in ft.names()) if i.dtype in FLOAT_DTYPES
+                       and dtype is not None and _itemsize(dtype) < _itemsize(i.dtype)})
+    if narrowed:  # the trade, stated before anything is written
+        warnings.warn(f"--dtype {dtype} rounds the {'/'.join(narrowed)} diff: it stores about "
+                      f"{_itemsize(narrowed[0]) // _itemsize(dtype)}x less, but base + patch is no longer the "
+                      "fine-tune bit for bit (no exactness pins: they would cost more than they save); "
+                      "omit --dtype for an exact patch", PatchctlWarning, stacklevel=2)
 
     def gen() -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
         import torch
 
-        from patchctl.patches.apply import diff_with_pins
+        from patchctl.patches._workers import prefetched
+        from patchctl.patches.apply import diff_with_pins, same_bytes, subtract
 
-        for n in ft.names():
-            a, b = ft.read(n), base.read(n)
+        # the next tensor pair is read on a thread while this one is diffed
+        for n, (a, b) in prefetched(lambda n: (ft.read(n), base.read(n)), ft.names()):
             if not a.is_floating_point():
                 if not torch.equal(a, b):
                     raise InvalidPatch(f"{src}: non-float tensor {n!r} differs from the base; a diff cannot carry it")
                 continue
-            if torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)):
+            if same_bytes(a, b):
                 continue
-            d, idx, vals = diff_with_pins(a, b, torch_dtype(dtype) if dtype else a.dtype)
+            want = torch_dtype(dtype) if dtype else a.dtype
+            if want.itemsize < a.dtype.itemsize:  # asked for fewer bytes: rounded, no pins (stated above)
+                d = subtract(a, b).to(want)
+                del a, b
+                yield n, d, None
+                continue
+            d, idx, vals = diff_with_pins(a, b, want)
+            if dtype is None and a.dtype.itemsize < 4 and idx.numel() * (8 + a.dtype.itemsize) > \
+                    a.numel() * (4 - a.dtype.itemsize):
+                # pins only where they pay off: a float32 delta is exact for a 16-bit fine-tune, and smaller
+                d, idx, vals = diff_with_pins(a, b, torch.float32)
             del a, b
-            yield n, d, ((idx, vals) if idx.numel() else None)
+            # pin values are read back in the stored delta's dtype (views.pins): widening is exact
+            yield n, d, ((idx, vals.to(d.dtype)) if idx.numel() else None)
 
     cfg = base.config()
+    # config.json as a JSON Patch on the base's, changed tokenizer/generation files whole (checked now,
+    # before any blob is written)
+    side = sidefiles.compare(base.path, src) if src.is_dir() and base.path.is_dir() else None
     return Imported(
-        kind="diff", params={"dtype": dtype or "auto"}, tensors=gen(),
-        base_hint=cfg.get("_name_or_path") or None, recipe={"op": "import", "format": "checkpoint"},
+        kind="diff", params={"dtype": dtype or "auto", **({"exact": False} if narrowed else {})}, tensors=gen(),
+        base_hint=cfg.get("_name_or_path") or None, recipe={"op": "import", "format": "checkpoint"}, side=side,
     )
+
+
+def store_side_files(repo: Repository, side: SideChanges | None) -> dict[str, dict[str, Any]]:
+    """The manifest's ``side_files`` for ``side``, its files stored as blobs (empty when nothing changed)."""
+    out: dict[str, dict[str, Any]] = {}
+    if side and side.config:
+        out[sidefiles.CONFIG] = {"json_patch": side.config}
+    for name, data in sorted((side.files if side else {}).items()):
+        out[name] = {"digest": repo.store.put_blob(data), "size": len(data)}
+    for name in side.removed if side else []:
+        out[name] = {"removed": True}
+    return out
 
 
 # -- diff file ---------------------------------------------------------------------
 def import_diff_file(src: Path, base: Checkpoint, trust_pickle: bool = False) -> Imported:
+    """A diff file: tensors keyed by base tensor name. A file ``export --exact`` wrote brings its pins back
+    (``NAME::pin_index``/``NAME::pin_values``), and one with ``patchctl.side_files`` in its
+    ``__metadata__`` its side files: pushed again, it is the patch it was exported from."""
+    pin_of: dict[str, tuple[str, str]] = {}
+    side = None
     if src.suffix in PICKLE_SUFFIXES:
         sd = _load_pickle(src, trust_pickle)
         names = sorted(sd)
@@ -312,6 +487,9 @@ def import_diff_file(src: Path, base: Checkpoint, trust_pickle: bool = False) ->
         f = SafetensorsFile(src)
         names = sorted(f.tensors)
         shapes = {n: f.tensors[n].shape for n in names}
+        pin_of = _exported_pins(names, str(src))
+        names = [n for n in names if not n.endswith((PIN_INDEX, PIN_VALUES))]
+        side = _exported_side_files(f.metadata, str(src))
 
         def load(n: str) -> torch.Tensor:
             return f.read(n)
@@ -327,15 +505,80 @@ def import_diff_file(src: Path, base: Checkpoint, trust_pickle: bool = False) ->
     if problems:
         raise ShapeMismatch(f"{src} does not fit the base: {'; '.join(problems[:5])}")
 
-    def gen() -> Iterator[tuple[str, torch.Tensor, None]]:
+    def gen() -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
         for n in names:
             t = load(n)
             dtype_name(t.dtype)
             if not t.is_floating_point():
                 raise InvalidPatch(f"{src}: tensor {n!r} is {t.dtype}; a diff holds float tensors")
-            yield base.resolve(n) or n, t, None
+            yield base.resolve(n) or n, t, (_read_pins(load, pin_of[n], t, str(src)) if n in pin_of else None)
 
-    return Imported(kind="diff", params={}, tensors=gen(), recipe={"op": "import", "format": "diff"})
+    return Imported(kind="diff", params={}, tensors=gen(), recipe={"op": "import", "format": "diff"}, side=side)
+
+
+def _exported_pins(names: list[str], where: str) -> dict[str, tuple[str, str]]:
+    """``{tensor: (its pin_index name, its pin_values name)}`` of a file ``export --exact`` wrote."""
+    out = {}
+    have = set(names)
+    for n in names:
+        if n.endswith(PIN_INDEX):
+            t = n.removesuffix(PIN_INDEX)
+            if t not in have or t + PIN_VALUES not in have:
+                raise InvalidPatch(f"{where}: {n!r} has no {t!r} or no {t + PIN_VALUES!r} beside it")
+            out[t] = (n, t + PIN_VALUES)
+        elif n.endswith(PIN_VALUES) and n.removesuffix(PIN_VALUES) + PIN_INDEX not in have:
+            raise InvalidPatch(f"{where}: {n!r} has no {n.removesuffix(PIN_VALUES) + PIN_INDEX!r} beside it")
+    return out
+
+
+def _read_pins(load: Any, names: tuple[str, str], t: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pins of ``t`` (indices, values in ``t``'s dtype): checked in range and held exactly."""
+    import torch
+
+    idx, vals = load(names[0]), load(names[1])
+    ok = idx.dtype == torch.int64 and idx.dim() == vals.dim() == 1 and idx.numel() == vals.numel()
+    if not ok or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= t.numel())):
+        raise InvalidPatch(f"{where}: {names[0]!r} must be int64 positions inside the tensor, one per value "
+                           f"in {names[1]!r}")
+    held = vals.to(t.dtype)
+    if not torch.equal(held.to(vals.dtype).view(-1).view(torch.uint8), vals.view(-1).view(torch.uint8)):
+        raise InvalidPatch(f"{where}: {names[1]!r} ({vals.dtype}) does not fit the delta's {t.dtype} exactly")
+    return idx, held
+
+
+def _exported_side_files(metadata: dict[str, str], where: str) -> SideChanges | None:
+    """The side files an exported diff carries in ``__metadata__["patchctl.side_files"]``, checked."""
+    import base64
+    import binascii
+
+    raw = metadata.get("patchctl.side_files")
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidPatch(f"{where}: __metadata__ patchctl.side_files is not JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidPatch(f"{where}: __metadata__ patchctl.side_files must be a JSON object")
+    side = SideChanges()
+    for name, f in sorted(doc.items()):
+        if not sidefiles.is_side_file(name) or not isinstance(f, dict):
+            raise InvalidPatch(f"{where}: side file {name!r:.80} is not a config, tokenizer or generation file")
+        if name == sidefiles.CONFIG and set(f) == {"json_patch"}:
+            side.config = sidefiles.check_ops(f["json_patch"], f"{where}: side file config.json")
+        elif name != sidefiles.CONFIG and f == {"removed": True}:
+            side.removed.append(name)
+        elif name != sidefiles.CONFIG and set(f) == {"base64"} and isinstance(f["base64"], str):
+            if len(f["base64"]) > sidefiles.MAX_SIDE_FILE * 4 // 3 + 4:
+                raise InvalidPatch(f"{where}: side file {name} is over {sidefiles.MAX_SIDE_FILE >> 20} MiB")
+            try:
+                side.files[name] = base64.b64decode(f["base64"], validate=True)
+            except binascii.Error:
+                raise InvalidPatch(f"{where}: side file {name}: not base64") from None
+        else:
+            raise InvalidPatch(f"{where}: side file {name}: expected {{json_patch}} (config.json), {{base64}} or "
+                               "{removed: true}")
+    return side
 
 
 def push(
@@ -351,21 +594,32 @@ def push(
     trust_pickle: bool = False,
     move_latest: bool = True,
     evals: list[str] | None = None,
+    force_base: bool = False,
 ) -> str:
     """Import a PEFT folder, a fine-tuned checkpoint (with ``base``) or a diff file into ``repo``.
 
     Returns the new patch's digest; ``ref`` (``name[:tag]``) points at it,
-    and ``name:latest`` too unless ``move_latest`` is false.
+    and ``name:latest`` too unless ``move_latest`` is false. An explicit ``base`` for
+    a PEFT adapter wins over its config's ``base_model_name_or_path`` but must not
+    contradict it (:func:`base_conflict`); ``force_base`` overrides that check.
     """
     parse_ref(ref)  # reject a bad name before any work
     suites = [repo.resolve(e) for e in evals or []]
     srcp = Path(src)
     kind = detect(srcp)
     base_ckpt = Checkpoint(base) if base is not None else None
+    hint_named = True  # the manifest may name the base as the adapter's config does
     if kind == "peft":
         imp = import_peft(srcp, trust_pickle)
         if base_ckpt is None:
-            base_ckpt = _adapter_base(imp.base_hint)
+            base_ckpt = _adapter_base(imp.base_hint, repo)
+        else:
+            conflict = base_conflict(imp.base_hint, base_ckpt)
+            if conflict and not force_base:
+                raise BaseMismatch(f"{srcp}: its adapter_config.json names base {conflict}, but --base is "
+                                   f"{base_ckpt.path}; pass the adapter's own base, or --force-base if it "
+                                   "really was trained on this one")
+            hint_named = not conflict
     else:
         if base_ckpt is None:
             raise InvalidArgument(f"pushing {srcp} needs the base it was fine-tuned from: --base BASE_DIR")
@@ -380,13 +634,23 @@ def push(
             zero = "sha256:" + "0" * 64
             probe = {n: TensorEntry(zero, d, s) for n, (d, s) in imp.shapes.items()}
             m0 = Manifest("lora", {"fingerprint": zero, "name": ""}, probe, imp.params)
-            check_against_base(PatchView(repo.store, m0), base_ckpt)
-        for name, t, pins in imp.tensors:
-            if t.is_floating_point() and t.numel() and not bool(t.isfinite().all()):
-                raise InvalidPatch(f"{srcp}: tensor {name!r} contains NaN or Inf; a patch must be finite "
-                                   "(nothing was tagged; `patchctl gc` collects what was written)")
-            tensors[name] = repo.put_tensor(t, pins)
-        doc = base_doc(base_ckpt, base_name, imp.base_hint)
+            probe_view = PatchView(repo.store, m0)
+            _check_peft_fit(probe_view, base_ckpt, str(srcp))
+            check_against_base(probe_view, base_ckpt)
+            for line in tied_changes(probe_view, base_ckpt):
+                warnings.warn(line, PatchctlWarning, stacklevel=2)
+            imp.tensors = _checked_copies(imp.tensors, base_ckpt, str(srcp))
+        from patchctl.patches.apply import all_finite
+
+        with repo.tensor_writer() as put:  # blobs hashed and written on a thread while the next tensor is made
+            for name, t, pins in imp.tensors:
+                if t.is_floating_point() and t.numel() and not all_finite(t):
+                    raise InvalidPatch(f"{srcp}: tensor {name!r} contains NaN or Inf; a patch must be finite "
+                                       "(nothing was tagged; `patchctl gc` collects what was written)")
+                put(name, t, pins)
+        tensors.update(put.entries)
+        doc = base_doc(base_ckpt, base_name, imp.base_hint if hint_named else None)
+        doc["content"] = content_digest(base_ckpt, repo.path / "cache")  # the exact base check's
         repo.remember_base(doc["fingerprint"], base_ckpt.path)
         m = Manifest(
             kind=imp.kind,
@@ -396,6 +660,7 @@ def push(
             parents=(),
             recipe=imp.recipe,
             metadata=metadata or {},
+            side_files=store_side_files(repo, imp.side),
         )
         if suites:
             for sd in suites:
@@ -408,13 +673,107 @@ def push(
         return digest
 
 
-def _adapter_base(hint: str | None) -> Checkpoint:
-    """The base an adapter's config names, when it is a local folder or in the local HF cache."""
+def base_conflict(hint: str | None, base: Checkpoint) -> str | None:
+    """How the adapter config's base ``hint`` contradicts the explicit ``base`` (None: they agree, or
+    nothing here tells them apart).
+
+    Two cases are certain: the hint is a model folder still on this machine whose
+    fingerprint differs, or ``base`` is a Hub cache snapshot of another repository
+    than the Hub id the hint names.
+    """
+    if not hint:
+        return None
+    p = Path(hint).expanduser()
+    try:
+        is_dir = p.is_dir()
+    except OSError:  # ENAMETOOLONG (a hint of thousands of characters): no folder of that name here
+        is_dir = False
+    if is_dir:
+        try:
+            other = Checkpoint(p)
+        except PatchctlError:
+            return None
+        if other.path.resolve() == base.path.resolve() or other.fingerprint() == base.fingerprint():
+            return None
+        return f"{hint!r} (fingerprint {other.fingerprint()[:19]}…, not {base.fingerprint()[:19]}…)"
+    snap = re.search(r"models--([^/]+)--([^/]+)/snapshots/", base.path.resolve().as_posix())
+    if snap and re.fullmatch(r"[\w.-]+/[\w.-]+", hint) and f"{snap.group(1)}/{snap.group(2)}".lower() != hint.lower():
+        return f"{hint!r} (--base is a snapshot of {snap.group(1)}/{snap.group(2)})"
+    return None
+
+
+def _option(view: PatchView, c: Change) -> str:
+    """The PEFT option that made a change (for messages that name it)."""
+    p = view.m.params
+    if c.op == "dora":
+        return "use_dora=True"
+    if c.op == "rows":
+        return f"trainable_token_indices={json.dumps(p.get('trainable_token_indices'))[:60]}"
+    if c.op == "add":
+        return "lora_bias=True" if c.target.endswith(".bias") and len(c.sources) == 1 else \
+            f"target_modules={json.dumps(p.get('target_modules'))[:60]}"
+    if c.target.endswith(".bias") and p.get("bias") in ("all", "lora_only"):
+        return f"bias={p['bias']!r}"
+    return f"modules_to_save={json.dumps(p.get('modules_to_save'))[:60]}"
+
+
+def _check_peft_fit(view: PatchView, base: Checkpoint, where: str) -> None:
+    """Refuse, naming the PEFT option, a change that has no tensor to change in the base, or that PEFT's
+    merge makes in a way a checkpoint with tied embeddings cannot hold."""
+    cfg = base.config()
+    tied = cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings")) is True
+    for target, (key, head) in tied_targets(view, base).items():
+        c = next(c for c in view.changes() if c.target == target)
+        if c.op == "replace":  # PEFT's merge swaps in a copy: the head keeps the old embedding
+            raise UnsupportedPatch(f"{where}: {_option(view, c)} replaces {key}, which this base ties to {head} "
+                                   "(tie_word_embeddings); PEFT's merged model unties them and a tied checkpoint "
+                                   "cannot, so this adapter is not supported")
+    for c in view.changes():
+        if base.resolve(c.target) is not None:
+            continue
+        opt = _option(view, c)
+        if tied and view.m.params.get("ensure_weight_tying") is True:
+            raise UnsupportedPatch(f"{where}: ensure_weight_tying=True adds a tied adapter on {c.target}, which this "
+                                   "base ties to its input embeddings and does not store; not supported (the "
+                                   "adapter on the input embeddings alone is)")
+        if c.op == "replace" and tied and opt.startswith("modules_to_save"):
+            raise UnsupportedPatch(f"{where}: {opt} replaces {c.target}, which this base ties to its input embeddings "
+                                   "(tie_word_embeddings) and does not store; a merged model cannot hold both, so "
+                                   "this adapter is not supported")
+        if opt == "lora_bias=True":
+            raise UnsupportedPatch(f"{where}: {opt} adds a bias to {c.target.removesuffix('.bias')}, which has none "
+                                   "(PEFT cannot merge it either); train it with lora_bias=False")
+        raise UnsupportedPatch(f"{where}: {opt} changes {c.target}, which this base does not have; is the adapter for "
+                               "another model?")
+
+
+def _checked_copies(tensors: Iterator[tuple[str, torch.Tensor, Any]], base: Checkpoint,
+                    where: str) -> Iterator[tuple[str, torch.Tensor, Any]]:
+    """The adapter's tensors, checking on the way that a saved copy of a LoRA-wrapped weight (peft's
+    ``save_embedding_layers``, ``<module>.base_layer.weight``) is the base's own value."""
+    for name, t, pins in tensors:
+        if name.endswith(".base_layer.weight") and not name.startswith(FILE_PREFIX):
+            key = base.resolve(strip_peft(name).replace(".base_layer.", "."))
+            b = base.read(key) if key is not None else None
+            if b is None or b.shape != t.shape or not t.to(b.dtype).equal(b):  # loaded into the base: its dtype
+                raise UnsupportedPatch(f"{where}: {name} is a changed copy of the base's "
+                                       f"{strip_peft(name).replace('.base_layer.', '.')} (save_embedding_layers with "
+                                       "trained embeddings); only a LoRA on that layer is supported")
+        yield name, t, pins
+
+
+def _adapter_base(hint: str | None, repo: Repository | None = None) -> Checkpoint:
+    """The base an adapter's config names: a local folder, a model in the local HF cache, or (a bare
+    folder name, as exports write it) a base this registry has seen under that name."""
     try:
         if hint:
             return Checkpoint(locate(hint))
     except NotFound:
         pass
+    if hint and repo is not None and "/" not in hint:
+        for path in repo.known_bases():
+            if path.name == hint:
+                return Checkpoint(path)
     raise InvalidArgument(
         f"the adapter's base {hint!r} is not a local folder nor in the local Hugging Face cache; "
         "pass --base BASE_DIR"

@@ -190,7 +190,12 @@ def _deltas(view: PatchView, ckpt: Checkpoint | None, resolved: dict[str, str], 
 
     for c in view.changes():
         key = resolved.get(c.target, c.target)
-        w = ckpt.read(key).to(dev, torch.float32) if ckpt is not None else None
+        raw = ckpt.read(key) if ckpt is not None else None
+        w = raw.to(dev, torch.float32) if raw is not None else None
+        if c.op in ("dora", "rows"):  # DoRA, trainable tokens: ΔW = new − W_base, from the base
+            if raw is not None:
+                yield key, view.delta(c, raw, dev), w
+            continue
         v = view.value(c, dev).to(torch.float32)
         if c.op == "replace":
             if w is None:
@@ -338,6 +343,13 @@ def interference(
                 c = by.get(name)
                 if c is None:
                     ts.append(None)
+                    continue
+                if c.op in ("dora", "rows"):  # ΔW needs the base
+                    if ckpt is None:
+                        skipped.add(name)
+                        ts.append(None)
+                        continue
+                    ts.append(v.delta(c, ckpt.read(name), dev))
                     continue
                 t = v.value(c, dev).to(torch.float32)
                 if c.op == "replace":

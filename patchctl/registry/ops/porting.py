@@ -60,11 +60,14 @@ from patchctl.errors import (
     PatchctlError,
     ShapeMismatch,
 )
+from patchctl.patches.finite import require_finite
 from patchctl.registry.formats.bases import base_doc, locate
 from patchctl.registry.formats.checkpoint import Checkpoint
+from patchctl.registry.formats.content import content_digest
 from patchctl.registry.store.manifest import Manifest, TensorEntry
 from patchctl.registry.store.names import is_digest, parse_ref
 from patchctl.registry.store.views import (
+    FILE_PREFIX,
     PEFT_PREFIX,
     Change,
     PatchView,
@@ -301,8 +304,8 @@ def port(
                 if progress:
                     progress(len(items) + i + 1, total)
             params = dict(m.params) if m.kind == "diff" else {}
-        out = Manifest(kind=report.kind, base=report.to_base, tensors=dict(sorted(tensors.items())),
-                       params=params, parents=(digest,), recipe=recipe, metadata=metadata)
+        to_base = {**report.to_base, "content": content_digest(new, reg.path / "cache")}  # the exact check's
+        out = Manifest(kind=report.kind, base=to_base, tensors=dict(sorted(tensors.items())), params=params, parents=(digest,), recipe=recipe, metadata=metadata)
         report.digest = reg.commit(out, out_ref if move_ref else None, message or f"port {ref} to {to_fp[:19]}",
                                    move_latest=False)
         report.moved = move_ref
@@ -338,6 +341,7 @@ def _old_base(reg: Repository, m: Manifest, from_base: str | os.PathLike[str] | 
                 f"--from {old.path} has fingerprint {fp[:19]}…, but the patch was made on "
                 f"{m.base.get('name') or '?'} ({m.fingerprint[:19]}…); pass the patch's own base"
             )
+        reg.check_content(m, old)
         return old
     seen = reg.base_path(m.fingerprint)  # where this registry last saw that base (push)
     candidates = [lambda: Checkpoint(seen)] if seen is not None else []
@@ -401,7 +405,10 @@ def _fit(tokens: list[str | None], rows: int) -> list[str | None]:
 
 
 def _delta(view: PatchView, it: _Item, old: Checkpoint) -> torch.Tensor:
-    """The change as a delta on the old base (a replaced value becomes ``value − θ``)."""
+    """The change as a delta on the old base (a replaced value becomes ``value − θ``; DoRA and trainable
+    tokens their ``W' − W``)."""
+    if it.change.op in ("dora", "rows"):
+        return view.delta(it.change, old.read(it.old_key))
     v = view.value(it.change)
     if it.change.op == "replace":
         import torch
@@ -420,8 +427,10 @@ def _write_delta(reg: Repository, view: PatchView, it: _Item, old: Checkpoint, l
     if carried and view.m.kind == "diff" and c.op == "add":
         e = view.m.tensors[c.sources[0]]
         if e.encoding == "raw":  # the same bytes: keep the blob (pins belong to the old base)
+            require_finite(view.tensor(c.sources[0]), it.new_key, "the port")  # a peer's patch may not be
             return TensorEntry(e.digest, e.dtype, e.shape, e.encoding, e.size, None)
-    return reg.put_tensor(port_delta(_delta(view, it, old), lam, it.rows).contiguous())
+    return reg.put_tensor(require_finite(port_delta(_delta(view, it, old), lam, it.rows).contiguous(), it.new_key,
+                                         "the port"))
 
 
 def _write_lora(reg: Repository, view: PatchView, items: list[_Item], new: Checkpoint, lam: float) -> dict[str, TensorEntry]:
@@ -441,11 +450,13 @@ def _write_lora(reg: Repository, view: PatchView, items: list[_Item], new: Check
             new_key = prefix + new_module + key[len(prefix) + len(mod.module):]
             e = view.m.tensors[key]
             if (is_b and lam != 1.0) or e.encoding != "raw":
-                out[new_key] = reg.put_tensor(scaled(view.tensor(key), lam if is_b else 1.0).contiguous())
+                out[new_key] = reg.put_tensor(require_finite(scaled(view.tensor(key), lam if is_b else 1.0).contiguous(),
+                                                             new_key, "the port"))
             else:
                 out[new_key] = TensorEntry(e.digest, e.dtype, e.shape, e.encoding, e.size, None)
     probe = Manifest("lora", {"fingerprint": "sha256:" + "0" * 64, "name": ""}, out, view.m.params)
     check_against_base(PatchView(reg.store, probe), new)
+    out.update({k: e for k, e in view.m.tensors.items() if k.startswith(FILE_PREFIX)})  # the adapter's kept files
     return out
 
 

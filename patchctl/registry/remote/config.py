@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from patchctl.errors import InvalidArgument, InvalidReference, NotFound
-from patchctl.registry.remote.oci import parse_oci
+from patchctl.registry.remote.oci import check_transport, parse_oci
 from patchctl.registry.remote.protocol import read_token_file
 from patchctl.registry.store.folder import Store
 from patchctl.registry.store.names import Ref, parse_ref
@@ -43,6 +43,7 @@ REMOTES_FILE = "remotes.json"
 REMOTES_VERSION = 1
 REMOTE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 HF_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+HF_FOLDER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,95}")  # one part of hf://ORG/REPO/FOLDER
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,11 @@ def parse_url(url: str) -> tuple[str, str]:
             raise InvalidArgument(f"invalid port in remote URL {url!r}") from None
         return "http", url.rstrip("/")
     if url.startswith("hf://"):
-        repo, _, rev = url[5:].partition("@")
-        if not HF_REPO_RE.fullmatch(repo) or ".." in repo or (rev and not re.fullmatch(r"[\w.\-/]{1,200}", rev)):
-            raise InvalidArgument(f"invalid Hub remote {url!r}: expected hf://ORG/REPO[@REVISION]")
+        path, _, rev = url[5:].partition("@")
+        repo, sub = "/".join(path.split("/")[:2]), path.split("/")[2:]  # ORG/REPO, then a folder in the repo
+        if (not HF_REPO_RE.fullmatch(repo) or ".." in path or (rev and not re.fullmatch(r"[\w.\-/]{1,200}", rev))
+                or len(sub) > 8 or not all(HF_FOLDER_RE.fullmatch(p) for p in sub)):
+            raise InvalidArgument(f"invalid Hub remote {url!r}: expected hf://ORG/REPO[/FOLDER][@REVISION]")
         return "hf", url
     if url.startswith(("oci://", "oci+http://")):
         return "oci", parse_oci(url).url(with_ref=False)
@@ -147,10 +150,13 @@ def _remotes_lock(store: Store) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def add_remote(store: Store, name: str, url: str, token_file: str | os.PathLike[str] | None = None) -> Remote:
+def add_remote(store: Store, name: str, url: str, token_file: str | os.PathLike[str] | None = None, *,
+               insecure: bool = False) -> Remote:
+    """Add remote ``name``; ``insecure`` consents to plain HTTP for an ``oci+http://`` URL (kept by its scheme)."""
     if not REMOTE_NAME_RE.fullmatch(name or ""):
         raise InvalidArgument(f"invalid remote name {name!r}: lowercase letters, digits, _ and -, at most 64")
     _, norm = parse_url(url)
+    check_transport(url.strip(), insecure)
     tf = str(Path(token_file).expanduser().resolve()) if token_file is not None else None
     with _remotes_lock(store):
         remotes = load_remotes(store)

@@ -36,29 +36,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from patchctl.errors import InvalidArgument, RegistryError, RemoteError
+from patchctl.errors import InvalidArgument, LimitExceeded, StorageError, TransferTimeout
 from patchctl.registry.store.manifest import MAX_MANIFEST_BYTES
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-class LimitExceeded(RemoteError):
-    """A peer's manifest, blob count or declared blob size over a pull's caps (raise them with the flags)."""
-
-    code = "LIMIT_EXCEEDED"
-
-
-class TransferTimeout(RemoteError):
-    """A pull that passed its deadline or received less than its minimum rate."""
-
-    code = "TRANSFER_TIMEOUT"
-
-
-class StorageError(RegistryError):
-    """The registry's disk refused a write: no space (ENOSPC, EDQUOT), file too large (EFBIG), no permission."""
-
-    code = "STORAGE_ERROR"
 
 
 #: errno values of a write that the disk refused; translated to :class:`StorageError`.
@@ -110,6 +92,18 @@ class PullLimits:
              f"min rate must be a non-negative number of bytes a second, got {self.min_rate!r}")
         need(self.reserve_bytes >= 0, f"reserve bytes must be >= 0, got {self.reserve_bytes}")
         return self
+
+
+def shutdown(conns: list[Any]) -> None:
+    """Shut down the sockets of ``conns`` (``http.client`` connections) so that reads blocked on them
+    return: how a source's ``abort()`` lets the :class:`Watch` stop a pull."""
+    import socket
+
+    for c in conns:
+        sock = getattr(c, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class Watch:
@@ -197,3 +191,6 @@ class Watch:
                         "(lower it with --min-rate)"))
                     return
                 mark_t, mark_b = now, got
+
+
+__all__ = ["DISK_ERRNOS", "LimitExceeded", "PullLimits", "StorageError", "TransferTimeout", "Watch", "shutdown", "storage_error"]

@@ -41,6 +41,7 @@ ARTIFACT_TYPE = "application/vnd.patchctl.patch.v1"
 CONFIG_MEDIA_TYPE = "application/vnd.patchctl.manifest.v1+json"
 LAYER_MEDIA_TYPE = "application/vnd.patchctl.tensor.v1"
 PINS_MEDIA_TYPE = "application/vnd.patchctl.tensor-pins.v1"
+SIDE_FILE_MEDIA_TYPE = "application/vnd.patchctl.side-file.v1"  # a diff patch's tokenizer/generation file
 #: the validation records of a patch: an OCI 1.1 referrer (``subject`` = the patch's OCI manifest)
 RECORDS_ARTIFACT_TYPE = "application/vnd.patchctl.validations.v1"
 RECORD_MEDIA_TYPE = "application/vnd.patchctl.validation.v1+json"
@@ -180,6 +181,29 @@ def parse_oci(url: str, *, reference: bool = False) -> OciRef:
     return OciRef(scheme, host.lower(), path, tag, digest)
 
 
+def check_transport(url: str, insecure: bool, *, stored: bool = False) -> None:
+    """Refuse plain HTTP nobody asked for, and ``--insecure`` where it would mean nothing.
+
+    TLS is verified for every ``oci://`` registry; a loopback host is spoken to in
+    plain HTTP (as docker treats ``localhost``). Plain HTTP to any other host needs
+    both the explicit ``oci+http://`` and ``--insecure`` (patches and credentials
+    cross the network unencrypted); ``--insecure`` never turns off TLS verification.
+    ``stored``: the URL is a configured remote's, added with that consent already.
+    """
+    if not url.startswith(("oci://", "oci+http://")):
+        if insecure:
+            raise InvalidArgument("--insecure is only for OCI registries (oci+http://HOST/... or a loopback host)")
+        return
+    explicit_http = url.startswith("oci+http://")
+    host = url.split("://", 1)[1].partition("/")[0]
+    if explicit_http and not is_loopback(host) and not (insecure or stored):
+        raise InvalidArgument(f"{url} is plain HTTP: patches and credentials would cross the network unencrypted; "
+                              "add --insecure if that registry really has no TLS (oci:// verifies TLS)")
+    if insecure and not explicit_http and not is_loopback(host):
+        raise InvalidArgument(f"--insecure is only for an explicit oci+http:// URL or a loopback host; {url} "
+                              "always verifies TLS (write oci+http:// for a registry without TLS)")
+
+
 # -- the mapping ---------------------------------------------------------------------------------
 
 
@@ -208,6 +232,11 @@ def to_oci(name: str, m: Manifest, manifest_bytes: bytes, manifest_digest: str, 
         if t.pins:
             layers.append(_descriptor(PINS_MEDIA_TYPE, t.pins["digest"], int(t.pins["size"]),
                                       {**common, A_ROLE: "pins", TITLE: tname + ".pins"}))
+    for fname in sorted(m.side_files):  # a fine-tune's tokenizer/generation files (a diff patch's side files)
+        f = m.side_files[fname]
+        if "digest" in f:
+            layers.append(_descriptor(SIDE_FILE_MEDIA_TYPE, f["digest"], int(f["size"]),
+                                      {A_ROLE: "side-file", TITLE: "side_files/" + fname}))
     annotations = {TITLE: name, A_KIND: m.kind, A_FINGERPRINT: m.fingerprint}
     if isinstance(m.base.get("name"), str) and m.base["name"]:
         annotations[A_BASE] = m.base["name"]
@@ -262,6 +291,23 @@ def add_to_index(index: bytes | None, entry: dict[str, Any]) -> bytes | None:
         return None
     doc["manifests"].append(entry)
     return canonical.dumps(doc)
+
+
+def suite_referrer(suite_ref: str, role: str, m: Manifest, manifest_bytes: bytes, suite_digest: str,
+                   subject: tuple[str, int]) -> bytes:
+    """The OCI manifest of eval suite ``suite_ref`` (its patchctl manifest ``m``) as a referrer of ``subject``.
+
+    ``patchctl push --to oci://`` and ``patchctl serve`` both answer this, so a suite
+    has one OCI digest wherever it is read from.
+    """
+    return to_oci(suite_ref.partition(":")[0].rsplit("/", 1)[-1], m, manifest_bytes, suite_digest,
+                  artifact_type=SUITE_ARTIFACT_TYPE, subject=subject,
+                  extra={A_SUITE_REF: suite_ref, A_SUITE_ROLE: role})
+
+
+def suite_ref_of(tags: list[str], suite_digest: str) -> str:
+    """The ref a suite travels under: a tag of it other than ``latest`` when it has one."""
+    return next((x for x in tags if not x.endswith(":latest")), tags[0]) if tags else f"suites/{suite_digest[7:19]}:v1"
 
 
 def referrer_digests(index: bytes, artifact_type: str) -> list[str]:
@@ -374,11 +420,10 @@ def parse_oci_manifest(data: bytes, content_type: str | None, where: str) -> Oci
 def check_layers(om: OciManifest, m: Manifest, where: str) -> None:
     """Every blob the patchctl manifest names is a layer of the OCI manifest, with the same size."""
     have = {d.digest: d.size for d in om.layers}
-    for t in m.tensors.values():
-        for digest, size in t.blobs():
-            if have.get(digest) != size:
-                raise InvalidPatch(f"{where}: blob {digest} of the patch is not a layer of its OCI manifest "
-                                   "(or has another size); the artifact is damaged")
+    for digest, size in m.blobs():  # tensors, pins and side files
+        if have.get(digest) != size:
+            raise InvalidPatch(f"{where}: blob {digest} of the patch is not a layer of its OCI manifest "
+                               "(or has another size); the artifact is damaged")
 
 
 __all__ = [
@@ -392,6 +437,9 @@ __all__ = [
     "OciManifest",
     "OciRef",
     "check_layers",
+    "check_transport",
+    "suite_ref_of",
+    "suite_referrer",
     "is_loopback",
     "parse_oci",
     "parse_oci_manifest",

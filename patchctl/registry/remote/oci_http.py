@@ -31,6 +31,7 @@ from typing import Any
 from patchctl.errors import DigestMismatch, InvalidPatch, NotFound, PatchctlError, RemoteError
 from patchctl.registry.remote import oci
 from patchctl.registry.remote.auth import Credentials, find_credentials, parse_challenge
+from patchctl.registry.remote.limits import shutdown
 from patchctl.registry.store.folder import CHUNK
 
 RETRIES = 3
@@ -98,6 +99,12 @@ class OciClient:
                 c.close()
             self._conns.clear()
 
+    def abort(self) -> None:
+        """Make every blocked read on this client's connections return (a pull's watch stopped it)."""
+        with self._lock:
+            conns = list(self._conns)
+        shutdown(conns)
+
     def _auth_header(self, scope: str) -> dict[str, str]:
         token = self._tokens.get(scope)
         if token is not None:
@@ -137,6 +144,14 @@ class OciClient:
             try:
                 conn.request(method, target, body=data, headers=hdrs)
                 resp = conn.getresponse()
+            except ssl.SSLError as e:  # not transient: the host does not speak (trusted) TLS
+                self._drop()
+                hint = ("the registry speaks no TLS on that port: for a registry without TLS write "
+                        f"oci+http://{self.ref.host}/... and add --insecure"
+                        if "WRONG_VERSION_NUMBER" in str(e) or "record layer" in str(e)
+                        else "its certificate is not trusted here (add its CA to the system's trust store)")
+                raise RemoteError(f"cannot {what} on {self.label}: TLS failed ({e.reason or type(e).__name__}); "
+                                  f"{hint}") from None
             except (OSError, http.client.HTTPException) as e:
                 self._drop()
                 if reused and attempt == 0:  # a stale keep-alive connection: once more, free
@@ -434,11 +449,16 @@ def open_client(ref: oci.OciRef, root: Path | None) -> OciClient:
 
 
 
-def login(root: Path, host: str, creds: Credentials) -> dict[str, Any]:
-    """Check ``creds`` against ``host`` (``GET /v2/`` through its challenge), then keep them."""
+def login(root: Path, host: str, creds: Credentials, *, insecure: bool = False) -> dict[str, Any]:
+    """Check ``creds`` against ``host`` (``GET /v2/`` through its challenge), then keep them.
+
+    TLS is verified unless ``host`` is a loopback host; ``insecure`` speaks plain HTTP to another host.
+    """
     from patchctl.registry.remote.auth import store_login
 
-    ref = oci.parse_oci(f"oci://{host}")
+    url = f"oci+http://{host}" if insecure and not oci.is_loopback(host) else f"oci://{host}"
+    oci.check_transport(url, insecure)
+    ref = oci.parse_oci(url)
     client = OciClient(ref, creds)
     try:
         client.request("GET", "/v2/", scope="", what="log in")  # the challenge checks the credentials

@@ -30,10 +30,11 @@ from typing import Any
 
 from patchctl.errors import DigestMismatch, InvalidPatch, RemoteError
 from patchctl.registry.remote import oci
+from patchctl.registry.remote.limits import LimitExceeded, PullLimits
 from patchctl.registry.remote.oci_http import OciClient, open_client, release
 from patchctl.registry.remote.oci_push import remember_repo
 from patchctl.registry.remote.sources import Interrupted, ReadInto
-from patchctl.registry.remote.transfer import DEFAULT_WORKERS, transfer
+from patchctl.registry.remote.transfer import DEFAULT_WORKERS, check_space, transfer
 from patchctl.registry.store import manifest as manifest_mod
 from patchctl.registry.store import records
 from patchctl.registry.store.folder import CHUNK
@@ -161,6 +162,10 @@ class OciSource:
                 self.client._drop()
             release(resp)
 
+    def abort(self) -> None:
+        """The pull's watch stopped the transfer: make blocked reads return."""
+        self.client.abort()
+
     def close(self) -> None:
         self.client.close()
 
@@ -207,7 +212,8 @@ def _fetch_file(client: OciClient, d: oci.Descriptor, dest: Path) -> None:
         raise DigestMismatch(f"{d.title} from {client.label} does not hash to {d.digest}; nothing was stored")
 
 
-def _pull_peft(reg: Repository, client: OciClient, om: oci.OciManifest, oci_digest: str, local: Ref) -> dict[str, Any]:
+def _pull_peft(reg: Repository, client: OciClient, om: oci.OciManifest, oci_digest: str, local: Ref,
+               limits: PullLimits) -> dict[str, Any]:
     from patchctl.registry.ops import importing
 
     t0 = time.monotonic()
@@ -215,6 +221,11 @@ def _pull_peft(reg: Repository, client: OciClient, om: oci.OciManifest, oci_dige
     if files["adapter_config.json"].size > MAX_PEFT_CONFIG:
         raise InvalidPatch(f"{client.label}: adapter_config.json is over {MAX_PEFT_CONFIG} bytes")
     wanted = [f for f in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin") if f in files]
+    for f in wanted:
+        if files[f].size > limits.max_blob_bytes:
+            raise LimitExceeded(f"{client.label}: {f} is declared at {files[f].size} bytes, over the limit of "
+                                f"{limits.max_blob_bytes} (raise it with --max-blob-bytes)")
+    check_space(reg.store, {files[f].digest: files[f].size for f in wanted}, limits, f"pulling {client.label}")
     with tempfile.TemporaryDirectory(dir=reg.store.root / "tmp", prefix="oci-peft-") as td:
         for fname in wanted:
             _fetch_file(client, files[fname], Path(td) / fname)
@@ -227,8 +238,13 @@ def _pull_peft(reg: Repository, client: OciClient, om: oci.OciManifest, oci_dige
 
 
 def pull_patch(reg: Repository, source: oci.OciRef, local: Ref, *, label: str = "", progress: Progress = None,
-               workers: int = DEFAULT_WORKERS) -> dict[str, Any]:
-    """Pull ``source`` (a repository with a tag or digest) into ``reg`` as ``local``; a summary."""
+               workers: int = DEFAULT_WORKERS, limits: PullLimits | None = None) -> dict[str, Any]:
+    """Pull ``source`` (a repository with a tag or digest) into ``reg`` as ``local``; a summary.
+
+    ``limits`` caps what the registry may make the pull cost, as for every remote
+    (:class:`~patchctl.registry.remote.limits.PullLimits`).
+    """
+    limits = (limits or PullLimits()).check()
     client = open_client(source, reg.store.root)
     try:
         reference = source.reference or "latest"
@@ -236,13 +252,13 @@ def pull_patch(reg: Repository, source: oci.OciRef, local: Ref, *, label: str = 
         if om.is_patch:
             data, _ = patch_manifest(client, om)
             out = transfer(OciSource(client), reg, local, progress=progress, workers=workers,
-                           message=f"pull {source.url()}", manifest_bytes=data)
+                           message=f"pull {source.url()}", manifest_bytes=data, limits=limits)
             index = _referrers_index(client, oci_digest)
             out.update(remote=label or client.label, source_ref=source.url(), oci_digest=oci_digest, layout="patchctl",
                        suites=_pull_suites(reg, client, out["digest"], oci_digest, index),
                        validations=_pull_records(reg, client, out["digest"], oci_digest, index))
         elif om.is_peft:
-            out = _pull_peft(reg, client, om, oci_digest, local)
+            out = _pull_peft(reg, client, om, oci_digest, local, limits)
             out["remote"] = label or client.label
         else:
             raise InvalidPatch(f"{source.url()} is {om.describe()}: neither a patchctl patch nor a PEFT adapter "

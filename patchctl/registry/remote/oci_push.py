@@ -186,7 +186,7 @@ def push_patch(reg: Repository, local: str, target: oci.OciRef, *, progress: Pro
         raise InvalidArgument(f"{r} is a {m.kind}, not a patch; only patches are pushed to OCI registries")
     name = target.path.rsplit("/", 1)[-1]
     oci_bytes = oci.to_oci(name, m, data, digest)
-    sizes = {d: s for t in m.tensors.values() for d, s in t.blobs()}
+    sizes = dict(m.blobs())
     blobs: list[tuple[str, int]] = sorted(sizes.items()) + [(digest, len(data))]
     for d, _ in blobs[:-1]:
         if not reg.store.has_blob(d):
@@ -291,12 +291,9 @@ def _push_suites(reg: Repository, client: OciClient, digest: str, oci_digest: st
         sd = e["suite"]
         data = reg.store.read_manifest_bytes(sd)
         sm = manifest_mod.parse(data)
-        refs = reg.index.tags_of(sd)
-        ref = next((x for x in refs if not x.endswith(":latest")), refs[0]) if refs else f"suites/{sd[7:19]}:v1"
-        body = oci.to_oci(ref.partition(":")[0].rsplit("/", 1)[-1], sm, data, sd,
-                          artifact_type=oci.SUITE_ARTIFACT_TYPE, subject=(oci_digest, oci_size),
-                          extra={oci.A_SUITE_REF: ref, oci.A_SUITE_ROLE: str(e.get("role", "target"))})
-        blobs = sorted({d: s for t in sm.tensors.values() for d, s in t.blobs()}.items())
+        ref = oci.suite_ref_of(reg.index.tags_of(sd), sd)
+        body = oci.suite_referrer(ref, str(e.get("role", "target")), sm, data, sd, (oci_digest, oci_size))
+        blobs = sorted(dict(sm.blobs()).items())
         for d, _ in blobs:
             if not client.has_blob(d):
                 with open(reg.store.blob_path(d), "rb") as f:

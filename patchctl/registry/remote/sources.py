@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from patchctl.errors import DigestMismatch, InvalidArgument, InvalidReference, NotFound, RemoteError
 from patchctl.registry.remote.config import Remote, folder_path, parse_url, read_token
-from patchctl.registry.remote.limits import LimitExceeded, PullLimits
+from patchctl.registry.remote.limits import LimitExceeded, PullLimits, shutdown
 from patchctl.registry.remote.protocol import (
     BLOBS,
     DIGEST_HEADER,
@@ -294,16 +294,10 @@ class HttpSource:
 
     def abort(self) -> None:
         """Make every blocked read return (and every later request fail): the transfer is stopped."""
-        import socket
-
         self.aborted = True
         with self._lock:
             conns = list(self._conns)
-        for c in conns:
-            sock = getattr(c, "sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+        shutdown(conns)
 
     def close(self) -> None:
         with self._lock:

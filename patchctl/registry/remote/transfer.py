@@ -351,12 +351,11 @@ def read_manifest(data: bytes, where: str, limits: PullLimits) -> tuple[manifest
     if m.kind == "lora":  # the numbers export and merge compute with (lora_alpha 1e300 exports infinities)
         check_lora_numbers(m.params, f"{where}: the manifest's params", need_r=False)
     sizes: dict[str, int] = {}
-    for t in m.tensors.values():
-        for d, s in t.blobs():
-            if s > limits.max_blob_bytes:
-                raise LimitExceeded(f"{where}: blob {d} is declared {s} bytes, over the cap of "
-                                    f"{limits.max_blob_bytes} (raise it with --max-blob-bytes)")
-            sizes[d] = s
+    for d, s in m.blobs():  # tensors, pins and side files
+        if s > limits.max_blob_bytes:
+            raise LimitExceeded(f"{where}: blob {d} is declared {s} bytes, over the cap of "
+                                f"{limits.max_blob_bytes} (raise it with --max-blob-bytes)")
+        sizes[d] = s
         if len(sizes) > limits.max_blobs:
             raise LimitExceeded(f"{where}: the manifest names more than {limits.max_blobs} blobs "
                                 "(raise the cap with --max-blobs)")

@@ -77,6 +77,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_pause_seen: dict[str, int] = {}
+
+
+def pause_point(where: str) -> None:
+    """A test hook, inert unless ``PATCHCTL_TEST_PAUSE_AT`` is set (tests/test_crash.py, bench/reliability.py).
+
+    With ``PATCHCTL_TEST_PAUSE_AT=<where>:<n>`` the n-th time this process
+    reaches ``where`` — ``write`` (a blob or manifest half-written in ``tmp/``),
+    ``ref`` (objects stored, a ref about to move) or ``moved`` (a ref's log line
+    appended, the locks released, the index not yet updated) — it writes its pid
+    to ``$PATCHCTL_TEST_PAUSE_FILE`` and waits until that file is deleted (or
+    ``$PATCHCTL_TEST_PAUSE_SECONDS``, default 120, pass), so that a crash test
+    can SIGKILL it exactly there, or a race test let another writer through.
+    """
+    spec = os.environ.get("PATCHCTL_TEST_PAUSE_AT")
+    if not spec or spec.partition(":")[0] != where:
+        return
+    _pause_seen[where] = seen = _pause_seen.get(where, 0) + 1
+    if seen == int(spec.partition(":")[2] or 1):
+        flag = Path(os.environ["PATCHCTL_TEST_PAUSE_FILE"])
+        flag.write_text(f"{os.getpid()}\n")
+        end = time.monotonic() + float(os.environ.get("PATCHCTL_TEST_PAUSE_SECONDS", "120"))
+        while flag.exists() and time.monotonic() < end:
+            time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's process
+        pass
+    return True
+
+
 class DirectFile:
     """Writes a file around the page cache (``O_DIRECT``) where its filesystem allows it, else as usual.
 
@@ -205,6 +241,17 @@ class DirectFile:
         return self.fd < 0
 
 
+@contextlib.contextmanager
+def direct_file(path: str | os.PathLike[str]) -> Iterator[DirectFile]:
+    """A new file at ``path`` written through :class:`DirectFile`, closed (or, on an error, abandoned) at the end."""
+    f = DirectFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+    try:
+        yield f
+        f.close()
+    finally:
+        f.abort()  # after close: nothing left to do
+
+
 class BlobWriter:
     """Hashes bytes while writing them to ``tmp/``; :meth:`commit` renames into place.
 
@@ -212,25 +259,30 @@ class BlobWriter:
     that are not read back soon (a merge's output).
     """
 
-    def __init__(self, store: Store, kind: str = "objects", direct: bool = False):
+    def __init__(self, store: Store, kind: str = "objects", direct: bool = False, digest: str | None = None):
         self.store = store
         self.kind = kind
-        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix="blob-")
+        self.known = digest  # the caller hashed these very bytes already (put_blob): not hashed twice
+        # named by the pid and locked while written: Store.clean_orphans() deletes it if this process is killed
+        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix=f"blob-{os.getpid()}-")
+        fcntl.flock(fd, fcntl.LOCK_EX)
         self.path = Path(name)
         self.f: Any = DirectFile(fd) if direct else os.fdopen(fd, "wb")
-        self.h = hashlib.sha256()
+        self.h = None if digest else hashlib.sha256()
         self.size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.h.update(data)
+        if self.h is not None:
+            self.h.update(data)
         self.f.write(data)
         self.size += len(data)
+        pause_point("write")
 
     def commit(self, expected: str | None = None) -> str:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-        digest = "sha256:" + self.h.hexdigest()
+        digest = self.known or "sha256:" + self.h.hexdigest()  # type: ignore[union-attr]
         if expected is not None and digest != expected:
             self.path.unlink(missing_ok=True)
             raise DigestMismatch(f"content hashes to {digest}, expected {expected}")
@@ -291,7 +343,9 @@ class Store:
             os.replace(tmp, cfg)
         for sub in ("objects/sha256", "manifests/sha256", "refs", "records", "tmp", "locks"):
             (path / sub).mkdir(parents=True, exist_ok=True)
-        return cls(path)
+        store = cls(path)
+        store.clean_orphans()
+        return store
 
     # -- locks ---------------------------------------------------------------
     @contextlib.contextmanager
@@ -357,11 +411,12 @@ class Store:
     def blob_writer(self) -> BlobWriter:
         return BlobWriter(self)
 
-    def put_blob(self, data: bytes | bytearray | memoryview) -> str:
+    def put_blob(self, data: bytes | bytearray | memoryview, direct: bool = False) -> str:
+        """Store ``data`` (``direct``: around the page cache, for large blobs not read back soon)."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if self.has_blob(digest):
             return digest
-        with BlobWriter(self) as w:
+        with BlobWriter(self, direct=direct, digest=digest) as w:  # the bytes just hashed, written from the same memory
             w.write(data)
             return w.commit(digest)
 
@@ -450,25 +505,38 @@ class Store:
 
     def move_ref(self, ref: Ref, new: str | None, message: str = "") -> RefEntry | None:
         """Point ``ref`` at ``new`` (None deletes it), appending to its log."""
-        p = self.ref_path(ref)
+        return self.move_refs([ref], new, message)[0]
+
+    def move_refs(self, refs: list[Ref], new: str | None, message: str = "") -> list[RefEntry | None]:
+        """Point each of ``refs`` at ``new`` (None deletes), under one hold of the log lock: a concurrent
+        move of the same refs comes wholly before or after, so a tag and its ``latest`` never end at two
+        different pushes. Per ref its new log entry (None: it was there already)."""
+        paths = [self.ref_path(r) for r in refs]
+        out: list[RefEntry | None] = []
         # shared registry lock: gc cannot delete the manifest between this check and the append
         with self.writing(), self._flock("refs.lock", fcntl.LOCK_EX):
             if new is not None and not self.has_manifest(new):
                 raise NotFound(f"manifest {new} is not in the registry")
-            log = self.ref_log(ref)
-            old = log[-1].new if log else None
-            if old == new:
-                return None
-            entry = RefEntry(
-                seq=(log[-1].seq + 1) if log else 1,
-                old=old,
-                new=new,
-                time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1000000:06d}Z",
-                message=message,
-                user=_user(),
-            )
-            logfile.append(p, entry.to_json(), self.relative(p))
-            return entry
+            for ref, p in zip(refs, paths, strict=True):
+                log = self.ref_log(ref)
+                old = log[-1].new if log else None
+                if old == new:
+                    out.append(None)
+                    continue
+                entry = RefEntry(
+                    seq=(log[-1].seq + 1) if log else 1,
+                    old=old,
+                    new=new,
+                    time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1000000:06d}Z",
+                    message=message,
+                    user=_user(),
+                )
+                pause_point("ref")
+                logfile.append(p, entry.to_json(), self.relative(p))
+                out.append(entry)
+        if any(out):
+            pause_point("moved")  # the locks released, the caller's index update still to come
+        return out
 
     def append_entry(self, p: Path, entry: dict[str, Any]) -> None:
         """Append ``entry`` to a self-checking log in the registry (:mod:`.logfile`), serialized with ref moves."""
@@ -491,6 +559,29 @@ class Store:
                     yield Ref(check_name(name), tag)
                 except Exception:  # noqa: BLE001 - a stray file is not a ref
                     continue
+
+    def clean_orphans(self) -> int:
+        """Delete the ``tmp/blob-<pid>-*`` files of killed writers (on every open); the count deleted.
+
+        A writer holds its file's lock until it commits or aborts, and is alive:
+        a file that is unlocked *and* whose pid is gone was left by a SIGKILL.
+        """
+        n = 0
+        for p in (self.root / "tmp").glob("blob-*"):
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not _alive(int(p.name.split("-")[1])):
+                    p.unlink()
+                    n += 1
+            except (OSError, ValueError, IndexError):
+                continue
+            finally:
+                os.close(fd)
+        return n
 
     def clean_tmp(self, older_than: float = 3600.0) -> int:
         n = 0

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from patchctl.errors import RegistryError
 from patchctl.registry.store.folder import RefEntry
 from patchctl.registry.store.manifest import Manifest
 from patchctl.registry.store.names import Ref
@@ -56,7 +57,13 @@ class Index:
         return self._db
 
     def _query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.conn.execute(sql, params or [])]
+        try:
+            return [dict(r) for r in self.conn.execute(sql, params or [])]
+        except sqlite3.DatabaseError as e:  # "malformed": a damaged page; "could not decode": a flipped bit in text
+            if type(e) is not sqlite3.DatabaseError and "Could not decode" not in str(e):
+                raise  # OperationalError ("locked"...) is not damage
+            raise RegistryError(f"{self.path.name} (the index, a cache of the files) is damaged ({e}); "
+                                "`patchctl fsck` sets it aside and rebuilds it") from None
 
     def close(self) -> None:
         self.conn.close()
@@ -116,6 +123,12 @@ class Index:
             "INSERT OR REPLACE INTO ref_history (name, tag, seq, old, new, time, message, user) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [ref.name, ref.tag, e["seq"], e["old"], e["new"], e["time"], e["message"], e["user"]])
+        # writers update the index after the log's lock is released: one that appended earlier may get here
+        # after one that appended later, so the refs row follows the highest seq, not the last to arrive
+        top = self.conn.execute("SELECT max(seq) FROM ref_history WHERE name = ? AND tag = ?",
+                                [ref.name, ref.tag]).fetchone()[0]
+        if top is not None and e["seq"] < top:
+            return
         if entry.new is None:
             self.conn.execute("DELETE FROM refs WHERE name = ? AND tag = ?", [ref.name, ref.tag])
         else:

@@ -71,6 +71,24 @@ def parse(raw: bytes, where: str) -> Iterator[tuple[int, dict[str, Any], str]]:
             chain = hashlib.sha256(line).hexdigest()
         prev = chain
         yield no, e, chain
+    if lines[-1] and _checks(lines[-1], prev):
+        raise LogDamaged(where, len(lines), "the last line lost its newline (a whole line that checks: altered, "
+                                            "not torn)")
+
+
+def _checks(tail: bytes, prev: str) -> bool:
+    """Whether ``tail`` (after the last newline) is a whole chained line, perhaps with its newline flipped
+    into another byte: a crash mid-append leaves a part of a line, which never checks."""
+    for raw in (tail, tail[:-1]):
+        try:
+            e = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and isinstance(e.get(CHAIN), str):
+            chain = e.pop(CHAIN)
+            if _link(prev, canonical.dumps(e)) == chain:
+                return True
+    return False
 
 
 def last_chain(raw: bytes, where: str) -> str:
@@ -100,6 +118,7 @@ def append(path: Path, entry: dict[str, Any], where: str | None = None) -> bytes
         size = os.fstat(fd).st_size
         raw = os.pread(fd, size, 0) if size else b""
         if raw and not raw.endswith(b"\n"):  # a torn line from a crash in mid-append: never was an entry
+            last_chain(raw, where or str(path))  # ... unless it checks (a flipped newline): LogDamaged, not cut
             cut = raw.rfind(b"\n") + 1
             os.ftruncate(fd, cut)
             raw = raw[:cut]

@@ -10,14 +10,17 @@ of what is corrupt or missing and checks again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from patchctl.errors import LogDamaged, NotFound
+from patchctl.errors import LogDamaged, NotFound, RegistryError
 from patchctl.registry.store import logfile, records
 from patchctl.registry.store import manifest as manifest_mod
-from patchctl.registry.store.index import manifest_row
+from patchctl.registry.store.index import Index, manifest_row
 from patchctl.registry.store.manifest import Manifest
 from patchctl.registry.store.repository import Repository
 
@@ -245,7 +248,7 @@ def fsck(repo: Repository, rebuild_index: bool = False, repair: str | None = Non
             fixed = fetch(repo, repair, [], corrupt_manifests, {})
             for d in fixed["repaired"]:
                 manifests[d] = manifest_mod.parse(store.read_manifest_bytes(d))
-            sizes = {d: n for m in manifests.values() for t in m.tensors.values() for d, n in t.blobs()}
+            sizes = {d: n for m in manifests.values() for d, n in m.blobs()}
             missing = sorted({b for m in manifests.values() for b in m.blob_digests()} - blobs - set(corrupt_blobs))
             more = fetch(repo, repair, corrupt_blobs + missing, [], sizes)
         again = fsck(repo, rebuild_index=True)
@@ -279,8 +282,38 @@ def fsck(repo: Repository, rebuild_index: bool = False, repair: str | None = Non
     }
 
 
+def _index_damage(repo: Repository) -> list[str]:
+    """SQLite's own check of the index file (a flipped bit in a page, which a query may never see: an index
+    b-tree that disagrees with its table). A damaged file is set aside (:func:`_set_index_aside`)."""
+    try:
+        got = [r[0] for r in repo.index.conn.execute("PRAGMA integrity_check")]
+    except sqlite3.DatabaseError as e:
+        if type(e) is not sqlite3.DatabaseError:  # OperationalError ("locked"...) is not damage
+            raise
+        got = [str(e)]
+    return [] if got == ["ok"] else _set_index_aside(repo, got[0])
+
+
+def _set_index_aside(repo: Repository, why: str) -> list[str]:
+    """Move the damaged index into ``tmp/`` and open a fresh one, for fsck to rebuild from the files."""
+    repo.index.close()
+    for p in repo.path.glob("index.sqlite*"):
+        with contextlib.suppress(OSError):
+            p.replace(repo.path / "tmp" / f"{p.name}.damaged-{os.getpid()}")
+    repo.index = Index(repo.path / "index.sqlite")
+    return [f"index: index.sqlite is damaged ({why}); set aside into tmp/"]
+
+
 def _index_problems(repo: Repository, manifests: dict[str, Manifest]) -> list[str]:
-    """How the index differs from the files: refs, history, and every manifest row's contents."""
+    """How the index differs from the files: SQLite's check, refs, history, and every manifest row's contents."""
+    damage = _index_damage(repo)
+    try:
+        return damage + _index_differences(repo, manifests)
+    except RegistryError as e:  # a row SQLite accepts but cannot give back (a flipped bit in its text)
+        return _set_index_aside(repo, f"a row cannot be read back: {type(e).__name__}")
+
+
+def _index_differences(repo: Repository, manifests: dict[str, Manifest]) -> list[str]:
     store, out = repo.store, []
     file_refs: dict[tuple[str, str], str] = {}
     file_history: dict[tuple[str, str], list[dict[str, Any]]] = {}

@@ -9,8 +9,17 @@
                     "pins": {"digest": ..., "count": N, "size": BYTES}?}},
  "params": {...},             # LoRA: the whole adapter_config; sparse: density, mode...
  "lineage": {"parents": ["sha256:..."], "recipe": {...} | null},
- "metadata": {...}}           # user metadata (free-form JSON)
+ "metadata": {...},           # user metadata (free-form JSON)
+ "side_files": {              # diff: what a fine-tune changed besides tensors (only when it did)
+   "config.json": {"json_patch": [RFC 6902 ops on the base's config.json]},
+   "tokenizer.json": {"digest": "sha256:...", "size": BYTES},   # the fine-tune's file, a blob
+   "vocab.txt": {"removed": true}}}                             # the base has it, the fine-tune not
 ```
+
+``side_files`` is left out when empty, so a manifest without side files has the bytes (and
+digest) it had before the field existed. Names are those
+:func:`patchctl.registry.formats.sidefiles.is_side_file` allows: one path component, never a
+weight file.
 
 Who and when are kept out (they live in the ref history), so re-running a
 recipe on the same inputs gives the same bytes and digest. The patch version's
@@ -28,6 +37,7 @@ from typing import Any
 from patchctl.errors import InvalidPatch
 from patchctl.registry.formats import canonical
 from patchctl.registry.formats.safetensors import ITEMSIZE
+from patchctl.registry.formats.sidefiles import CONFIG, check_ops, is_side_file
 from patchctl.registry.store.names import is_digest
 
 SCHEMA_VERSION = 1
@@ -35,6 +45,10 @@ KINDS = ("lora", "diff", "sparse", "suite")
 PATCH_KINDS = ("lora", "diff", "sparse")
 ENCODINGS = ("raw", "sparse-v1")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+#: A ``lora`` manifest's tensor keys under this prefix are files of the adapter kept byte for byte
+#: (``file:adapter_config.json``, ``file:README.md``, ``file:adapter_model.safetensors#header``) as
+#: ``uint8`` entries, so every path that carries a patch's blobs carries them; they are not parameters.
+FILE_PREFIX = "file:"
 
 
 @dataclass(frozen=True)
@@ -78,9 +92,10 @@ class Manifest:
     parents: tuple[str, ...] = ()
     recipe: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    side_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> json_patch | blob | removed
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "schema": SCHEMA_VERSION,
             "kind": self.kind,
             "base": dict(self.base),
@@ -89,6 +104,9 @@ class Manifest:
             "lineage": {"parents": list(self.parents), "recipe": self.recipe},
             "metadata": self.metadata,
         }
+        if self.side_files:  # absent when empty: older manifests keep their bytes and digests
+            doc["side_files"] = {k: dict(v) for k, v in self.side_files.items()}
+        return doc
 
     def to_bytes(self) -> bytes:
         return canonical.dumps(self.to_json())
@@ -104,14 +122,21 @@ class Manifest:
     @property
     def num_params(self) -> int:
         """Parameters the patch carries (0 for an eval suite, whose tensors are data)."""
-        return 0 if self.kind == "suite" else sum(t.numel for t in self.tensors.values())
+        if self.kind == "suite":
+            return 0
+        return sum(t.numel for k, t in self.tensors.items() if not k.startswith(FILE_PREFIX))
 
     @property
     def stored_bytes(self) -> int:
-        return sum(size for t in self.tensors.values() for _, size in t.blobs())
+        return sum(size for _, size in self.blobs())
+
+    def blobs(self) -> list[tuple[str, int]]:
+        """Every blob the patch names, with its size: tensors, their pins, side files (repeats kept)."""
+        out = [b for t in self.tensors.values() for b in t.blobs()]
+        return out + [(f["digest"], int(f["size"])) for f in self.side_files.values() if "digest" in f]
 
     def blob_digests(self) -> list[str]:
-        return sorted({d for t in self.tensors.values() for d, _ in t.blobs()})
+        return sorted({d for d, _ in self.blobs()})
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -139,6 +164,8 @@ def parse(data: bytes) -> Manifest:
     _need(isinstance(base.get("fingerprint"), str) and is_digest(base["fingerprint"]), "base.fingerprint must be a digest")
     _need(isinstance(base.get("name"), str), "base.name must be a string")
     _need(base.get("revision") is None or isinstance(base.get("revision"), str), "base.revision must be a string or null")
+    _need(base.get("content") is None or (isinstance(base["content"], str) and is_digest(base["content"])),
+          "base.content must be a digest")
     tensors_doc = doc.get("tensors")
     _need(isinstance(tensors_doc, dict), "tensors must be an object")
     tensors: dict[str, TensorEntry] = {}
@@ -177,4 +204,17 @@ def parse(data: bytes) -> Manifest:
     _need(recipe is None or isinstance(recipe, dict), "lineage.recipe must be an object or null")
     metadata = doc.get("metadata", {})
     _need(isinstance(metadata, dict), "metadata must be an object")
-    return Manifest(kind, dict(base), tensors, params, tuple(parents), recipe, metadata)
+    side = doc.get("side_files", {})
+    _need(isinstance(side, dict) and (side or "side_files" not in doc), "side_files must be a non-empty object")
+    for name, f in side.items():
+        _need(is_side_file(name), f"side file {name!r:.80} is not a config, tokenizer or generation file name")
+        if name == CONFIG:
+            _need(isinstance(f, dict) and set(f) == {"json_patch"}, "side file config.json must be a json_patch")
+            check_ops(f["json_patch"], "invalid manifest: side file config.json")
+        elif isinstance(f, dict) and set(f) == {"removed"}:
+            _need(f["removed"] is True, f"side file {name!r}: removed must be true")
+        else:
+            _need(isinstance(f, dict) and set(f) == {"digest", "size"} and isinstance(f["digest"], str)
+                  and is_digest(f["digest"]) and isinstance(f["size"], int) and not isinstance(f["size"], bool)
+                  and f["size"] >= 0, f"side file {name!r}: expected {{digest, size}} or {{removed: true}}")
+    return Manifest(kind, dict(base), tensors, params, tuple(parents), recipe, metadata, side)

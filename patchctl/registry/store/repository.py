@@ -76,11 +76,16 @@ class Repository:
 
     @contextlib.contextmanager
     def index_pending(self) -> Iterator[None]:
-        """Mark the window between a file write and its index update (kept on error)."""
+        """Mark the window between a file write and its index update (kept on error: :meth:`close`, or
+        the next open once this process is gone, rebuilds the index and removes it)."""
         Repository._marker_seq += 1
         marker = self.path / "tmp" / f"index-pending-{os.getpid()}-{Repository._marker_seq}"
         marker.touch()
-        yield
+        try:
+            yield
+        except BaseException:
+            self._kept_markers = [*getattr(self, "_kept_markers", []), marker]
+            raise
         marker.unlink(missing_ok=True)
 
     def _orphaned_markers(self) -> list[Path]:
@@ -112,6 +117,12 @@ class Repository:
         return self.index.rebuild(manifests, refs)
 
     def close(self) -> None:
+        kept = getattr(self, "_kept_markers", [])
+        if kept:  # an error inside index_pending(): the index may be behind the files; catch it up, drop the marker
+            with contextlib.suppress(Exception):
+                self.rebuild_index()
+                for marker in kept:
+                    marker.unlink(missing_ok=True)
         self.index.close()
 
     def __enter__(self) -> Any:
@@ -153,7 +164,7 @@ class Repository:
         """Store one tensor (and its exactness pins) as blobs; its manifest entry."""
 
         data = tensor_to_bytes(t)
-        digest = self.store.put_blob(data)
+        digest = self.store.put_blob(data, direct=len(data) >= 1 << 20)  # large: around the page cache
         pin_meta = None
         if pins is not None:
             from patchctl.patches.apply import encode_pins
@@ -161,6 +172,16 @@ class Repository:
             pdata = encode_pins(*pins)
             pin_meta = {"digest": self.store.put_blob(pdata), "count": int(pins[0].numel()), "size": len(pdata)}
         return TensorEntry(digest, dtype_name(t.dtype), tuple(t.shape), "raw", len(data), pin_meta)
+
+    @contextlib.contextmanager
+    def tensor_writer(self, depth: int = 3) -> Iterator[TensorSink]:
+        """Store tensors on a writer thread while the caller makes the next ones (see :class:`TensorSink`)."""
+        sink = TensorSink(self, depth)
+        try:
+            yield sink
+            sink.finish()
+        finally:
+            sink.close()
 
     def commit(self, m: Manifest, ref: str | None = None, message: str = "", move_latest: bool = True) -> str:
         """Store a manifest (its blobs must exist) and point ``ref`` (and ``name:latest``) at it."""
@@ -178,14 +199,13 @@ class Repository:
         ``move_latest`` also moves ``name:latest`` (when ``ref`` is another tag).
         """
         r = ref if isinstance(ref, Ref) else parse_ref(ref)
+        refs = [r, Ref(r.name, "latest")] if move_latest and r.tag != "latest" else [r]
         with self.index_pending():
-            entry = self.store.move_ref(r, digest, message)
-            if entry is not None:
-                self.index.record_ref(r, entry)
-            else:
-                self.resync_ref(r)
-        if move_latest and r.tag != "latest":
-            self.move_ref(Ref(r.name, "latest"), digest, message)
+            for one, entry in zip(refs, self.store.move_refs(refs, digest, message), strict=True):  # both at once
+                if entry is not None:
+                    self.index.record_ref(one, entry)
+                else:
+                    self.resync_ref(one)
 
     def resync_ref(self, r: Ref) -> None:
         """Catch the index up with a ref's log: a command killed between the two leaves it behind."""
@@ -195,12 +215,33 @@ class Repository:
 
     # -- bases ---------------------------------------------------------------------
     def check_base(self, m: Manifest, base: Checkpoint) -> None:
-        """Refuse ``base`` unless its fingerprint is the one ``m`` was made for."""
+        """Refuse ``base`` unless it is the one ``m`` was made for: the sampled fingerprint first
+        (cheap), then, when ``m`` records one, the full content digest (cached by file)."""
         fp = base.fingerprint()
         if fp != m.fingerprint:
             raise BaseMismatch(
                 f"the patch was made for base {m.base.get('name') or '?'} ({m.fingerprint[:19]}…), but "
                 f"{base.path} has fingerprint {fp[:19]}…; use the right base or `patchctl port` the patch"
+            )
+        self.check_content(m, base)
+
+    def check_content(self, m: Manifest, base: Checkpoint) -> None:
+        """Refuse ``base`` when ``m`` records a content digest and ``base``'s bytes differ (tensors named)."""
+        want = m.base.get("content")
+        if not want:
+            return  # made before content digests: the fingerprint is all there is
+        from patchctl.registry.formats.content import content_digest, differing
+
+        cache = self.path / "cache"
+        have = content_digest(base, cache)
+        if have != want:
+            names = differing(want, base, cache)
+            where = (f"tensor{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names[:3])}"
+                     f"{f' and {len(names) - 3} more' if len(names) > 3 else ''}" if names
+                     else f"content {have[:19]}… (the patch's base: {want[:19]}…)")
+            raise BaseMismatch(
+                f"{base.path} is not the base the patch was made for ({m.base.get('name') or '?'}): same names, "
+                f"shapes and sampled bytes, but it differs in {where}; use the exact base or `patchctl port` the patch"
             )
 
     def remember_base(self, fingerprint: str, path: str | os.PathLike[str]) -> None:
@@ -218,6 +259,15 @@ class Repository:
         tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, f)
 
+    def known_bases(self) -> list[Path]:
+        """The local folders of the bases seen before that still exist (newest entry last)."""
+        f = self.path / "bases.json"
+        try:
+            known = json.loads(f.read_text()) if f.is_file() else {}
+        except ValueError:
+            return []
+        return [Path(p) for p in known.values() if isinstance(p, str) and Path(p).is_dir()]
+
     def base_path(self, fingerprint: str) -> Path | None:
         """The local folder of a base seen before (by push or eval push), if it still exists."""
         f = self.path / "bases.json"
@@ -228,4 +278,46 @@ class Repository:
         return Path(p) if p and Path(p).is_dir() else None
 
 
-__all__ = ["Progress", "Repository"]
+class TensorSink:
+    """``sink(name, tensor, pins)`` stores the tensor with :meth:`Repository.put_tensor` on writer threads.
+
+    Hashing, writing and fsyncing release the GIL, so they overlap with the
+    caller's reading and arithmetic; two writers, so that one blob's hash and
+    write overlap with the previous blob's fsync (which waits on the device).
+    At most ``depth`` tensors wait or are being written (the caller blocks on
+    the oldest beyond that): memory stays a few tensors. The tensors must not change after they are handed over. A failed
+    write raises in the caller at its next call or at :meth:`finish`;
+    :attr:`entries` holds the manifest entries once :meth:`finish` returns.
+    """
+
+    WRITERS = 2
+
+    def __init__(self, repo: Repository, depth: int = 3):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.repo, self.depth = repo, max(1, depth)
+        self.pool = ThreadPoolExecutor(self.WRITERS, thread_name_prefix="patchctl-put")
+        self.pending: list[tuple[str, Any]] = []
+        self.entries: dict[str, TensorEntry] = {}
+
+    def __call__(self, name: str, t: Any, pins: Any = None) -> None:
+        while len(self.pending) >= self.depth:
+            self._collect_oldest()
+        self.pending.append((name, self.pool.submit(self.repo.put_tensor, t, pins)))
+
+    def _collect_oldest(self) -> None:
+        name, fut = self.pending.pop(0)
+        self.entries[name] = fut.result()
+
+    def finish(self) -> None:
+        while self.pending:
+            self._collect_oldest()
+
+    def close(self) -> None:
+        for _, fut in self.pending:
+            fut.cancel()
+        self.pool.shutdown(wait=True)  # a write in progress ends (its temp file is removed) before the caller goes on
+        self.pending.clear()
+
+
+__all__ = ["Progress", "Repository", "TensorSink"]

@@ -149,6 +149,7 @@ def load(
             plan = make_plan(reg, patches, method, weights, seed, merge_params)
             check_fingerprint(plan, fp, str(base_dir))
             for i in plan.inputs:
+                reg.check_content(i.view.m, ckpt)  # the exact check (cached after the first time)
                 check_against_base(i.view, ckpt)
         elif method is not None or weights is not None or merge_params:
             raise InvalidArgument("method, weights and merge parameters need patches to merge")

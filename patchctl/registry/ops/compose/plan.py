@@ -125,6 +125,12 @@ def make_plan(
     # a dry run surfaces the method's own checks (density range, weight signs, ...)
     merge_mod.merge_tensor(method, [torch.zeros(2)] * n, ws, generator_seed=seed, name="-", params=params)
     for i in inputs:
+        based = [c for c in i.view.changes() if c.op in ("dora", "rows")]
+        if based:
+            what = "DoRA (use_dora)" if based[0].op == "dora" else "trainable_token_indices"
+            raise UnsupportedPatch(f"{i.ref} uses {what}: its change to {based[0].target} is computed from the base "
+                                   "weights, not a delta a merge can weigh; apply it alone, or `patchctl merge` it "
+                                   "(which merges its ΔW against the base)")
         replaced = [c.target for c in i.view.changes() if c.op != "add"]
         if replaced:
             raise UnsupportedPatch(
@@ -176,6 +182,9 @@ def plan_steps(plan: Plan, tensors: ModuleTensors) -> list[Step]:
                 continue
             shape = tuple(inp.view.shape_of(c))
             have = tuple(tensors.by_name[name].shape)
+            if c.op == "rows" and len(have) == 2 and shape[1:] == have[1:] \
+                    and all(0 <= r < have[0] for r in inp.view.rows(c)):
+                shape = have  # trainable tokens: rows of the model's embedding
             if shape != have:
                 problems.append(f"{inp.ref}: {c.target} has shape {list(shape)} but the model's {name} has {list(have)}")
                 continue
@@ -245,7 +254,6 @@ def write_steps(
     with torch.no_grad():
         for step in steps:
             t = tensors.by_name[step.name]
-            op, value, pins = step_delta(plan, step, device or t.device)
             file_base = None
             if ckpt is not None:
                 key = ckpt.resolve(step.merge_name)
@@ -253,6 +261,14 @@ def write_steps(
                     file_base = ckpt.read(key)
             if originals is not None:
                 originals[step.name] = t.detach().to("cpu", copy=True)
+            view = plan.inputs[next(iter(step.changes))].view
+            if plan.method is None and view.m.kind == "lora":
+                # one LoRA, every op (DoRA, trainable tokens: from the base tensor) as peft merges it
+                c = next(iter(step.changes.values()))
+                base_t = file_base if file_base is not None else t
+                t.copy_(view.new_value(c, base_t, str(device or t.device)).to(base_t.dtype))
+                continue
+            op, value, pins = step_delta(plan, step, device or t.device)
             if op != "add":
                 t.copy_(value.to(file_base.dtype) if file_base is not None else value)
             elif file_base is None and pins is None and t.dtype in (torch.float32, torch.float64):

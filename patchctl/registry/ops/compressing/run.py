@@ -105,7 +105,7 @@ def plan_source(reg: Repository, ref: str, lora_delta: bool | None) -> SourcePla
     mods, other = lora_modules(m)
     if lora_delta is None or lora_delta:
         changes = {c.target: c for c in view.changes()}
-        replaced = sorted(t for t, c in changes.items() if c.op != "add")
+        replaced = sorted(t for t, c in changes.items() if c.op == "replace")
         if replaced:
             raise UnsupportedPatch(
                 f"{ref} replaces whole tensors ({', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}); "
@@ -113,14 +113,37 @@ def plan_source(reg: Repository, ref: str, lora_delta: bool | None) -> SourcePla
                 "(the replaced tensors are kept as they are)"
             )
         keys = sorted(changes)
+        based = {t: c for t, c in changes.items() if c.op in ("dora", "rows")}
+        base = None
+        if based:  # DoRA, trainable tokens: their ΔW = W' − W is computed from the base the registry knows
+            path = reg.base_path(m.fingerprint)
+            if path is None:
+                what = "DoRA (use_dora)" if any(c.op == "dora" for c in based.values()) else "trainable_token_indices"
+                raise UnsupportedPatch(f"{ref} uses {what}; its ΔW = W' − W needs the base, which this registry does "
+                                       "not know: push the adapter with --base BASE_DIR")
+            from patchctl.registry.formats.checkpoint import Checkpoint
+
+            base = Checkpoint(path)
+        shapes = {k: tuple(base.info(base.resolve(k) or k).shape) if k in based and base is not None
+                  else tuple(view.shape_of(changes[k])) for k in keys}
 
         def delta(target: str) -> torch.Tensor:
             import torch
 
-            return view.value(changes[target]).to(torch.float32)
+            c = changes[target]
+            if base is not None and c.op in ("dora", "rows"):
+                key = base.resolve(target)
+                if key is None:
+                    raise UnsupportedPatch(f"{ref}: {target} is not in its base {base.path}")
+                return view.delta(c, base.read(key))
+            return view.value(c).to(torch.float32)
 
-        return SourcePlan(digest, view, "diff", "delta", keys, {k: tuple(view.shape_of(changes[k])) for k in keys},
-                     dict.fromkeys(keys, "float32"), [], delta)
+        return SourcePlan(digest, view, "diff", "delta", keys, shapes, dict.fromkeys(keys, "float32"), [], delta)
+    extras = [f"{mod.module} ({'lora_magnitude_vector, use_dora' if mod.magnitude else 'lora_B.bias, lora_bias'})"
+              for mod in mods.values() if mod.magnitude or mod.bias]
+    if extras:
+        raise UnsupportedPatch(f"{ref}: --factors compresses the A/B factors only, and {extras[0]} is more than "
+                               "that; compress its ΔW instead (without --factors)")
     keys = sorted(k for mod in mods.values() for k in (mod.a, mod.b))
     return SourcePlan(digest, view, "lora", "factors", keys, {k: m.tensors[k].shape for k in keys},
                  {k: m.tensors[k].dtype for k in keys}, sorted(other), raw)
@@ -250,6 +273,7 @@ def compress(
             recipe={**spec.recipe(p.target),
                     **({"search": search} if search is not None else {})},
             metadata={**(metadata or {}), "compression": report},
+            side_files=dict(src_m.side_files),  # the fine-tune's config/tokenizer changes: same base, kept
         )
         if p.layout == "lora":
             report.update(_delta_errors(reg, p.view, m))

@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from patchctl.patches.finite import require_finite
 from patchctl.registry.ops.merging.plan import _Plan
 from patchctl.registry.ops.merging.stream import Progress, _deltas, _merged, _tick
 from patchctl.registry.store.manifest import TensorEntry
@@ -137,8 +138,8 @@ def lora_tensors(p: _Plan, reg: Repository, alpha: float | None, beta: float,
         if p.as_lora == "cat":
             a, b = _cat_factors(p, t, scale)
             ka, kb = _lora_keys(module, _is_embedding(p, t))
-            tensors[ka] = reg.put_tensor(a.to(out_dtype).cpu().contiguous())
-            tensors[kb] = reg.put_tensor(b.to(out_dtype).cpu().contiguous())
+            tensors[ka] = reg.put_tensor(require_finite(a.to(out_dtype).cpu().contiguous(), ka, "the merge"))
+            tensors[kb] = reg.put_tensor(require_finite(b.to(out_dtype).cpu().contiguous(), kb, "the merge"))
             ranks[module] = int(a.shape[0])
             del a, b
             _tick(p, t, progress, done, total)
@@ -162,8 +163,8 @@ def lora_tensors(p: _Plan, reg: Repository, alpha: float | None, beta: float,
                 errors[t] = err
                 tail_sq += err * err * sq
                 ka, kb = _lora_keys(module, emb)
-                tensors[ka] = reg.put_tensor(a.to(out_dtype).cpu().contiguous())
-                tensors[kb] = reg.put_tensor(b.to(out_dtype).cpu().contiguous())
+                tensors[ka] = reg.put_tensor(require_finite(a.to(out_dtype).cpu().contiguous(), ka, "the merge"))
+                tensors[kb] = reg.put_tensor(require_finite(b.to(out_dtype).cpu().contiguous(), kb, "the merge"))
                 ranks[module] = int(p.rank or 0)
         del merged
         _tick(p, t, progress, done, total)

@@ -45,6 +45,7 @@ from patchctl.errors import (
     InvalidArgument,
     NotFound,
     PatchctlError,
+    PatchctlWarning,
     ShapeMismatch,
     UnsupportedPatch,
 )
@@ -59,6 +60,7 @@ from patchctl.registry.store.views import (
     PatchView,
     check_against_base,
     lora_modules,
+    tied_changes,
 )
 
 if TYPE_CHECKING:
@@ -77,6 +79,7 @@ class _Input:
     view: PatchView
     changes: dict[str, Change]  # target -> change
     lora: dict[str, LoraModule]  # manifest key of A -> module (LoRA inputs)
+    base: Checkpoint | None = None  # the base, for DoRA / trainable tokens: merged as ΔW = W' − W
 
 
 @dataclass
@@ -203,12 +206,22 @@ def _load(reg: Repository, inputs: Sequence[str], problems: _Problems) -> list[_
         view = PatchView(reg.store, reg.manifest(digest))
         mods = lora_modules(view.m)[0] if view.m.kind == "lora" else {}
         changes = view.changes()
-        replaced = [c.target for c in changes if c.op != "add"]
+        replaced = [c.target for c in changes if c.op == "replace"]
         if replaced:
             problems.add(UnsupportedPatch, f"{ref} replaces whole tensors ({', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}: "
                          "modules_to_save or trained biases), which a merge of deltas cannot combine")
-        loaded.append(_Input(ref, digest, view, {c.target: c for c in changes if c.op == "add"},
-                             {m.a: m for m in mods.values()}))
+        based = [c for c in changes if c.op in ("dora", "rows")]
+        base_ck = None
+        if based:  # DoRA, trainable tokens: merged as their ΔW = W' − W against the base the registry knows
+            path = reg.base_path(view.m.fingerprint)
+            what = "DoRA (use_dora)" if based[0].op == "dora" else "trainable_token_indices"
+            if path is None:
+                problems.add(UnsupportedPatch, f"{ref} uses {what}, which merges as its ΔW = W' − W against the base; "
+                             "this registry does not know where the base is: push the adapter with --base BASE_DIR")
+            else:
+                base_ck = Checkpoint(path)
+        loaded.append(_Input(ref, digest, view, {c.target: c for c in changes if c.op != "replace"},
+                             {m.a: m for m in mods.values()}, base_ck))
     return loaded
 
 
@@ -284,7 +297,10 @@ def plan(
     seen: dict[str, dict[tuple[int, ...], list[str]]] = {}
     for i in loaded:
         for t, c in i.changes.items():
-            seen.setdefault(t, {}).setdefault(tuple(i.view.shape_of(c)), []).append(i.ref)
+            shape = tuple(i.view.shape_of(c))
+            if c.op == "rows" and i.base is not None and (key := i.base.resolve(t)) is not None:
+                shape = tuple(i.base.info(key).shape)  # trainable tokens: rows of the base's embedding
+            seen.setdefault(t, {}).setdefault(shape, []).append(i.ref)
     bad_shapes = [f"{t}: " + " vs ".join(f"{list(s)} in {', '.join(r)}" for s, r in seen[t].items())
                   for t in sorted(seen) if len(seen[t]) > 1]
     if bad_shapes and one_base:  # on different bases the shapes say nothing more
@@ -301,6 +317,11 @@ def plan(
         not_lora = [f"{i.ref} is a {i.view.m.kind}" for i in loaded if i.view.m.kind != "lora"]
         if not_lora:
             problems.add(InvalidArgument, f"--as-lora cat needs LoRA inputs only ({'; '.join(not_lora)}); use --as-lora svd --rank R")
+        based = [f"{i.ref} uses {'DoRA (use_dora)' if i.changes[t].op == 'dora' else 'trainable_token_indices'}"
+                 for i in loaded for t in sorted(i.changes) if i.changes[t].op in ("dora", "rows")][:1]
+        if based:
+            problems.add(InvalidArgument, f"--as-lora cat concatenates LoRA factors; {based[0]}, whose update is not "
+                         "B @ A alone: use --as-lora svd --rank R or a diff output")
     if spec.as_lora is not None and len(fifo_values) > 1:
         problems.add(InvalidArgument, "the LoRA inputs disagree on fan_in_fan_out; a LoRA output needs one layout")
 
@@ -314,8 +335,23 @@ def plan(
         else:
             ckpt = _check_apply(loaded, Path(apply_to), base, problems)
     problems.raise_if_any()
+    if apply_to is None:  # (with apply_to, writing the merged model warns)
+        _warn_tied(reg, loaded)
     return _Plan(spec, loaded, targets, shapes, [float(w) for w in spec.weights_for(n)], spec.method_params(),
                  per_tensor, lines_mod.num_blocks(targets), out_dtype, dev, fifo_values == {True}, ckpt)
+
+
+def _warn_tied(reg: Repository, loaded: list[_Input]) -> None:
+    """One warning per tensor the merge changes that the base ties to its output head (as PEFT's merge does)."""
+    import warnings
+
+    path = reg.base_path(loaded[0].view.m.fingerprint)
+    if path is None:
+        return
+    ck = Checkpoint(path)
+    lines = dict.fromkeys(line for i in loaded for line in tied_changes(i.view, ck))
+    for line in lines:
+        warnings.warn(line, PatchctlWarning, stacklevel=3)
 
 
 def _check_apply(loaded: list[_Input], out: Path, base: str | os.PathLike[str], problems: _Problems) -> Any:

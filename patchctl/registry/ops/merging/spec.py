@@ -266,6 +266,12 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``lines`` (``auto`` or α), ``lines_beta``, ``as_lora``, ``rank``,
     ``dtype``, ``seed``. Values are checked by the merge itself. Every key
     but ``inputs`` is a field of :class:`MergeSpec`.
+
+    A file with mergekit's keys (``merge_method``, ``models``, ``slices``) is
+    a mergekit configuration, read by
+    :func:`~patchctl.registry.ops.merging.mergekit.from_mergekit`: the same
+    keys plus ``base_model`` (a folder or None), and ``inputs`` may hold
+    absolute folder paths (to import with ``mergekit.import_folders``).
     """
     p = Path(path)
     try:
@@ -285,6 +291,10 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise InvalidArgument(f"recipe {str(p)!r}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"recipe {str(p)!r}: expected a mapping with keys {', '.join(RECIPE_KEYS)}")
+    if any(k in doc for k in ("merge_method", "models", "slices")):  # a mergekit configuration
+        from patchctl.registry.ops.merging.mergekit import from_mergekit
+
+        return from_mergekit(doc, f"recipe {str(p)!r}")
     unknown = sorted(set(doc) - set(RECIPE_KEYS))
     if unknown:
         raise InvalidArgument(f"recipe {str(p)!r}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(RECIPE_KEYS)}")
