@@ -19,13 +19,12 @@ if TYPE_CHECKING:
 def require_finite(t: torch.Tensor, name: str, what: str) -> torch.Tensor:
     """``t`` itself when every value is finite; else :class:`InvalidPatch` naming ``name``.
 
-    One reduction (NaN and Inf propagate through a sum) and the exact test only when
-    the sum is not finite, which an overflow of the sum alone can also cause.
+    One vectorised ``aminmax`` pass (:func:`patchctl.patches.apply.all_finite`): NaN and ±Inf
+    reach the minimum or the maximum.
     """
-    import torch
+    from patchctl.patches.apply import all_finite
 
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum())) \
-            and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and t.numel() and not all_finite(t):
         raise InvalidPatch(f"{what} gave NaN or Inf in tensor {name!r} (an overflow: try float32 with --dtype, "
                            "or smaller weights); nothing was tagged")
     return t
