@@ -8,6 +8,7 @@ WordNet glosses, and adapters produced by `peft` itself.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -203,3 +204,26 @@ def snapshot(reg: Path) -> dict[str, str]:
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(autouse=True)
+def _no_local_path_in_any_manifest(monkeypatch, tmp_path_factory):
+    """Issue #22: no manifest committed in the tests names a path of the machine it was made on.
+
+    Every in-process commit is checked: the manifest's base, params, lineage and side files must not
+    hold the pytest temporary root (where every model and adapter of the tests lives). User metadata
+    (``--meta``) is the user's to fill and is not checked.
+    """
+    from patchctl.registry.store.repository import Repository
+
+    root = str(tmp_path_factory.getbasetemp().parent)
+    real = Repository.commit
+
+    def commit(self, m, *args, **kwargs):
+        doc = m.to_json()
+        doc.pop("metadata", None)
+        text = json.dumps(doc)
+        assert root not in text, f"a manifest names a local path ({root}): {text[:300]}"
+        return real(self, m, *args, **kwargs)
+
+    monkeypatch.setattr(Repository, "commit", commit)

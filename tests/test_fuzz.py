@@ -288,8 +288,9 @@ def test_push_answers_every_mutated_input_in_time_and_a_refusal_changes_nothing(
 
 
 def test_push_fuzz_enforces_its_time_bound(tmp_path):
-    """The bound is real: with 1 ms no push is answered in time, and each counts (the worker is restarted)."""
-    r = R.push_fuzz(tmp_path, 2, seed=2, time_bound=0.001)
+    """The bound is real: with a zero bound no push is answered in time, and each counts (the worker is
+    killed and restarted). (1 ms was flaky: a warm worker can refuse a malformed input within 1 ms.)"""
+    r = R.push_fuzz(tmp_path, 2, seed=2, time_bound=0.0)
     assert r["total"].get("over the time bound", 0) == 2 and not r["ok"], r
 
 
