@@ -200,3 +200,19 @@ def test_an_exported_adapter_pushes_again_without_base(models, reg_path, tmp_pat
         cfg = json.loads((out / "adapter_config.json").read_text())
         assert cfg["base_model_name_or_path"] == models.base.name
         assert reg.push(out, "l:v2") == first  # the same adapter, the same digest
+
+
+def test_a_finetunes_local_name_or_path_is_not_a_config_change(models, cli, tmp_path, reg_path):
+    """An older transformers writes `_name_or_path` (often a local path) into config.json: it is where the
+    model was loaded from, not a change, and no manifest may name a local path."""
+    ft = tmp_path / "ft"
+    shutil.copytree(models.finetune, ft)
+    cfg = json.loads((ft / "config.json").read_text())
+    cfg["_name_or_path"] = str(tmp_path / "home" / "me" / "base")
+    cfg["id2label"] = {"0": "neg", "1": "pos"}
+    (ft / "config.json").write_text(json.dumps(cfg))
+    r = cli("push", str(ft), "p:v1", "--base", str(models.base))
+    assert r.code == 0, r.err
+    with Registry(reg_path) as reg:
+        data = reg.store.read_manifest_bytes(reg.resolve("p:v1")).decode()
+    assert str(tmp_path) not in data and "_name_or_path" not in data and "id2label" in data

@@ -78,12 +78,20 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON (a patch records config values as canonical JSON)")
 
 
+#: config.json keys that say where a model was loaded from, not what it is: never part of a diff.
+LOADED_FROM = ("_name_or_path",)
+
+
 def compare(base: Path, finetune: Path) -> SideChanges:
     """The side-file changes that turn the base folder's files into the fine-tune folder's."""
     out = SideChanges()
     fcfg = read_config(finetune)
     if fcfg is not None:
-        out.config = json_diff(read_config(base) or {}, fcfg)
+        # where a config was loaded from is no change of the fine-tune's (and is often a local path,
+        # which no manifest may name): the base's value stays
+        drop = {k: None for k in LOADED_FROM}
+        base_cfg = {k: v for k, v in (read_config(base) or {}).items() if k not in drop}
+        out.config = json_diff(base_cfg, {k: v for k, v in fcfg.items() if k not in drop})
     names = {p.name for folder in (base, finetune) if folder.is_dir() for p in folder.iterdir()
              if p.is_file() and SIDE_FILE_RE.fullmatch(p.name)}
     saved = {_group(p.name) for p in finetune.iterdir() if p.is_file() and SIDE_FILE_RE.fullmatch(p.name)}
