@@ -98,8 +98,29 @@ def _push_cmd(src, base, reg, ref):
     return [sys.executable, "-m", "patchctl", "push", str(src), ref, "--base", str(base), "--registry", str(reg)]
 
 
+def _wait_for_writes(p: subprocess.Popen, reg) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None and not any((reg / "tmp").iterdir()) \
+            and not any((reg / "objects" / "sha256").iterdir()):
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def push_write_seconds(tmp_path_factory, big_finetune, minilm_dir) -> float:
+    """How long an uninterrupted push of the 90 MB fine-tune writes here (first file → exit): the random
+    kills land inside that window, whatever the machine's speed."""
+    reg = tmp_path_factory.mktemp("calibrate") / "reg"
+    Registry(reg).close()
+    p = subprocess.Popen(_push_cmd(big_finetune, minilm_dir, reg, "ft:v1"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    _wait_for_writes(p, reg)
+    t0 = time.monotonic()
+    assert p.wait(300) == 0
+    return time.monotonic() - t0
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_sigkill_at_a_random_moment_of_a_90_mb_push(tmp_path, big_finetune, minilm_dir, seed):
+def test_sigkill_at_a_random_moment_of_a_90_mb_push(tmp_path, big_finetune, minilm_dir, push_write_seconds, seed):
     reg = tmp_path / "reg"
     rng = random.Random(seed)
     Registry(reg).close()
@@ -107,12 +128,10 @@ def test_sigkill_at_a_random_moment_of_a_90_mb_push(tmp_path, big_finetune, mini
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen(_push_cmd(big_finetune, minilm_dir, reg, "ft:v1"), env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # wait until the import has started writing, then kill at a random moment
-    deadline = time.time() + 60
-    while time.time() < deadline and p.poll() is None and not any((reg / "tmp").iterdir()) \
-            and not any((reg / "objects" / "sha256").iterdir()):
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 0.8))
+    # wait until the import has started writing, then kill at a random moment of its writes (the first 70 %
+    # of an uninterrupted push's write time here: the push has become fast enough to finish within 0.8 s)
+    _wait_for_writes(p, reg)
+    time.sleep(rng.uniform(0.0, 0.7 * push_write_seconds))
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the push finished before the kill"
