@@ -12,7 +12,7 @@ setup(
         Extension(
             "patchctl._kernels",
             sources=["patchctl/_kernels.c"],
-            extra_compile_args=["-O3", "-fvisibility=hidden"],
+            extra_compile_args=["-O3", "-fvisibility=hidden", "-ffp-contract=off"],
             optional=True,
         )
     ]

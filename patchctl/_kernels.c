@@ -31,7 +31,7 @@
 #endif
 
 /* Version of this ABI: native.py refuses a library whose version differs. */
-PC_EXPORT int pc_abi_version(void) { return 2; }
+PC_EXPORT int pc_abi_version(void) { return 3; }
 
 /*
  * hist16: add to hist[0..65535] the count of each raw 16-bit pattern in
@@ -367,6 +367,180 @@ PC_EXPORT void pc_rice_decode(const uint8_t *p1, int64_t b_lo, int64_t b_hi, con
             i++;
         }
     }
+}
+
+/*
+ * Float arithmetic of apply and push without torch (patches/host.py).
+ *
+ * Dtype codes: 0 float32, 1 float16, 2 bfloat16. Every sum and difference is
+ * computed in float32 and rounded once, to nearest even, into the stored
+ * dtype: what torch's CPU kernels do for these dtypes (patches/apply.py), bit
+ * for bit on every non-NaN value (tests/test_host_kernels.py compares them).
+ * The conversions are the bit-exact ones of c10 (fp16_ieee_from_fp32_value,
+ * fp16_ieee_to_fp32_value); setup.py compiles with -ffp-contract=off so that
+ * no multiply-add is fused.
+ */
+static inline float pc_f32_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t pc_bits_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float pc_bf16_to_f32(uint16_t h) { return pc_f32_bits((uint32_t)h << 16); }
+
+static inline uint16_t pc_f32_to_bf16(float f) {
+    uint32_t u = pc_bits_f32(f);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded); /* NaN stays a quiet NaN */
+}
+
+static inline float pc_f16_to_f32(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = pc_f32_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = pc_f32_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t r = sign | (two_w < (1u << 27) ? pc_bits_f32(denormalized) : pc_bits_f32(normalized));
+    return pc_f32_bits(r);
+}
+
+static inline uint16_t pc_f32_to_f16(float f) {
+    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = pc_bits_f32(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = pc_f32_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = pc_bits_f32(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+static inline float pc_load(const void *p, int code, int64_t i) {
+    if (code == 0) return ((const float *)p)[i];
+    if (code == 1) return pc_f16_to_f32(((const uint16_t *)p)[i]);
+    return pc_bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+/* The stored bits of float32 x rounded to dtype `code` (float32: its own bits). */
+static inline uint32_t pc_round_bits(float x, int code) {
+    if (code == 0) return pc_bits_f32(x);
+    if (code == 1) return pc_f32_to_f16(x);
+    return pc_f32_to_bf16(x);
+}
+
+static inline void pc_store(void *p, int code, int64_t i, uint32_t bits) {
+    if (code == 0) ((uint32_t *)p)[i] = bits;
+    else ((uint16_t *)p)[i] = (uint16_t)bits;
+}
+
+static inline uint32_t pc_raw_bits(const void *p, int code, int64_t i) {
+    return code == 0 ? ((const uint32_t *)p)[i] : ((const uint16_t *)p)[i];
+}
+
+/* Specialised loops for the common dtype pairs (the compiler vectorizes each), the generic one otherwise. */
+#define PC_ADD_LOOP(BC, DC)                                                                                     \
+    for (int64_t i = 0; i < n; i++)                                                                             \
+        pc_store(out, BC, i, pc_round_bits(pc_load(base, BC, i) + pc_load(delta, DC, i), BC));
+
+/*
+ * add_cast: out[i] = round_bcode(f32(base[i]) + f32(delta[i])) for i in [0, n).
+ * out has the base's dtype; it may be base itself. Returns 0, or -1 for an unknown code.
+ */
+PC_EXPORT PC_TARGETS int pc_add_cast(const void *base, int bcode, const void *delta, int dcode, void *out, int64_t n) {
+    if (bcode < 0 || bcode > 2 || dcode < 0 || dcode > 2) return -1;
+    if (bcode == 2 && dcode == 2) { PC_ADD_LOOP(2, 2) }
+    else if (bcode == 1 && dcode == 1) { PC_ADD_LOOP(1, 1) }
+    else if (bcode == 0 && dcode == 0) { PC_ADD_LOOP(0, 0) }
+    else if (bcode == 2 && dcode == 0) { PC_ADD_LOOP(2, 0) }
+    else if (bcode == 1 && dcode == 0) { PC_ADD_LOOP(1, 0) }
+    else {
+        for (int64_t i = 0; i < n; i++)
+            pc_store(out, bcode, i, pc_round_bits(pc_load(base, bcode, i) + pc_load(delta, dcode, i), bcode));
+    }
+    return 0;
+}
+
+static inline float pc_widen(uint32_t bits, int code) {
+    return code == 0 ? pc_f32_bits(bits) : code == 1 ? pc_f16_to_f32((uint16_t)bits) : pc_bf16_to_f32((uint16_t)bits);
+}
+
+#define PC_DIFF_BLOCK 512
+/* One block of m <= PC_DIFF_BLOCK entries from s: deltas stored, raw[j] = a's bits, miss[j] where the sum
+ * misses them. a's bits are loaded before d is stored: d may be a itself (same dtype, in place). */
+#define PC_DIFF_LOOP(IC, OC)                                                                                    \
+    for (int64_t j = 0; j < m; j++) {                                                                           \
+        const uint32_t ra = pc_raw_bits(a, IC, s + j);                                                          \
+        const float fa = pc_widen(ra, IC), fb = pc_load(b, IC, s + j);                                          \
+        const uint32_t db = pc_round_bits(fa - fb, OC);                                                         \
+        pc_store(d, OC, s + j, db);                                                                             \
+        raw[j] = ra;                                                                                            \
+        miss[j] = pc_round_bits(fb + pc_widen(db, OC), IC) != ra;                                               \
+    }
+
+/*
+ * diff_pins: the delta of a fine-tune `a` over its base `b` (both dtype icode), stored as ocode, and
+ * the positions where applying it does not give `a` back bit for bit:
+ *     d[i]   = round_ocode(f32(a[i]) - f32(b[i]))
+ *     got[i] = round_icode(f32(b[i]) + f32(d[i]))       (apply's arithmetic: pc_add_cast)
+ *     hits += offset + i, vals += the bits of a[i]      where the bits of got[i] and a[i] differ
+ * d may be a (when icode == ocode: the delta replaces the fine-tune in its buffer). hits and vals must
+ * hold n entries. Returns the number of hits, or -1 for an unknown code.
+ */
+PC_EXPORT PC_TARGETS int64_t pc_diff_pins(const void *a, const void *b, int icode, void *d, int ocode, int64_t n,
+                                          int64_t offset, int64_t *hits, uint32_t *vals) {
+    if (icode < 0 || icode > 2 || ocode < 0 || ocode > 2) return -1;
+    uint32_t miss[PC_DIFF_BLOCK], raw[PC_DIFF_BLOCK];
+    int64_t k = 0;
+    for (int64_t s = 0; s < n; s += PC_DIFF_BLOCK) {
+        const int64_t m = n - s < PC_DIFF_BLOCK ? n - s : PC_DIFF_BLOCK;
+        if (icode == 2 && ocode == 2) { PC_DIFF_LOOP(2, 2) }
+        else if (icode == 1 && ocode == 1) { PC_DIFF_LOOP(1, 1) }
+        else if (icode == 0 && ocode == 0) { PC_DIFF_LOOP(0, 0) }
+        else if (icode == 2 && ocode == 0) { PC_DIFF_LOOP(2, 0) }
+        else if (icode == 1 && ocode == 0) { PC_DIFF_LOOP(1, 0) }
+        else { PC_DIFF_LOOP(icode, ocode) }
+        uint32_t any = 0;
+        for (int64_t j = 0; j < m; j++) any |= miss[j];
+        if (any)
+            for (int64_t j = 0; j < m; j++)
+                if (miss[j]) {
+                    hits[k] = offset + s + j;
+                    vals[k++] = raw[j];
+                }
+    }
+    return k;
+}
+
+/*
+ * nonfinite: whether x[0..n) (dtype code) holds a NaN or an infinity: 1 or 0 (-1 for an unknown code).
+ * Exponent bits all ones, tested a block at a time (the loop vectorizes; it stops at the first bad block).
+ */
+PC_EXPORT PC_TARGETS int pc_nonfinite(const void *x, int code, int64_t n) {
+    if (code < 0 || code > 2) return -1;
+    const int64_t block = 1 << 14;
+    for (int64_t s = 0; s < n; s += block) {
+        int64_t e = n - s < block ? n : s + block;
+        int bad = 0;
+        if (code == 0) {
+            const uint32_t *u = (const uint32_t *)x;
+            for (int64_t i = s; i < e; i++) bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
+        } else {
+            const uint16_t *h = (const uint16_t *)x;
+            const uint16_t m = code == 1 ? 0x7c00u : 0x7f80u;
+            for (int64_t i = s; i < e; i++) bad |= (h[i] & m) == m;
+        }
+        if (bad) return 1;
+    }
+    return 0;
+}
+
+/* same: whether n bytes at a and b are equal (1) or not (0). */
+PC_EXPORT int pc_same(const void *a, const void *b, int64_t n) {
+    const int64_t block = (int64_t)1 << 30;
+    for (int64_t s = 0; s < n; s += block) {
+        size_t m = (size_t)(n - s < block ? n - s : block);
+        if (memcmp((const char *)a + s, (const char *)b + s, m)) return 0;
+    }
+    return 1;
 }
 
 static struct PyModuleDef kernels_module = {PyModuleDef_HEAD_INIT, "_kernels",

@@ -14,7 +14,7 @@ import os
 
 __all__ = ["lib", "available", "ptr"]
 
-_ABI = 2
+_ABI = 3
 
 _i64 = ctypes.c_int64
 _vp = ctypes.c_void_p
@@ -48,6 +48,14 @@ def _load() -> ctypes.CDLL | None:
     so.pc_rice_encode.restype = None
     so.pc_rice_decode.argtypes = [_vp, _i64, _i64, _vp, _i64, ctypes.c_int, _i64, _i64, _vp]
     so.pc_rice_decode.restype = None
+    so.pc_add_cast.argtypes = [_vp, ctypes.c_int, _vp, ctypes.c_int, _vp, _i64]
+    so.pc_add_cast.restype = ctypes.c_int
+    so.pc_diff_pins.argtypes = [_vp, _vp, ctypes.c_int, _vp, ctypes.c_int, _i64, _i64, _vp, _vp]
+    so.pc_diff_pins.restype = _i64
+    so.pc_nonfinite.argtypes = [_vp, ctypes.c_int, _i64]
+    so.pc_nonfinite.restype = ctypes.c_int
+    so.pc_same.argtypes = [_vp, _vp, _i64]
+    so.pc_same.restype = ctypes.c_int
     return so
 
 

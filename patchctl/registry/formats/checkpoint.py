@@ -25,6 +25,8 @@ from patchctl.registry.formats.safetensors import (
 if TYPE_CHECKING:
     import torch
 
+    from patchctl.patches.host import HostTensor
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -124,6 +126,10 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         return self.where[name].read(name)
+
+    def read_host(self, name: str) -> HostTensor:
+        """Tensor ``name`` as raw bytes, dtype and shape (:class:`~patchctl.patches.host.HostTensor`)."""
+        return self.where[name].read_host(name)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():

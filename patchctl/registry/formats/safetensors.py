@@ -38,6 +38,8 @@ from patchctl.errors import InvalidCheckpoint
 if TYPE_CHECKING:
     import torch
 
+    from patchctl.patches.host import HostTensor
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: Entries (tensors) in one file: DeepSeek-V3, ~94,000 tensors, spreads them over 163 files.
 MAX_TENSORS = 100_000
@@ -135,6 +137,23 @@ class SafetensorsFile:
         info = self.tensors[name]
         return bytes_to_tensor(self.read_bytes(info), info.dtype, info.shape)
 
+    def read_host(self, name: str) -> HostTensor:
+        """Tensor ``name`` as a :class:`~patchctl.patches.host.HostTensor` (a writable buffer; no torch)."""
+        import numpy as np
+
+        from patchctl.patches.host import HostTensor
+
+        info = self.tensors[name]
+        buf = np.empty(info.nbytes, dtype=np.uint8)  # not zero-filled first, as a bytearray is
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(info.start)
+            got, view = 0, memoryview(buf)
+            while got < info.nbytes and (n := f.readinto(view[got:])):
+                got += n
+        if got != info.nbytes:
+            raise InvalidCheckpoint(f"{self.path}: tensor {info.name!r} is truncated")
+        return HostTensor(buf, info.dtype, info.shape)
+
 
 def parse_header(
     raw: bytes, *, data_start: int, file_size: int, where: str
@@ -203,8 +222,12 @@ def bytes_to_tensor(buf: bytes | bytearray | memoryview, dtype: str, shape: tupl
     return torch.frombuffer(buf, dtype=td).reshape(shape)
 
 
-def tensor_to_bytes(t: torch.Tensor) -> memoryview:
+def tensor_to_bytes(t: torch.Tensor | HostTensor) -> memoryview:
     """The little-endian C-order bytes of a CPU tensor (what safetensors stores), without a copy."""
+    from patchctl.patches.host import HostTensor
+
+    if isinstance(t, HostTensor):
+        return memoryview(t.buf)
     import torch
 
     t = t.detach().to("cpu").contiguous()
@@ -252,12 +275,12 @@ class StreamingWriter:
         f.write(head)
         self._next = 0
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    def write(self, name: str, t: torch.Tensor | HostTensor) -> None:
         if self._next >= len(self._order) or self._order[self._next] != name:
             expected = self._order[self._next] if self._next < len(self._order) else None
             raise ValueError(f"tensor {name!r} written out of order (expected {expected!r})")
         dtype, shape = self._spec[name]
-        if dtype_name(t.dtype) != dtype or tuple(t.shape) != shape:
+        if (t.dtype if isinstance(t.dtype, str) else dtype_name(t.dtype)) != dtype or tuple(t.shape) != shape:
             raise ValueError(f"tensor {name!r} is {t.dtype}{tuple(t.shape)}, declared {dtype}{shape}")
         self.f.write(tensor_to_bytes(t))
         self._next += 1

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from patchctl.errors import InvalidArgument, InvalidPatch, PatchctlWarning
+from patchctl.patches import host
+from patchctl.patches.host import HostTensor
 from patchctl.registry.formats.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
 from patchctl.registry.formats.safetensors import (
     DTYPES,
@@ -235,7 +237,6 @@ def diff_metadata(view: PatchView, exact: bool) -> dict[str, str]:
 def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progress = None) -> Path:
     """Write base + patch as a full HF checkpoint folder, shard layout kept, streaming."""
     from patchctl.patches._workers import Behind, prefetched
-    from patchctl.patches.apply import apply_pins, combine
 
     if not base.path.is_dir():
         raise InvalidArgument("apply needs a base model folder")
@@ -243,6 +244,9 @@ def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progre
     for line in tied_changes(view, base):
         warnings.warn(line, PatchctlWarning, stacklevel=2)
     by_key = {key: c for c in view.changes() if (key := resolved[c.target])}
+    fast = _host_apply(view, base, by_key)
+    if not fast:
+        from patchctl.patches.apply import apply_pins, combine
     total = base.total_bytes
     done = 0
     with staged(out) as tmp:
@@ -255,6 +259,8 @@ def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progre
                 def load(name: str, sf: Any = sf) -> tuple[Any, Any, Any]:
                     """On a reader thread (reads and blob hashes release the GIL): base tensor, delta, pins."""
                     c = by_key.get(sf.tensors[name].name)
+                    if fast:
+                        return sf.read_host(name), *(_host_delta(view, c) if c is not None else (None, None))
                     if c is None or view.m.kind == "lora":
                         return sf.read(name), None, None
                     v = view.value(c)
@@ -264,7 +270,11 @@ def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progre
                     for name, (t, v, pins) in prefetched(load, w.order, ahead=2):  # two readers: read, hash
                         info = sf.tensors[name]
                         c = by_key.get(info.name)
-                        if c is not None and view.m.kind == "lora":  # every op, each as peft merges it
+                        if c is not None and fast:  # the same sum on the C kernels, no torch
+                            t = host.add_into(t, v)
+                            if pins is not None:
+                                host.apply_pins(t, *pins)
+                        elif c is not None and view.m.kind == "lora":  # every op, each as peft merges it
                             t = view.new_value(c, t)
                         elif c is not None:
                             t = combine(t, v) if c.op == "add" else v.to(t.dtype)
@@ -279,6 +289,32 @@ def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progre
                 f.flush()
                 os.fsync(f.fileno())
     return out
+
+
+def _host_apply(view: PatchView, base: Checkpoint, by_key: dict[str, Any]) -> bool:
+    """Whether apply can run on :mod:`patchctl.patches.host` (no torch): a diff of stored raw deltas,
+    every dtype float32/float16/bfloat16, the C kernels built. Else the torch path (same values)."""
+    if view.m.kind == "lora" or view.m.params.get("source_kind") == "lora":
+        return False
+    dtypes = {base.info(k).dtype for k in by_key}  # tensors the patch does not change are copied as bytes
+    for c in by_key.values():
+        e = view.m.tensors[c.sources[0]]
+        if c.op != "add" or e.encoding != "raw":
+            return False
+        dtypes.add(e.dtype)
+    return host.usable(*dtypes)
+
+
+def _host_delta(view: PatchView, c: Any) -> tuple[HostTensor, Any]:
+    """A change's stored delta and its pins ``(positions, values, dtype)`` (None without), as host arrays."""
+    e = view.m.tensors[c.sources[0]]
+    data = view.store.read_blob(e.digest)
+    if len(data) != e.size:
+        raise InvalidPatch(f"blob {e.digest} has {len(data)} bytes, expected {e.size}")
+    delta = HostTensor(data, e.dtype, e.shape)
+    if not e.pins:
+        return delta, None
+    return delta, (*host.decode_pins(view.store.read_blob(e.pins["digest"]), e.dtype, e.numel), e.dtype)
 
 
 def copy_side_files(base: Checkpoint, folder: Path, view: PatchView | None = None) -> None:

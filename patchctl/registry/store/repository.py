@@ -166,12 +166,18 @@ class Repository:
         data = tensor_to_bytes(t)
         digest = self.store.put_blob(data, direct=len(data) >= 1 << 20)  # large: around the page cache
         pin_meta = None
+        host = isinstance(t.dtype, str)  # a patches.host.HostTensor (push without torch), pins as numpy arrays
         if pins is not None:
-            from patchctl.patches.apply import encode_pins
+            if host:
+                from patchctl.patches.host import encode_pins
+            else:
+                from patchctl.patches.apply import encode_pins
 
             pdata = encode_pins(*pins)
-            pin_meta = {"digest": self.store.put_blob(pdata), "count": int(pins[0].numel()), "size": len(pdata)}
-        return TensorEntry(digest, dtype_name(t.dtype), tuple(t.shape), "raw", len(data), pin_meta)
+            count = int(pins[0].size) if host else int(pins[0].numel())
+            pin_meta = {"digest": self.store.put_blob(pdata), "count": count, "size": len(pdata)}
+        dtype = t.dtype if host else dtype_name(t.dtype)
+        return TensorEntry(digest, dtype, tuple(t.shape), "raw", len(data), pin_meta)
 
     @contextlib.contextmanager
     def tensor_writer(self, depth: int = 3) -> Iterator[TensorSink]:
