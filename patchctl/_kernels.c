@@ -511,6 +511,46 @@ PC_EXPORT PC_TARGETS int64_t pc_diff_pins(const void *a, const void *b, int icod
 }
 
 /*
+ * weighted_sum: task arithmetic's out[i] = round_ocode(lam * (((+0 + w0*x0[i]) + w1*x1[i]) + ...)) for i in
+ * [lo, hi): the order of operations of patches/merge.py's torch path (each input widened to float32, then
+ * multiplied by its float32 weight where mul[q] (the weight is not 1), summed in input order into a
+ * zeroed accumulator, scaled by lam where `scale`), each step rounded to float32. codes[q] and ocode as
+ * above. Returns 0, or -1 for an unknown code.
+ */
+#define PC_WS_BLOCK 1024
+PC_EXPORT PC_TARGETS int pc_weighted_sum(const void *const *ins, const int *codes, const float *ws, const int *mul,
+                                         int k, float lam, int scale, void *out, int ocode, int64_t lo, int64_t hi) {
+    for (int q = 0; q < k; q++)
+        if (codes[q] < 0 || codes[q] > 2) return -1;
+    if (ocode < 0 || ocode > 2) return -1;
+    float acc[PC_WS_BLOCK];
+    for (int64_t s = lo; s < hi; s += PC_WS_BLOCK) {
+        const int64_t m = hi - s < PC_WS_BLOCK ? hi - s : PC_WS_BLOCK;
+        for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
+        for (int q = 0; q < k; q++) {
+            const float w = ws[q];
+            const void *x = ins[q];
+            switch (codes[q] * 2 + (mul[q] != 0)) {
+            case 0: for (int64_t j = 0; j < m; j++) acc[j] += ((const float *)x)[s + j]; break;
+            case 1: for (int64_t j = 0; j < m; j++) acc[j] += ((const float *)x)[s + j] * w; break;
+            case 2: for (int64_t j = 0; j < m; j++) acc[j] += pc_f16_to_f32(((const uint16_t *)x)[s + j]); break;
+            case 3: for (int64_t j = 0; j < m; j++) acc[j] += pc_f16_to_f32(((const uint16_t *)x)[s + j]) * w; break;
+            case 4: for (int64_t j = 0; j < m; j++) acc[j] += pc_bf16_to_f32(((const uint16_t *)x)[s + j]); break;
+            default: for (int64_t j = 0; j < m; j++) acc[j] += pc_bf16_to_f32(((const uint16_t *)x)[s + j]) * w; break;
+            }
+        }
+        if (scale)
+            for (int64_t j = 0; j < m; j++) acc[j] *= lam;
+        if (ocode == 0) memcpy((float *)out + s, acc, (size_t)m * sizeof(float));
+        else if (ocode == 1)
+            for (int64_t j = 0; j < m; j++) ((uint16_t *)out)[s + j] = pc_f32_to_f16(acc[j]);
+        else
+            for (int64_t j = 0; j < m; j++) ((uint16_t *)out)[s + j] = pc_f32_to_bf16(acc[j]);
+    }
+    return 0;
+}
+
+/*
  * nonfinite: whether x[0..n) (dtype code) holds a NaN or an infinity: 1 or 0 (-1 for an unknown code).
  * Exponent bits all ones, tested a block at a time (the loop vectorizes; it stops at the first bad block).
  */

@@ -62,6 +62,16 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def _torch_path(fn, *args, **kw):
+    """``fn`` with the C kernels off (torch's own arithmetic: the reference)."""
+    lib = native.lib
+    native.lib = None
+    try:
+        return fn(*args, **kw)
+    finally:
+        native.lib = lib
+
+
 @needs_native
 @pytest.mark.parametrize("bd", DTYPES)
 @pytest.mark.parametrize("dd", DTYPES)
@@ -71,7 +81,8 @@ def test_add_into_is_torchs_combine_bit_for_bit(bd, dd):
     b, d = _random(bd, n, rng), _random(dd, n, rng)
     small = (b.float() + torch.randn(b.numel()) * 1e-3).to(getattr(torch, dd))  # realistic deltas too
     for delta in (d[: b.numel()], small):
-        want = apply.combine(b, delta)
+        want = _torch_path(apply.combine, b, delta)
+        assert _bytes(apply.combine(b, delta)) == _bytes(want)  # combine's own kernel path
         got = host.add_into(_host(b), _host(delta))
         assert bytes(got.buf) == _bytes(want), f"{bd} + {dd}"
 
@@ -97,6 +108,31 @@ def test_diff_with_pins_is_torchs_bit_for_bit(ind, od):
             stored = host.convert(hvals, ind, od)
             assert stored.tobytes() == _bytes(vals.to(getattr(torch, od)))
             assert host.convert(stored, od, ind).tobytes() == _bytes(vals)  # apply narrows them back: exact
+
+
+@needs_native
+@pytest.mark.parametrize("dts", [("bfloat16",) * 3, ("float16", "bfloat16", "float32"), ("float32",) * 2,
+                                 ("float64", "bfloat16")])
+@pytest.mark.parametrize("ws,lam", [((0.5, 0.3, 0.2), 1.0), ((1.0, -0.7, 1e-3), 0.37), ((1.0, 1.0, 1.0), 1.0)])
+@pytest.mark.parametrize("out_dtype", [None, "bfloat16", "float16", "float32"])
+def test_task_arithmetic_kernel_is_the_torch_path_bit_for_bit(dts, ws, lam, out_dtype):
+    from patchctl.patches import merge
+
+    rng = np.random.default_rng(zlib.crc32(f"{dts}{ws}{lam}{out_dtype}".encode()))
+    n = 100_003
+    ds = [torch.from_numpy(rng.standard_normal(n) * 10.0 ** rng.integers(-8, 4, n)).to(getattr(torch, d))
+          for d in dts]
+    ds[0][:5] = torch.tensor([0.0, -0.0, -0.0, 1e30, -1e-40]).to(ds[0].dtype)  # signed zeros, overflow, tiny
+    w = ws[: len(ds)]
+
+    def run(fn=merge.task_arithmetic):
+        out = None if out_dtype is None else torch.empty(n, dtype=getattr(torch, out_dtype))
+        return fn(ds, w, generator_seed=0, name="t", lam=lam, out=out)
+
+    got, want = run(), _torch_path(run)
+    assert got.dtype == want.dtype and _bytes(got) == _bytes(want)
+    flats = [d.to(torch.float32) if d.dtype == torch.float64 else d for d in ds]
+    assert merge._fused_weighted_sum(flats, w, lam, ds[0].shape, None) is not None  # the kernel did run
 
 
 @needs_native

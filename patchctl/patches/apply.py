@@ -42,6 +42,8 @@ def combine(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = 
     elif out.shape != base.shape or out.dtype != base.dtype or out.device != base.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {base.dtype} tensor of shape {tuple(base.shape)}")
     n = base.numel()
+    if _native_add(base, delta, out):
+        return out
     if base.device.type == "cpu" and delta.dtype == base.dtype and base.dtype in _FAST and delta.numel() == n:
         # one 16-bit (or fp32) add computes in fp32 and rounds once: the same bits, without the chunk copies;
         # memory-bound, so one thread (idle intra-op threads spin, taking cores from the reader and writer)
@@ -57,6 +59,31 @@ def combine(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = 
         m = hi - lo
         o[lo:hi].copy_(x[:m].copy_(b[lo:hi]).add_(y[:m].copy_(d[lo:hi])))
     return out
+
+
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C kernels' dtype codes (patches/host.py)
+
+
+def _native_add(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> bool:
+    """``combine`` on the C kernel ``pc_add_cast`` (the same bits: tests/test_host_kernels.py), split over
+    the streaming threads; False where it does not apply (no kernels, not the CPU, other dtypes)."""
+    from patchctl.patches import native
+
+    lib = native.lib
+    if lib is None or base.device.type != "cpu" or delta.device.type != "cpu" or base.dtype not in _CODES \
+            or delta.dtype not in _CODES or delta.numel() != base.numel() or not base.is_contiguous() \
+            or not delta.is_contiguous():
+        return False
+    from patchctl.patches._workers import run_ranges
+
+    bc, dc, bi, di = _CODES[base.dtype], _CODES[delta.dtype], base.element_size(), delta.element_size()
+    b0, d0, o0 = base.data_ptr(), delta.data_ptr(), out.data_ptr()
+
+    def part(lo: int, hi: int) -> None:
+        lib.pc_add_cast(b0 + lo * bi, bc, d0 + lo * di, dc, o0 + lo * bi, hi - lo)
+
+    run_ranges(part, base.numel(), _CHUNK, 1 << 21)
+    return True
 
 
 def subtract(finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

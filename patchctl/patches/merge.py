@@ -539,12 +539,52 @@ def task_arithmetic(
     """Task arithmetic (Ilharco et al. 2023): ``λ · Σ wᵢτᵢ``."""
     flats, ws = _prepare(deltas, weights, name)
     lam = _number(lam, "lam")
+    fused = _fused_weighted_sum(flats, ws, lam, deltas[0].shape, out)
+    if fused is not None:
+        return fused
 
     def step(parts: list[Tensor], acc: Tensor, lo: int) -> None:
         _weigh(parts, ws)
         _scale(_sum_into(acc, parts), lam)
 
     return _elementwise(flats, deltas[0].shape, out, step)
+
+
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C kernels' dtype codes (patches/host.py)
+
+
+def _fused_weighted_sum(flats: Sequence[Tensor], ws: Sequence[float], lam: float, shape: torch.Size,
+                        out: Tensor | None) -> Tensor | None:
+    """Task arithmetic in one pass of the C kernel ``pc_weighted_sum`` (CPU; None where it does not apply).
+
+    The same operations in the same order as the chunked torch path (widen, ×w where w ≠ 1, sum in input
+    order from +0, ×λ where λ ≠ 1, round once into ``out``), each rounded to float32: the same bits
+    (tests/test_merge_methods.py runs both), without the chunk copies; split over the streaming threads.
+    """
+    if native.lib is None or any(f.device.type != "cpu" or f.dtype not in _CODES or not f.is_contiguous()
+                                 for f in flats):
+        return None
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    elif out.shape != shape or out.dtype not in _CODES or out.device.type != "cpu" or not out.is_contiguous():
+        return None  # _elementwise names the problem
+    import ctypes
+
+    from patchctl.patches._workers import run_ranges
+
+    k = len(flats)
+    ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() for f in flats))
+    codes = (ctypes.c_int * k)(*(_CODES[f.dtype] for f in flats))
+    wts = (ctypes.c_float * k)(*ws)
+    mul = (ctypes.c_int * k)(*(w != 1.0 for w in ws))
+    lib, optr, ocode = native.lib, out.data_ptr(), _CODES[out.dtype]
+
+    def part(lo: int, hi: int) -> None:
+        if lib.pc_weighted_sum(ptrs, codes, wts, mul, k, lam, lam != 1.0, optr, ocode, lo, hi):
+            raise InvalidArgument("pc_weighted_sum: unknown dtype code")
+
+    run_ranges(part, out.numel(), _CHUNK, 1 << 20)
+    return out
 
 
 def ties(

@@ -56,6 +56,9 @@ def _load() -> ctypes.CDLL | None:
     so.pc_nonfinite.restype = ctypes.c_int
     so.pc_same.argtypes = [_vp, _vp, _i64]
     so.pc_same.restype = ctypes.c_int
+    so.pc_weighted_sum.argtypes = [_vp, _vp, _vp, _vp, ctypes.c_int, ctypes.c_float, ctypes.c_int, _vp, ctypes.c_int,
+                                   _i64, _i64]
+    so.pc_weighted_sum.restype = ctypes.c_int
     return so
 
 
