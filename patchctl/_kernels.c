@@ -388,7 +388,8 @@ static inline float pc_bf16_to_f32(uint16_t h) { return pc_f32_bits((uint32_t)h 
 static inline uint16_t pc_f32_to_bf16(float f) {
     uint32_t u = pc_bits_f32(f);
     const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded); /* NaN stays a quiet NaN */
+    const uint32_t nan = -(uint32_t)((u & 0x7fffffffu) > 0x7f800000u); /* NaN stays a quiet NaN; no branch */
+    return (uint16_t)((rounded & ~nan) | (((u >> 16) | 0x40u) & nan));
 }
 
 static inline float pc_f16_to_f32(uint16_t h) {
@@ -397,7 +398,8 @@ static inline float pc_f16_to_f32(uint16_t h) {
     const uint32_t two_w = w + w;
     const float normalized = pc_f32_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
     const float denormalized = pc_f32_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-    const uint32_t r = sign | (two_w < (1u << 27) ? pc_bits_f32(denormalized) : pc_bits_f32(normalized));
+    const uint32_t small = -(uint32_t)(two_w < (1u << 27)); /* no branch: the loops vectorize */
+    const uint32_t r = sign | (pc_bits_f32(denormalized) & small) | (pc_bits_f32(normalized) & ~small);
     return pc_f32_bits(r);
 }
 
@@ -407,11 +409,13 @@ static inline uint16_t pc_f32_to_f16(float f) {
     const uint32_t shl1_w = w + w;
     const uint32_t sign = w & 0x80000000u;
     uint32_t bias = shl1_w & 0xFF000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
+    const uint32_t low = -(uint32_t)(bias < 0x71000000u); /* masks, not branches: the loops vectorize */
+    bias = (bias & ~low) | (0x71000000u & low);
     base = pc_f32_bits((bias >> 1) + 0x07800000u) + base;
     const uint32_t bits = pc_bits_f32(base);
     const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+    const uint32_t nan = -(uint32_t)(shl1_w > 0xFF000000u);
+    return (uint16_t)((sign >> 16) | (0x7E00u & nan) | (nonsign & ~nan));
 }
 
 static inline float pc_load(const void *p, int code, int64_t i) {
@@ -547,6 +551,83 @@ PC_EXPORT PC_TARGETS int pc_weighted_sum(const void *const *ins, const int *code
         else
             for (int64_t j = 0; j < m; j++) ((uint16_t *)out)[s + j] = pc_f32_to_bf16(acc[j]);
     }
+    return 0;
+}
+
+/*
+ * ties: TIES's step (patches/merge.py: _trim, _weigh, _disjoint_mean_into, _scale) for i in [lo, hi), in
+ * the torch path's order of operations, each rounded to float32:
+ *   p_q  = widen(x_q[i]), trimmed: mode 0 kept, 1 zeroed, 2 kept where |p_q| > thr (thr = at_or_above[q]
+ *          for i < cutoff[q], else above[q]: hardshrink), times ws[q] where mul[q];
+ *   s    = copysign(1, ((+0 + p_0) + p_1) + ...);
+ *   num  = (+0 + max(s·p_q, 0) + ...) over q with ws[q] != 0, den likewise of ws[q]·[s·p_q > 0];
+ *   out  = round_ocode(((num · s) / max(den, den_floor)) · lam (where scale)).
+ * Returns 0, -1 for an unknown code, -2 when the scratch could not be allocated.
+ */
+#define PC_TIES_BLOCK 256
+PC_EXPORT PC_TARGETS int pc_ties(const void *const *ins, const int *codes, const float *ws, const int *mul,
+                                 const int *mode, const int64_t *cutoff, const float *at_or_above, const float *above,
+                                 int k, float den_floor, float lam, int scale, void *out, int ocode, int64_t lo,
+                                 int64_t hi) {
+    for (int q = 0; q < k; q++)
+        if (codes[q] < 0 || codes[q] > 2) return -1;
+    if (ocode < 0 || ocode > 2) return -1;
+    float *p = (float *)malloc((size_t)k * PC_TIES_BLOCK * sizeof(float));
+    if (!p) return -2;
+    float acc[PC_TIES_BLOCK], sgn[PC_TIES_BLOCK], den[PC_TIES_BLOCK];
+    for (int64_t s = lo; s < hi; s += PC_TIES_BLOCK) {
+        const int64_t m = hi - s < PC_TIES_BLOCK ? hi - s : PC_TIES_BLOCK;
+        for (int q = 0; q < k; q++) {
+            float *pq = p + (int64_t)q * PC_TIES_BLOCK;
+            const void *x = ins[q];
+            if (codes[q] == 0) for (int64_t j = 0; j < m; j++) pq[j] = ((const float *)x)[s + j];
+            else if (codes[q] == 1) for (int64_t j = 0; j < m; j++) pq[j] = pc_f16_to_f32(((const uint16_t *)x)[s + j]);
+            else for (int64_t j = 0; j < m; j++) pq[j] = pc_bf16_to_f32(((const uint16_t *)x)[s + j]);
+            if (mode[q] == 1) {
+                for (int64_t j = 0; j < m; j++) pq[j] = 0.0f;
+            } else if (mode[q] == 2) {
+                const float a = at_or_above[q], b = above[q];
+                const int64_t cut = cutoff[q];
+                for (int64_t j = 0; j < m; j++) {
+                    const float t = s + j < cut ? a : b;
+                    pq[j] = (pq[j] > t || pq[j] < -t) ? pq[j] : 0.0f;
+                }
+            }
+            if (mul[q]) {
+                const float w = ws[q];
+                for (int64_t j = 0; j < m; j++) pq[j] *= w;
+            }
+        }
+        for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
+        for (int q = 0; q < k; q++)
+            for (int64_t j = 0; j < m; j++) acc[j] += p[(int64_t)q * PC_TIES_BLOCK + j];
+        for (int64_t j = 0; j < m; j++) {
+            sgn[j] = __builtin_copysignf(1.0f, acc[j]);
+            acc[j] = 0.0f;
+            den[j] = 0.0f;
+        }
+        for (int q = 0; q < k; q++) {
+            if (ws[q] == 0.0f) continue;
+            const float w = ws[q];
+            const float *pq = p + (int64_t)q * PC_TIES_BLOCK;
+            for (int64_t j = 0; j < m; j++) {
+                const float t = pq[j] * sgn[j];
+                const uint32_t agrees = -(uint32_t)(t > 0.0f); /* masks, not branches: the loop vectorizes */
+                acc[j] += pc_f32_bits(pc_bits_f32(t) & agrees);     /* max(t, 0): t, or +0 */
+                den[j] += pc_f32_bits(pc_bits_f32(w) & agrees);     /* w·[t > 0]: w, or +0 */
+            }
+        }
+        for (int64_t j = 0; j < m; j++) {
+            float r = (acc[j] * sgn[j]) / (den[j] > den_floor ? den[j] : den_floor);
+            acc[j] = scale ? r * lam : r;
+        }
+        if (ocode == 0) memcpy((float *)out + s, acc, (size_t)m * sizeof(float));
+        else if (ocode == 1)
+            for (int64_t j = 0; j < m; j++) ((uint16_t *)out)[s + j] = pc_f32_to_f16(acc[j]);
+        else
+            for (int64_t j = 0; j < m; j++) ((uint16_t *)out)[s + j] = pc_f32_to_bf16(acc[j]);
+    }
+    free(p);
     return 0;
 }
 

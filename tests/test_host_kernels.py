@@ -136,6 +136,35 @@ def test_task_arithmetic_kernel_is_the_torch_path_bit_for_bit(dts, ws, lam, out_
 
 
 @needs_native
+@pytest.mark.parametrize("dts", [("bfloat16",) * 3, ("float16", "bfloat16", "float32"), ("float32",) * 2])
+@pytest.mark.parametrize("ws,lam", [((0.5, 0.3, 0.2), 1.0), ((1.0, 0.0, 2.5), 0.37), ((1.0, 1.0, 1.0), 1.0)])
+@pytest.mark.parametrize("density", [0.2, 1e-5, 1.0, 0.7])
+@pytest.mark.parametrize("out_dtype", [None, "bfloat16", "float32"])
+def test_ties_kernel_is_the_torch_path_bit_for_bit(dts, ws, lam, density, out_dtype):
+    from patchctl.patches import merge
+
+    rng = np.random.default_rng(zlib.crc32(f"{dts}{ws}{lam}{density}{out_dtype}".encode()))
+    n = 50_021
+    ds = []
+    for q, d in enumerate(dts):
+        x = rng.standard_normal(n) * 10.0 ** rng.integers(-6, 3, n)
+        if q == 0:
+            x = np.round(x * 4) / 4  # many equal magnitudes: ties at the top-k cut-off
+        ds.append(torch.from_numpy(x).to(getattr(torch, d)))
+    ds[-1][: n // 10] = 0  # entries where no input agrees
+    w = ws[: len(ds)]
+
+    def run():
+        out = None if out_dtype is None else torch.empty(n, dtype=getattr(torch, out_dtype))
+        return merge.ties(ds, w, generator_seed=0, name="t", density=density, lam=lam, out=out)
+
+    got, want = run(), _torch_path(run)
+    assert got.dtype == want.dtype and _bytes(got) == _bytes(want)
+    tops = [merge._top(d, int(density * n)) for d in ds]
+    assert merge._fused_ties(ds, w, tops, 0.2, lam, ds[0].shape, None) is not None  # the kernel did run
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_finite_finds_every_nan_and_inf(dtype):
     td = getattr(torch, dtype)

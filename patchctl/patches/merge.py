@@ -553,6 +553,51 @@ def task_arithmetic(
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C kernels' dtype codes (patches/host.py)
 
 
+def _native_out(flats: Sequence[Tensor], shape: torch.Size, out: Tensor | None) -> Tensor | None:
+    """The output tensor of a fused kernel: ``out``, or a new float32 one; None where the kernels do not apply."""
+    if native.lib is None or any(f.device.type != "cpu" or f.dtype not in _CODES or not f.is_contiguous()
+                                 for f in flats):
+        return None
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32)
+    if out.shape != shape or out.dtype not in _CODES or out.device.type != "cpu" or not out.is_contiguous():
+        return None  # _elementwise names the problem
+    return out
+
+
+def _fused_ties(flats: Sequence[Tensor], ws: Sequence[float], tops: Sequence[_Top | bool], den_floor: float,
+                lam: float, shape: torch.Size, out: Tensor | None) -> Tensor | None:
+    """TIES's trim, sign election and disjoint mean in one pass of the C kernel ``pc_ties`` (CPU; None where
+    it does not apply): the torch path's operations in its order, each rounded to float32, so the same bits
+    (tests/test_host_kernels.py compares them); split over the streaming threads."""
+    out = _native_out(flats, shape, out)
+    if out is None:
+        return None
+    import ctypes
+
+    from patchctl.patches._workers import run_ranges
+
+    k = len(flats)
+    c_f, c_i, c_i64 = ctypes.c_float * k, ctypes.c_int * k, ctypes.c_int64 * k
+    ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() for f in flats))
+    codes, wts, mul = c_i(*(_CODES[f.dtype] for f in flats)), c_f(*ws), c_i(*(w != 1.0 for w in ws))
+    mode = c_i(*(0 if t is True else 1 if t is False else 2 for t in tops))
+    cutoff = c_i64(*(t.cutoff if isinstance(t, _Top) else 0 for t in tops))
+    at = c_f(*(t.at_or_above if isinstance(t, _Top) else 0.0 for t in tops))
+    above = c_f(*(t.above if isinstance(t, _Top) else 0.0 for t in tops))
+    lib, optr, ocode = native.lib, out.data_ptr(), _CODES[out.dtype]
+
+    def part(lo: int, hi: int) -> None:
+        rc = lib.pc_ties(ptrs, codes, wts, mul, mode, cutoff, at, above, k, den_floor, lam, lam != 1.0, optr, ocode,
+                         lo, hi)
+        if rc:
+            raise MemoryError("pc_ties: no memory for its scratch") if rc == -2 else \
+                InvalidArgument("pc_ties: unknown dtype code")
+
+    run_ranges(part, out.numel(), _CHUNK, 1 << 20)
+    return out
+
+
 def _fused_weighted_sum(flats: Sequence[Tensor], ws: Sequence[float], lam: float, shape: torch.Size,
                         out: Tensor | None) -> Tensor | None:
     """Task arithmetic in one pass of the C kernel ``pc_weighted_sum`` (CPU; None where it does not apply).
@@ -561,13 +606,9 @@ def _fused_weighted_sum(flats: Sequence[Tensor], ws: Sequence[float], lam: float
     order from +0, ×λ where λ ≠ 1, round once into ``out``), each rounded to float32: the same bits
     (tests/test_merge_methods.py runs both), without the chunk copies; split over the streaming threads.
     """
-    if native.lib is None or any(f.device.type != "cpu" or f.dtype not in _CODES or not f.is_contiguous()
-                                 for f in flats):
-        return None
+    out = _native_out(flats, shape, out)
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32)
-    elif out.shape != shape or out.dtype not in _CODES or out.device.type != "cpu" or not out.is_contiguous():
-        return None  # _elementwise names the problem
+        return None
     import ctypes
 
     from patchctl.patches._workers import run_ranges
@@ -604,6 +645,9 @@ def ties(
     k = int(density * flats[0].numel())
     tops = [_top(f, k) for f in flats]
     sc = _Scratch(_chunk_size(flats[0].numel(), flats[0].device), flats[0].device, ws)
+    fused = _fused_ties(flats, ws, tops, sc.den_floor, lam, deltas[0].shape, out)
+    if fused is not None:
+        return fused
 
     def step(parts: list[Tensor], acc: Tensor, lo: int) -> None:
         _trim(parts, tops, lo)

@@ -59,6 +59,9 @@ def _load() -> ctypes.CDLL | None:
     so.pc_weighted_sum.argtypes = [_vp, _vp, _vp, _vp, ctypes.c_int, ctypes.c_float, ctypes.c_int, _vp, ctypes.c_int,
                                    _i64, _i64]
     so.pc_weighted_sum.restype = ctypes.c_int
+    so.pc_ties.argtypes = [_vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, ctypes.c_int, ctypes.c_float, ctypes.c_float,
+                           ctypes.c_int, _vp, ctypes.c_int, _i64, _i64]
+    so.pc_ties.restype = ctypes.c_int
     return so
 
 
