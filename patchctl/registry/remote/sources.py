@@ -104,9 +104,10 @@ class HttpSource:
     """A ``patchctl serve`` (or a server with the same OCI-style reads) over HTTP(S).
 
     Uses :mod:`http.client` with one keep-alive connection per download thread:
-    a blob body is read with ``read1`` into one reused 1 MiB buffer (what has
-    arrived, for at most :attr:`SLICE` seconds a call, so a slow peer's progress
-    is seen), so the per-byte work in Python is a hash update and a file write.
+    a blob body is received straight into the transfer's buffer
+    (:func:`_readinto1`: what has arrived, for at most :attr:`SLICE` seconds a
+    call, so a slow peer's progress is seen), so the per-byte work in Python is
+    a hash update and a file write.
     :meth:`abort` shuts every connection down: a read blocked on a silent or
     dripping peer returns at once (the transfer's watch calls it).
     """
@@ -264,21 +265,20 @@ class HttpSource:
             got, until = 0, time.monotonic() + self.SLICE
             while got < len(buf):
                 try:
-                    chunk = resp.read1(len(buf) - got)
+                    n = _readinto1(resp, buf[got:])
                 except (OSError, http.client.HTTPException) as e:
                     if got:  # hand over what arrived; the next call fails again
                         return got
                     self._drop(resp)
                     raise Interrupted(f"{type(e).__name__}: {e}") from None
-                if not chunk:
+                if not n:
                     if resp.length:  # Content-Length not reached: the peer hung up
                         if got:
                             return got
                         self._drop(resp)
                         raise Interrupted(f"the connection closed {resp.length} bytes short")
                     break
-                buf[got : got + len(chunk)] = chunk
-                got += len(chunk)
+                got += n
                 if resp.length == 0:
                     resp.read()  # closes the response: the connection is reused for the next blob
                     break
@@ -304,6 +304,26 @@ class HttpSource:
             for c in self._conns:
                 c.close()
             self._conns.clear()
+
+
+def _readinto1(resp: Any, buf: memoryview) -> int:
+    """``resp.read1`` into ``buf``: what has arrived (at most one ``recv``), up to the Content-Length.
+
+    A body with a Content-Length is received straight into ``buf`` through the
+    response's buffered socket reader (``readinto1``), never as a fresh
+    ``bytes`` copied again; a chunked one goes through ``read1``.
+    """
+    fp = resp.fp
+    if resp.chunked or fp is None or not hasattr(fp, "readinto1"):
+        chunk = resp.read1(len(buf))
+        buf[: len(chunk)] = chunk
+        return len(chunk)
+    if resp.length is not None:
+        buf = buf[: resp.length]
+    n = fp.readinto1(buf) if len(buf) else 0
+    if resp.length is not None:
+        resp.length -= n
+    return n
 
 
 class Interrupted(Exception):

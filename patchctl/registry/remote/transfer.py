@@ -10,16 +10,21 @@ A transfer (pull, or publish to a folder) keeps the registry's invariants:
    re-run finds them: an interrupted download resumes with
    ``Range: bytes=<size>-`` after re-hashing the bytes it has, and a
    transport error mid-blob is retried the same way;
-3. every byte is hashed while streaming (on a helper thread, so receiving,
-   hashing and writing overlap; writeback is started every 16 MiB so the
-   final fsync is short) and a download that does not hash to its digest (or
-   outgrows the size the manifest gives) is deleted; nothing becomes visible
-   unless *every* blob verified — verified ones wait in ``tmp/`` until then;
-4. then, in order: blobs are renamed into ``objects/``, the manifest is
-   stored (:meth:`Store.put_manifest`), the index updated, the ref moved.
+3. every byte is received straight into a page-aligned buffer and hashed
+   while streaming (on a helper thread, so receiving, hashing and writing
+   overlap); blobs of 1 MiB or more are written around the page cache
+   (``O_DIRECT`` where the file system allows it), the others plainly; a
+   download that does not hash to its digest (or outgrows the size the
+   manifest gives) is deleted; nothing becomes visible unless *every* blob
+   verified — verified ones wait in ``tmp/`` until then;
+4. once every download finished, every part is fsynced (several at a time:
+   one fsync per part as it finished made the other downloads' file
+   creations wait for journal commits); then, in order: blobs are renamed
+   into ``objects/`` (and their folders fsynced), the manifest is stored
+   (:meth:`Store.put_manifest`), the index updated, the ref moved.
 
-Step 4 alone holds the registry's writer lock (shared): a slow peer never
-makes ``gc`` wait. Downloads hold ``locks/pull.lock`` (shared) instead, so
+The renames, manifest and ref of step 4 alone hold the registry's writer
+lock (shared): a slow peer never makes ``gc`` wait. Downloads hold ``locks/pull.lock`` (shared) instead, so
 ``gc`` (:func:`clean_parts`) leaves their part files alone; and since a blob
 skipped as present may have been collected meanwhile, step 4 re-checks under
 the lock and fetches such blobs again (at most three rounds).
@@ -38,8 +43,10 @@ verified way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import queue
 import shutil
@@ -63,12 +70,15 @@ from patchctl.registry.remote.limits import (
 from patchctl.registry.remote.sources import Interrupted, Source
 from patchctl.registry.store import manifest as manifest_mod
 from patchctl.registry.store.folder import CHUNK, Store
-from patchctl.registry.store.names import Ref
+from patchctl.registry.store.names import Ref, check_digest
 from patchctl.registry.store.repository import Progress, Repository
 
 DEFAULT_WORKERS = 4
 PULL_LOCK = "pull.lock"  # held shared by every running pull (clean_parts)
 RETRIES = 3  # attempts per blob on a transport error; each resumes where the last stopped
+ALIGN = 4096  # O_DIRECT: whole blocks, from page-aligned memory, at block offsets of the file
+BUFFER = CHUNK  # one receive buffer (a multiple of ALIGN)
+DIRECT_MIN = CHUNK  # blobs of at least this many bytes are written around the page cache, as push does
 
 
 class Counter:
@@ -90,62 +100,135 @@ class Counter:
 
 def part_path(store: Store, digest: str) -> Path:
     """Where a download of ``digest`` is kept until it verifies (so a re-run resumes it)."""
-    return store.root / "tmp" / f"pull-{store.blob_path(digest).parent.name}{store.blob_path(digest).name}.part"
+    return store.root / "tmp" / f"pull-{check_digest(digest)[7:]}.part"
+
+
+class _Buffers:
+    """Page-aligned receive buffers (anonymous mappings: what ``O_DIRECT`` writes need), reused.
+
+    Reuse spares each download the page faults of fresh memory; at most :attr:`KEEP` are kept.
+    """
+
+    KEEP = 32
+    _free: list[memoryview] = []
+    _lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> memoryview:
+        with cls._lock:
+            if cls._free:
+                return cls._free.pop()
+        return memoryview(mmap.mmap(-1, BUFFER))
+
+    @classmethod
+    def put(cls, bufs: Iterable[memoryview]) -> None:
+        with cls._lock:
+            for b in bufs:
+                if len(cls._free) < cls.KEEP:
+                    cls._free.append(b)
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn ``O_DIRECT`` on or off for ``fd``; whether it is now on (False where refused)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError:
+        return False
+    return on
 
 
 class _Sink:
-    """Hashes and writes a download's chunks on a helper thread while the next chunk is received.
+    """Hashes and writes a download's buffers on a helper thread while the next one is received.
 
-    Buffers come from a small pool (:meth:`buffer`), go to the helper with
-    :meth:`put`, and come back to the pool once hashed and written; hashing and
-    file writes release the GIL, so receiving, hashing and writing overlap.
-    Small downloads (under ``THREADED``) skip the thread and do it inline.
+    Buffers (page-aligned, :class:`_Buffers`) come from :meth:`buffer`, go to the
+    helper with :meth:`put` once full (or at the end of the blob) and come back
+    once hashed and written at their offset of the part file; hashing and
+    writing release the GIL, so receiving, hashing and writing overlap. Small
+    downloads (under ``THREADED``) skip the thread and do it inline.
+
+    ``direct``: the part is written around the page cache (``O_DIRECT``), as
+    push writes large blobs: no copy of every byte into fresh page-cache
+    pages (which cost more CPU than the hash) and a short final fsync. Whole
+    blocks go out from the aligned buffers; the last one is zero-padded and
+    cut back with ``ftruncate``. A file system that refuses it (``EINVAL``) or
+    a short write off a block boundary (a file size limit) turns the rest into
+    plain writes, whose writeback is started every 16 MiB.
     """
 
     BUFFERS = 4
-    THREADED = 4 * CHUNK
-    KICK = 16 * CHUNK  # start writeback of every 16 MiB written, so the final fsync has little left
+    THREADED = 4 * BUFFER
+    KICK = 16 * CHUNK  # plain writes: start writeback of every 16 MiB written, so the final fsync has little left
 
-    def __init__(self, f: Any, h: Any, threaded: bool):
-        self.f, self.h = f, h
-        self.written = self.kicked = f.tell()
-        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(self.BUFFERS if threaded else 1):
-            self.free.put(bytearray(CHUNK))
-        self.work: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+    def __init__(self, fd: int, h: Any, threaded: bool, direct: bool, start: int = 0):
+        self.fd, self.h = fd, h
+        self.direct = direct and _set_direct(fd, True)
+        self.kicked = start
+        self.owned = [_Buffers.get() for _ in range(self.BUFFERS if threaded else 1)]
+        self.free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for b in self.owned:
+            self.free.put(b)
+        self.work: queue.Queue[tuple[memoryview, int, int, int] | None] = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True) if threaded else None
         if self.thread is not None:
             self.thread.start()
 
-    def buffer(self) -> bytearray:
+    def buffer(self) -> memoryview:
         return self.free.get()
 
-    def put(self, buf: bytearray, n: int) -> None:
+    def put(self, buf: memoryview, n: int, offset: int, hashed: int = 0) -> None:
+        """Hash ``buf[hashed:n]`` and write ``buf[:n]`` at ``offset`` of the part (block-aligned when direct)."""
         if self.thread is None:
-            self._consume(buf, n)
+            self._consume(buf, n, offset, hashed)
         else:
-            self.work.put((buf, n))
+            self.work.put((buf, n, offset, hashed))
 
-    def _consume(self, buf: bytearray, n: int) -> None:
-        view = memoryview(buf)[:n]
+    def restart(self) -> None:
+        """The source restarted the blob from 0 (everything put so far is drained)."""
+        self.kicked = 0
+
+    def _consume(self, buf: memoryview, n: int, offset: int, hashed: int) -> None:
         try:
             if self.error is None:
-                self.f.write(view)
-                self.h.update(view)
-                self.written += n
-                if self.written - self.kicked >= self.KICK and hasattr(os, "posix_fadvise"):
-                    # Linux starts asynchronous writeback of the range (and later drops it from
-                    # the page cache): the disk works while the network does
-                    self.f.flush()
-                    os.posix_fadvise(self.f.fileno(), self.kicked, self.written - self.kicked,
-                                     os.POSIX_FADV_DONTNEED)
-                    self.kicked = self.written
+                self.h.update(buf[hashed:n])
+                self._write(buf, n, offset)
         except BaseException as e:  # noqa: BLE001 - re-raised by drain()
             self.error = e
         finally:
-            view.release()
             self.free.put(buf)
+
+    def _plain(self) -> None:
+        _set_direct(self.fd, False)
+        self.direct = False
+
+    def _write(self, buf: memoryview, n: int, offset: int) -> None:
+        want = n + (-n % ALIGN if self.direct else 0)
+        if want > n:  # the blob's last block, zero-padded (cut back below)
+            buf[n:want] = bytes(want - n)
+        pos = 0
+        while pos < want:
+            try:
+                pos += os.pwrite(self.fd, buf[pos:want], offset + pos)
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                self._plain()  # no O_DIRECT on this file system after all
+                want = n
+                continue
+            if self.direct and pos < want and pos % ALIGN:  # short, off a block boundary (RLIMIT_FSIZE...)
+                self._plain()
+                want = n
+        if pos > n:
+            os.ftruncate(self.fd, offset + n)
+        end = offset + n
+        if not self.direct and end - self.kicked >= self.KICK and hasattr(os, "posix_fadvise"):
+            # Linux starts asynchronous writeback of the range (and later drops it from
+            # the page cache): the disk works while the network does
+            os.posix_fadvise(self.fd, self.kicked, end - self.kicked, os.POSIX_FADV_DONTNEED)
+            self.kicked = end
 
     def _run(self) -> None:
         while (item := self.work.get()) is not None:
@@ -154,7 +237,7 @@ class _Sink:
         self.work.task_done()
 
     def drain(self) -> None:
-        """Wait until every chunk put so far is hashed and written; re-raise a write error."""
+        """Wait until every buffer put so far is hashed and written; re-raise a write error."""
         if self.thread is not None:
             self.work.join()
         if self.error is not None:
@@ -165,6 +248,8 @@ class _Sink:
             self.work.put(None)
             self.thread.join()
             self.thread = None
+        _Buffers.put(self.owned)
+        self.owned = []
 
 
 def _open_part(part: Path) -> Any:
@@ -188,26 +273,37 @@ def _open_part(part: Path) -> Any:
 
 
 def download(src: Source, store: Store, name: str, digest: str, size: int, counter: Counter,
-              watch: Watch | None = None) -> Path | None:
-    """Fetch ``digest`` into its part file, resuming and verifying; the verified path, or None if present."""
+              watch: Watch | None = None, sync: bool = True) -> Path | None:
+    """Fetch ``digest`` into its part file, resuming and verifying; the verified path, or None if present.
+
+    ``sync=False`` leaves the fsync of the part to the caller (:func:`_sync_parts`), before its rename.
+    """
     check = watch.check if watch is not None else (lambda: None)
     part = part_path(store, digest)
     with _open_part(part) as f:
         if store.has_blob(digest):
             part.unlink(missing_ok=True)
             return None
+        fd = f.fileno()
         h = hashlib.sha256()
-        have = os.fstat(f.fileno()).st_size
+        have = os.fstat(fd).st_size
         if have > size:
-            f.truncate(0)
+            os.ftruncate(fd, 0)
             have = 0
         for chunk in iter(lambda: f.read(CHUNK), b""):  # hash the prefix we already hold
             h.update(chunk)
         if have:
             counter.add(resumed=have)
+        # the buffer being filled holds the part's bytes [at, at + fill), the first `hashed` of them hashed
+        # already: a resumed part's last partial block is written again, with the first new bytes
+        at = have - have % ALIGN
+        tail = os.pread(fd, have - at, at)
         pos = have
-        sink = _Sink(f, h, threaded=size - have >= _Sink.THREADED)
+        sink = _Sink(fd, h, threaded=size - have >= _Sink.THREADED, direct=size >= DIRECT_MIN, start=at)
         try:
+            buf = sink.buffer()
+            buf[: len(tail)] = tail
+            fill = hashed = len(tail)
             for attempt in range(RETRIES):
                 check()
                 if pos == size:
@@ -217,39 +313,37 @@ def download(src: Source, store: Store, name: str, digest: str, size: int, count
                         if start != pos:  # the source restarted from 0: drop what we held
                             sink.drain()
                             counter.add(resumed=-pos)
-                            f.seek(0)
-                            f.truncate(0)
+                            os.ftruncate(fd, 0)
                             sink.h = h = hashlib.sha256()
-                            sink.written = sink.kicked = 0
-                            pos = 0
+                            sink.restart()
+                            pos = at = fill = hashed = 0
                         while True:
                             check()
-                            buf = sink.buffer()
-                            try:
-                                n = readinto(memoryview(buf))
-                            except BaseException:
-                                sink.free.put(buf)
-                                raise
+                            n = readinto(buf[fill:])
                             if n == 0:
-                                sink.free.put(buf)
                                 break
                             if pos + n > size:
-                                sink.free.put(buf)
                                 raise DigestMismatch(f"{src.label} sent more than the {size} bytes of blob {digest}")
-                            sink.put(buf, n)
+                            fill += n
                             pos += n
                             counter.add(transferred=n)
-                except Interrupted as e:
+                            if fill == len(buf):
+                                sink.put(buf, fill, at, hashed)
+                                at, fill, hashed = at + fill, 0, 0
+                                buf = sink.buffer()
+                except Interrupted as e:  # what arrived stays in the buffer: the retry resumes at `pos`
                     check()  # an abort by the watch shows as its own error, not as a transport error
                     sink.drain()
                     if attempt == RETRIES - 1:
                         raise RemoteError(f"blob {digest} from {src.label}: {e} ({RETRIES} attempts; "
                                           "nothing was stored)") from None
+            if fill > hashed:
+                sink.put(buf, fill, at, hashed)
             sink.drain()
         finally:
             sink.close()
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(fd)
         got = "sha256:" + h.hexdigest()
         if pos != size or got != digest:
             part.unlink(missing_ok=True)
@@ -271,6 +365,34 @@ def commit_blob(store: Store, part: Path, digest: str) -> Path | None:
         if not dest.exists():
             raise
     return dest.parent
+
+
+def _sync_parts(parts: Iterable[Path], workers: int) -> None:
+    """fsync every part file, several at a time: the file system commits them together.
+
+    A pull writes every part first and syncs them all here, before any is renamed
+    into ``objects/``: an fsync per part as each one finished made every file
+    creation of the other downloads wait for a journal commit (most blobs of a
+    patch are a few KB: the creations, not the bytes, set the pace).
+    """
+    def one(p: Path) -> None:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:  # a concurrent pull of the same blob synced and committed it first
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    paths = list(parts)
+    if len(paths) <= 1:
+        for p in paths:
+            one(p)
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths))), thread_name_prefix="patchctl-sync") as pool:
+        for _ in pool.map(one, paths):
+            pass
 
 
 def _fsync_dirs(dirs: set[Path]) -> None:
@@ -387,7 +509,7 @@ def _fetch(src: Source, store: Store, name: str, missing: list[str], sizes: dict
         return parts
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing))),
                             thread_name_prefix="patchctl-pull") as pool:
-        futs = {pool.submit(download, src, store, name, d, sizes[d], counter, watch): d for d in missing}
+        futs = {pool.submit(download, src, store, name, d, sizes[d], counter, watch, False): d for d in missing}
         try:
             done, pending = wait(futs, return_when=FIRST_EXCEPTION)
         except BaseException as e:  # Ctrl-C: stop the downloads, or leaving the pool waits for them
@@ -446,7 +568,10 @@ def transfer(src: Source, dst: Repository, ref: Ref, dst_ref: Ref | None = None,
                 check_space(store, {d: sizes[d] for d in missing}, limits, f"pulling {ref} from {src.label}")
                 counter.total += sum(sizes[d] for d in missing)
                 tried.update(missing)
-                parts.update(_fetch(src, store, ref.name, missing, sizes, counter, watch, workers))
+                new = _fetch(src, store, ref.name, missing, sizes, counter, watch, workers)
+                with watch.paused():  # the disk's time, not the peer's
+                    _sync_parts(new.values(), workers)  # before anything is renamed into objects/
+                parts.update(new)
                 watch.check()
                 with watch.paused(), store.writing():  # the registry lock only for the commit
                     # no lock was held while downloading: a gc may have deleted a blob we skipped as present
