@@ -557,10 +557,11 @@ PC_EXPORT PC_TARGETS int pc_weighted_sum(const void *const *ins, const int *code
 /*
  * ties: TIES's step (patches/merge.py: _trim, _weigh, _disjoint_mean_into, _scale) for i in [lo, hi), in
  * the torch path's order of operations, each rounded to float32:
- *   p_q  = widen(x_q[i]), trimmed: mode 0 kept, 1 zeroed, 2 kept where |p_q| > thr (thr = at_or_above[q]
- *          for i < cutoff[q], else above[q]: hardshrink), times ws[q] where mul[q];
+ *   p_q  = widen(x_q[i]), trimmed: mode 0 kept, 1 zeroed, 2 kept unless -thr <= p_q <= thr (thr =
+ *          at_or_above[q] for i < cutoff[q], else above[q]: hardshrink, which keeps a NaN), times ws[q]
+ *          where mul[q];
  *   s    = copysign(1, ((+0 + p_0) + p_1) + ...);
- *   num  = (+0 + max(s·p_q, 0) + ...) over q with ws[q] != 0, den likewise of ws[q]·[s·p_q > 0];
+ *   num  = (+0 + max(s·p_q, 0) + ...) over q with ws[q] != 0 (a NaN stays), den of ws[q]·[s·p_q > 0];
  *   out  = round_ocode(((num · s) / max(den, den_floor)) · lam (where scale)).
  * Returns 0, -1 for an unknown code, -2 when the scratch could not be allocated.
  */
@@ -590,7 +591,7 @@ PC_EXPORT PC_TARGETS int pc_ties(const void *const *ins, const int *codes, const
                 const int64_t cut = cutoff[q];
                 for (int64_t j = 0; j < m; j++) {
                     const float t = s + j < cut ? a : b;
-                    pq[j] = (pq[j] > t || pq[j] < -t) ? pq[j] : 0.0f;
+                    pq[j] = (pq[j] >= -t && pq[j] <= t) ? 0.0f : pq[j]; /* hardshrink: a NaN is kept */
                 }
             }
             if (mul[q]) {
@@ -612,8 +613,9 @@ PC_EXPORT PC_TARGETS int pc_ties(const void *const *ins, const int *codes, const
             const float *pq = p + (int64_t)q * PC_TIES_BLOCK;
             for (int64_t j = 0; j < m; j++) {
                 const float t = pq[j] * sgn[j];
-                const uint32_t agrees = -(uint32_t)(t > 0.0f); /* masks, not branches: the loop vectorizes */
-                acc[j] += pc_f32_bits(pc_bits_f32(t) & agrees);     /* max(t, 0): t, or +0 */
+                /* masks, not branches: the loop vectorizes. clamp_min(t, 0) keeps a NaN, as torch's does */
+                const uint32_t kept = -(uint32_t)(t > 0.0f || t != t), agrees = -(uint32_t)(t > 0.0f);
+                acc[j] += pc_f32_bits(pc_bits_f32(t) & kept);       /* max(t, 0): t, or +0 */
                 den[j] += pc_f32_bits(pc_bits_f32(w) & agrees);     /* w·[t > 0]: w, or +0 */
             }
         }

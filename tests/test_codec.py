@@ -375,6 +375,7 @@ def test_sparse_tensor_rejects_inconsistent_fields():
 # --------------------------------------------------------------------------- devices
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_to_dense_builds_the_tensor_on_the_gpu():
     rng = np.random.default_rng(1)

@@ -165,6 +165,28 @@ def test_ties_kernel_is_the_torch_path_bit_for_bit(dts, ws, lam, density, out_dt
 
 
 @needs_native
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_a_nan_input_gives_nan_where_the_torch_path_does(method):
+    """A hostile patch's NaN reaches the merged tensor as on the torch path (then ``require_finite`` refuses
+    it, naming the tensor); every other entry has the same bits."""
+    from patchctl.patches import merge
+
+    g = torch.Generator().manual_seed(3)
+    ds = [(torch.randn(20_000, generator=g) * 0.01).to(torch.bfloat16) for _ in range(3)]
+    ds[0][[0, 7, 19_999]] = float("nan")
+    ds[1][[7, 500]] = float("nan")
+
+    def run():
+        return merge.merge_tensor(method, ds, [0.5, 0.3, 0.2], generator_seed=0, name="t",
+                                  params={"density": 0.2} if method == "ties" else None)
+
+    got, want = run(), _torch_path(run)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()
+    ok = ~torch.isnan(want)
+    assert _bytes(got[ok]) == _bytes(want[ok])
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_finite_finds_every_nan_and_inf(dtype):
     td = getattr(torch, dtype)

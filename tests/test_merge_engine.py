@@ -428,3 +428,25 @@ def test_bad_merge_is_one_clear_error_and_writes_nothing(shared, cli, monkeypatc
     assert r.code != 0 and r.out == ""
     assert r.err.startswith("error: cannot merge") and message in r.err and r.err.count("\n") == 1, r.err
     assert snapshot(shared.path) == before
+
+
+# -- on a GPU (issue #21): `pytest -m cuda` runs these where CUDA is present -----------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", [{}, {"method": "ties", "params": {"density": 0.3}}])
+def test_merge_on_cuda_stores_the_cpu_merge_and_writes_the_same_model(shared, models, tmp_path, method):
+    from patchctl.patches.device import resolve
+
+    assert resolve("auto") == "cuda"  # `--device auto` takes the GPU when one is present
+    digests, shards = {}, {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        res = shared.merge(["ft:v1", "ft2:v1"], f"gpu-{device}:v1", weights=[0.5, 0.5], device=device,
+                           apply_to=out, base=models.base, validate=False, **method)
+        assert res.device.startswith(device)
+        digests[device] = res.digest
+        shards[device] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+    assert digests["cpu"] == digests["cuda"]  # the device is not in the recipe: the same patch
+    assert shards["cpu"] == shards["cuda"]

@@ -171,6 +171,7 @@ def test_top_k_matches_a_full_sort_and_ignores_thread_count(dtype, seed: int) ->
         assert torch.equal(merge.top_k_mask(x, k), one)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["ties", "magnitude_prune", "breadcrumbs", "task_arithmetic"])
 def test_merge_on_cuda_matches_cpu_bit_for_bit(method: str) -> None:
