@@ -313,3 +313,26 @@ def test_a_nan_in_the_fine_tune_is_refused_on_the_fast_path(models, tmp_path):
     assert len(lines) == 1 and name in lines[0] and "NaN" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert "NO-TORCH" in r.stderr
+
+
+def test_buffer_pool_reuses_aligns_and_keeps_the_larger_buffers():
+    pool = host.BufferPool()
+    a = pool.take(10_000, lead=123)
+    assert a.size == 10_000 and a.ctypes.data % pool.PAGE == 123  # aligned as its bytes' place in a file
+    base = a.base
+    pool.give(a)
+    b = pool.take(5_000, lead=0)
+    assert b.base is base and b.ctypes.data % pool.PAGE == 0  # the same memory again: no fresh pages
+    pool.give(b)
+    pool.give(b)  # given twice: kept once
+    assert sum(x is base for x in pool._free) == 1
+    big = [pool.take((i + 2) << 20) for i in range(pool.KEEP + 1)]
+    for x in big:
+        pool.give(x)
+    assert len(pool._free) == pool.KEEP
+    assert all(x is not base for x in pool._free)  # the smallest was dropped for a larger one
+    assert min(x.size for x in pool._free) >= 3 << 20
+    t = host.HostTensor(pool.take(8), "float32", (2,), pooled=True)
+    t.release()
+    t.release()  # a second release gives nothing back twice
+    assert not t.pooled

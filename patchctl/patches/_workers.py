@@ -19,8 +19,34 @@ _pool_size = 0
 _lock = threading.Lock()
 
 
+_cap: int | None = None  # set by :func:`capped`
+
+
+class capped:  # noqa: N801 - used as a context manager
+    """Inside the block, :func:`workers` gives at most ``n``: for a pass whose stages already run on
+    threads of their own (the merge stream: reader, arithmetic, blob writers, model writer), where
+    splitting each kernel call as well only oversubscribes the cores. Process-wide; restored on exit."""
+
+    def __init__(self, n: int):
+        self.n = max(1, n)
+
+    def __enter__(self) -> None:
+        global _cap
+        self.saved, _cap = _cap, self.n
+
+    def __exit__(self, *_: object) -> None:
+        global _cap
+        _cap = self.saved
+
+
 def workers() -> int:
-    """Threads for a streaming pass: ``$PATCHCTL_THREADS``, else the usable cores."""
+    """Threads for a streaming pass: ``$PATCHCTL_THREADS``, else the usable cores (at most the cap of
+    :class:`capped`)."""
+    n = _configured()
+    return min(n, _cap) if _cap is not None else n
+
+
+def _configured() -> int:
     env = os.environ.get("PATCHCTL_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from typing import Any
 
 import numpy as np
@@ -33,20 +34,72 @@ _PINS_MAGIC = b"PCPN\x01\x00\x00\x00"  # patches.apply.PINS_MAGIC (that module i
 _CHUNK = 1 << 18  # entries per kernel call in the diff: the hits buffer stays 2 MiB
 
 
+class BufferPool:
+    """Byte buffers reused from tensor to tensor (at most :attr:`KEEP` kept free).
+
+    A fresh allocation of a large tensor is a fresh mapping whose every page
+    faults in again: on a small VM that cost about as much as reading the
+    bytes. A buffer handed out starts at an address congruent to ``lead``
+    modulo the page size, so that a tensor bound for file offset ``lead`` goes
+    out by direct I/O straight from it (:class:`~patchctl.registry.store.folder.DirectFile`).
+    """
+
+    PAGE = 4096
+    KEEP = 8
+
+    def __init__(self) -> None:
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int, lead: int = 0) -> np.ndarray:
+        need = n + self.PAGE
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.size >= need]
+            base = self._free.pop(min(fits, key=lambda i: self._free[i].size)) if fits else None
+        if base is None:
+            base = np.empty(-(-need // (1 << 20)) << 20, dtype=np.uint8)  # whole MiB: more reuse
+        start = (-base.ctypes.data + lead) % self.PAGE
+        return base[start : start + n]
+
+    def give(self, arr: np.ndarray) -> None:
+        base = arr.base if isinstance(arr.base, np.ndarray) else arr
+        with self._lock:
+            if any(b is base for b in self._free):
+                return
+            if len(self._free) < self.KEEP:
+                self._free.append(base)
+            else:  # full: keep the larger buffers (a small one cannot take a large tensor)
+                small = min(range(len(self._free)), key=lambda i: self._free[i].size)
+                if self._free[small].size < base.size:
+                    self._free[small] = base
+
+
+#: The pool of :meth:`~patchctl.registry.formats.safetensors.SafetensorsFile.read_host`.
+POOL = BufferPool()
+
+
 class HostTensor:
     """A tensor's bytes (C order, little-endian, as safetensors stores them), dtype name and shape.
 
     Answers the few questions push and the safetensors writer ask a torch
     tensor (``dtype``, ``shape``, ``numel()``, ``is_floating_point()``).
+    ``pooled``: its buffer came from :data:`POOL`; :meth:`release` gives it back.
     """
 
-    __slots__ = ("buf", "dtype", "shape")
+    __slots__ = ("buf", "dtype", "shape", "pooled")
 
-    def __init__(self, data: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape: tuple[int, ...]):
+    def __init__(self, data: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape: tuple[int, ...],
+                 pooled: bool = False):
         self.buf = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
-        self.dtype, self.shape = dtype, tuple(shape)
+        self.dtype, self.shape, self.pooled = dtype, tuple(shape), pooled
         if self.buf.size != math.prod(self.shape) * _ITEMSIZE[dtype]:
             raise ValueError(f"{self.buf.size} bytes do not hold a {dtype} tensor of shape {list(self.shape)}")
+
+    def release(self) -> None:
+        """Give a pooled buffer back (the tensor must not be used after); nothing for others."""
+        if self.pooled:
+            self.pooled = False
+            POOL.give(self.buf)
 
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -128,7 +181,10 @@ def diff_with_pins(a: HostTensor, b: HostTensor, dtype: str) -> tuple[HostTensor
     parts = [p for ps in _threads(part, n) for p in ps]
     idx = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=np.int64)
     bits = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, dtype=np.uint32)
-    return HostTensor(out, dtype, a.shape), idx, bits.astype(_UINT[ii])
+    d = HostTensor(out, dtype, a.shape, pooled=in_place and a.pooled)  # a's pooled buffer now belongs to d
+    if in_place:
+        a.pooled = False
+    return d, idx, bits.astype(_UINT[ii])
 
 
 def all_finite(t: HostTensor) -> bool:
@@ -203,5 +259,5 @@ def apply_pins(t: HostTensor, idx: np.ndarray, values: np.ndarray, dtype: str) -
     return t
 
 
-__all__ = ["CODES", "HostTensor", "add_into", "all_finite", "apply_pins", "convert", "decode_pins",
+__all__ = ["CODES", "POOL", "BufferPool", "HostTensor", "add_into", "all_finite", "apply_pins", "convert", "decode_pins",
            "diff_with_pins", "encode_pins", "itemsize", "same_bytes", "usable"]

@@ -127,9 +127,9 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         return self.where[name].read(name)
 
-    def read_host(self, name: str) -> HostTensor:
+    def read_host(self, name: str, lead: int = 0) -> HostTensor:
         """Tensor ``name`` as raw bytes, dtype and shape (:class:`~patchctl.patches.host.HostTensor`)."""
-        return self.where[name].read_host(name)
+        return self.where[name].read_host(name, lead)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():

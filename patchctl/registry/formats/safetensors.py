@@ -137,22 +137,23 @@ class SafetensorsFile:
         info = self.tensors[name]
         return bytes_to_tensor(self.read_bytes(info), info.dtype, info.shape)
 
-    def read_host(self, name: str) -> HostTensor:
-        """Tensor ``name`` as a :class:`~patchctl.patches.host.HostTensor` (a writable buffer; no torch)."""
-        import numpy as np
-
-        from patchctl.patches.host import HostTensor
+    def read_host(self, name: str, lead: int = 0) -> HostTensor:
+        """Tensor ``name`` as a :class:`~patchctl.patches.host.HostTensor` (no torch), in a buffer of the
+        pool (:data:`~patchctl.patches.host.POOL`; ``release()`` gives it back) that starts at an address
+        congruent to ``lead`` modulo the page size (the file offset it will be written at, if any)."""
+        from patchctl.patches.host import POOL, HostTensor
 
         info = self.tensors[name]
-        buf = np.empty(info.nbytes, dtype=np.uint8)  # not zero-filled first, as a bytearray is
+        buf = POOL.take(info.nbytes, lead)  # reused: no fresh pages to fault in, no zero-fill first
         with open(self.path, "rb", buffering=0) as f:
             f.seek(info.start)
             got, view = 0, memoryview(buf)
             while got < info.nbytes and (n := f.readinto(view[got:])):
                 got += n
         if got != info.nbytes:
+            POOL.give(buf)
             raise InvalidCheckpoint(f"{self.path}: tensor {info.name!r} is truncated")
-        return HostTensor(buf, info.dtype, info.shape)
+        return HostTensor(buf, info.dtype, info.shape, pooled=True)
 
 
 def parse_header(

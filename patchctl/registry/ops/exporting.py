@@ -24,6 +24,7 @@ from patchctl.registry.formats.safetensors import (
     ITEMSIZE,
     StreamingWriter,
     dtype_name,
+    header_bytes,
     tensor_to_bytes,
 )
 from patchctl.registry.formats.sidefiles import CONFIG, dump_config, json_patch, read_config
@@ -255,23 +256,31 @@ def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progre
             entries = [(i.name, i.dtype, i.shape) for i in sf]
             with direct_file(tmp / sf.path.name) as f:  # around the page cache: the kernel copies nothing
                 w = StreamingWriter(f, entries, sf.metadata or None)
+                head, spans = header_bytes(entries, sf.metadata or None)
 
-                def load(name: str, sf: Any = sf) -> tuple[Any, Any, Any]:
+                def load(name: str, sf: Any = sf, at: int = len(head), spans: Any = spans) -> tuple[Any, Any, Any]:
                     """On a reader thread (reads and blob hashes release the GIL): base tensor, delta, pins."""
                     c = by_key.get(sf.tensors[name].name)
-                    if fast:
-                        return sf.read_host(name), *(_host_delta(view, c) if c is not None else (None, None))
+                    if fast:  # read into a pooled buffer aligned as its bytes' place in the output file
+                        t = sf.read_host(name, lead=at + spans[name][0])
+                        return t, *(_host_delta(view, c) if c is not None else (None, None))
                     if c is None or view.m.kind == "lora":
                         return sf.read(name), None, None
                     v = view.value(c)
                     return sf.read(name), v, view.pins(c.sources[0]) if c.op == "add" else None
 
-                with Behind(w.write) as write:  # tensor i is written while tensor i + 1 is read and summed
+                def put(name: str, t: Any, w: Any = w) -> None:
+                    w.write(name, t)
+                    if fast:
+                        t.release()  # its pooled buffer takes the next tensor read
+
+                with Behind(put) as write:  # tensor i is written while tensor i + 1 is read and summed
                     for name, (t, v, pins) in prefetched(load, w.order, ahead=2):  # two readers: read, hash
                         info = sf.tensors[name]
                         c = by_key.get(info.name)
                         if c is not None and fast:  # the same sum on the C kernels, no torch
                             t = host.add_into(t, v)
+                            v.release()
                             if pins is not None:
                                 host.apply_pins(t, *pins)
                         elif c is not None and view.m.kind == "lora":  # every op, each as peft merges it
@@ -308,10 +317,11 @@ def _host_apply(view: PatchView, base: Checkpoint, by_key: dict[str, Any]) -> bo
 def _host_delta(view: PatchView, c: Any) -> tuple[HostTensor, Any]:
     """A change's stored delta and its pins ``(positions, values, dtype)`` (None without), as host arrays."""
     e = view.m.tensors[c.sources[0]]
-    data = view.store.read_blob(e.digest)
+    data = view.store.read_blob_pooled(e.digest)  # released by the caller once added
     if len(data) != e.size:
+        host.POOL.give(data)
         raise InvalidPatch(f"blob {e.digest} has {len(data)} bytes, expected {e.size}")
-    delta = HostTensor(data, e.dtype, e.shape)
+    delta = HostTensor(data, e.dtype, e.shape, pooled=True)
     if not e.pins:
         return delta, None
     return delta, (*host.decode_pins(view.store.read_blob(e.pins["digest"]), e.dtype, e.numel), e.dtype)

@@ -463,22 +463,34 @@ def import_checkpoint(src: Path, base: Checkpoint, dtype: str | None = None) -> 
 
 
 def _host_diffs(ft: Checkpoint, base: Checkpoint, src: Path) -> Iterator[tuple[str, HostTensor, Any]]:
-    """``import_checkpoint``'s diffs (default ``--dtype``) on the C kernels: the same tensors, no torch."""
+    """``import_checkpoint``'s diffs (default ``--dtype``) on the C kernels: the same tensors, no torch.
+
+    Buffers come from the reuse pool: the base's goes back after the diff, the delta's (the fine-tune's,
+    overwritten in place) once it is stored (``Repository.put_tensor``).
+    """
     from patchctl.patches._workers import prefetched
 
     for n, (a, b) in prefetched(lambda n: (ft.read_host(n), base.read_host(n)), ft.names()):
-        if not a.is_floating_point():
-            if not host.same_bytes(a, b):
-                raise InvalidPatch(f"{src}: non-float tensor {n!r} differs from the base; a diff cannot carry it")
-            continue
-        if host.same_bytes(a, b):
-            continue
-        pins_cost = a.numel() * (4 - host.itemsize(a.dtype))
-        d, idx, vals = host.diff_with_pins(a, b, a.dtype)
-        if host.itemsize(a.dtype) < 4 and idx.size * (8 + host.itemsize(a.dtype)) > pins_cost:
-            # pins only where they pay off: a float32 delta is exact for a 16-bit fine-tune, and smaller
-            d, idx, vals = host.diff_with_pins(ft.read_host(n), b, "float32")
-            vals = host.convert(vals, a.dtype, "float32")  # pin values in the stored delta's dtype (views.pins)
+        try:
+            if not a.is_floating_point():
+                if not host.same_bytes(a, b):
+                    raise InvalidPatch(f"{src}: non-float tensor {n!r} differs from the base; a diff cannot carry it")
+                a.release()
+                continue
+            if host.same_bytes(a, b):
+                a.release()
+                continue
+            size = host.itemsize(a.dtype)
+            d, idx, vals = host.diff_with_pins(a, b, a.dtype)
+            if size < 4 and idx.size * (8 + size) > a.numel() * (4 - size):
+                # pins only where they pay off: a float32 delta is exact for a 16-bit fine-tune, and smaller
+                d.release()
+                a = ft.read_host(n)
+                d, idx, vals = host.diff_with_pins(a, b, "float32")
+                a.release()
+                vals = host.convert(vals, a.dtype, "float32")  # pin values in the stored delta's dtype (views.pins)
+        finally:
+            b.release()
         del a, b
         yield n, d, ((idx, vals) if idx.size else None)
 

@@ -423,8 +423,16 @@ class Store:
     def read_blob(self, digest: str) -> bytearray:
         return self._read("objects", digest)
 
-    def _read(self, kind: str, digest: str) -> bytearray:
-        """The verified bytes (a bytearray: tensors can wrap it without a copy)."""
+    def read_blob_pooled(self, digest: str) -> Any:
+        """The verified bytes in a buffer of :data:`patchctl.patches.host.POOL` (a numpy array; give it back
+        with ``POOL.give`` when done): no zero-fill, no fresh pages to fault in."""
+        from patchctl.patches.host import POOL
+
+        return self._read("objects", digest, POOL.take, POOL.give)
+
+    def _read(self, kind: str, digest: str, alloc: Any = bytearray, free: Any = None) -> Any:
+        """The verified bytes (a bytearray: tensors can wrap it without a copy; or what ``alloc(size)`` gave,
+        handed to ``free`` when they do not verify)."""
         p = self._path(kind, digest)
         try:
             fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
@@ -436,9 +444,13 @@ class Store:
         with open(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise RegistryError(f"{kind[:-1]} {digest} is not a regular file; run `patchctl fsck`")
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            f.readinto(data)
+            data = alloc(os.fstat(f.fileno()).st_size)
+            view, got = memoryview(data), 0
+            while got < len(view) and (n := f.readinto(view[got:])):
+                got += n
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            if free is not None:
+                free(data)
             raise DigestMismatch(f"{kind[:-1]} {digest} is corrupt: its bytes hash to something else (run `patchctl fsck`)")
         return data
 

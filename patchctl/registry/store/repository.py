@@ -177,7 +177,11 @@ class Repository:
             count = int(pins[0].size) if host else int(pins[0].numel())
             pin_meta = {"digest": self.store.put_blob(pdata), "count": count, "size": len(pdata)}
         dtype = t.dtype if host else dtype_name(t.dtype)
-        return TensorEntry(digest, dtype, tuple(t.shape), "raw", len(data), pin_meta)
+        entry = TensorEntry(digest, dtype, tuple(t.shape), "raw", len(data), pin_meta)
+        if host:
+            del data
+            t.release()  # a pooled buffer (push's delta) is free for the next tensor once stored
+        return entry
 
     @contextlib.contextmanager
     def tensor_writer(self, depth: int = 3) -> Iterator[TensorSink]:

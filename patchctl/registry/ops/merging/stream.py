@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from patchctl.errors import PatchctlError
+from patchctl.patches._workers import capped, workers
 from patchctl.registry.formats.safetensors import (
     StreamingWriter,
     data_order,
@@ -267,6 +268,10 @@ def _stream(p: _Plan, store: Any, verifier: _Verifier, alpha: float | None, beta
     pending: list[list[Future[None]]] = [[] for _ in range(_SLOTS)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # the C kernels split a tensor over a quarter of the streaming threads: the stages fill the rest
+    # (on 2 cores a split kernel lost 0.8 s to oversubscription: bench/README, issue #21)
+    cap = capped(max(1, workers() // 4))
+    cap.__enter__()
     collect = gc.isenabled()
     gc.disable()  # thousands of chunk-sized tensor views would trigger full collections of torch's objects
     # two blob writers: each blob's fsync waits on the device, so two keep it busy
@@ -316,6 +321,7 @@ def _stream(p: _Plan, store: Any, verifier: _Verifier, alpha: float | None, beta
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
+        cap.__exit__()
         if collect:
             gc.enable()
         reader.close()
@@ -372,6 +378,8 @@ def _lines_alpha(p: _Plan, progress: Progress, done: list[int], total: int) -> f
     # (2 threads: 84 s, 1 thread: 24 s on the 468M bench), and the float64 L1 sums (so α) do not
     # depend on the machine's core count
     torch.set_num_threads(1)
+    cap = capped(max(1, workers() // 4))
+    cap.__enter__()
     try:
         for t in p.targets:
             deltas = _deltas(p, t, upcast=False)  # TIES's top-k of 16-bit floats: one histogram, not two passes
@@ -382,6 +390,7 @@ def _lines_alpha(p: _Plan, progress: Progress, done: list[int], total: int) -> f
             _tick(p, t, progress, done, total)
     finally:
         torch.set_num_threads(threads)
+        cap.__exit__()
     return default_alpha(sum_l1, merged_l1, len(p.inputs))
 
 
