@@ -9,13 +9,12 @@ With pins, applying the diff to its own base is bit-exact in every dtype.
 
 from __future__ import annotations
 
-import struct
 import threading
 
 import numpy as np
 import torch
 
-PINS_MAGIC = b"PCPN\x01\x00\x00\x00"
+from patchctl.patches import host
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,7 +60,8 @@ def combine(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = 
     return out
 
 
-_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C kernels' dtype codes (patches/host.py)
+#: torch dtype -> the C kernels' dtype code (:data:`.host.CODES`).
+NATIVE_CODES = {getattr(torch, name): code for name, code in host.CODES.items()}
 
 
 def _native_add(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> bool:
@@ -70,13 +70,13 @@ def _native_add(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> b
     from patchctl.patches import native
 
     lib = native.lib
-    if lib is None or base.device.type != "cpu" or delta.device.type != "cpu" or base.dtype not in _CODES \
-            or delta.dtype not in _CODES or delta.numel() != base.numel() or not base.is_contiguous() \
+    if lib is None or base.device.type != "cpu" or delta.device.type != "cpu" or base.dtype not in NATIVE_CODES \
+            or delta.dtype not in NATIVE_CODES or delta.numel() != base.numel() or not base.is_contiguous() \
             or not delta.is_contiguous():
         return False
     from patchctl.patches._workers import run_ranges
 
-    bc, dc, bi, di = _CODES[base.dtype], _CODES[delta.dtype], base.element_size(), delta.element_size()
+    bc, dc, bi, di = NATIVE_CODES[base.dtype], NATIVE_CODES[delta.dtype], base.element_size(), delta.element_size()
     b0, d0, o0 = base.data_ptr(), delta.data_ptr(), out.data_ptr()
 
     def part(lo: int, hi: int) -> None:
@@ -243,31 +243,15 @@ def _int_view(dtype: torch.dtype) -> torch.dtype:
 
 
 def encode_pins(idx: torch.Tensor, values: torch.Tensor) -> bytes:
-    """``magic | u64 count | count × i64 index | count × value`` (little-endian)."""
-    n = int(idx.numel())
-    return (
-        PINS_MAGIC
-        + struct.pack("<Q", n)
-        + idx.to(torch.int64).numpy().astype("<i8").tobytes()
-        + values.contiguous().view(torch.uint8).numpy().tobytes()
-    )
+    """``magic | u64 count | count × i64 index | count × value`` (little-endian): :func:`.host.encode_pins`."""
+    return host.encode_pins(idx.to(torch.int64).numpy(), values.contiguous().view(_int_view(values.dtype)).numpy())
 
 
 def decode_pins(data: bytes, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from patchctl.errors import InvalidPatch
-
-    if len(data) < 16 or data[:8] != PINS_MAGIC:
-        raise InvalidPatch("pins blob has no valid header")
-    (n,) = struct.unpack("<Q", data[8:16])
-    if n > numel or len(data) != 16 + n * (8 + dtype.itemsize):
-        raise InvalidPatch("pins blob length does not match its count")
-    idx = torch.frombuffer(bytearray(data[16 : 16 + 8 * n]), dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
-    if n and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-        raise InvalidPatch("pins blob has positions outside the tensor")
-    vals = (
-        torch.frombuffer(bytearray(data[16 + 8 * n :]), dtype=dtype) if n else torch.empty(0, dtype=dtype)
-    )
-    return idx, vals
+    """Positions and values of a pins blob as tensors (:func:`.host.decode_pins` checks it)."""
+    idx, bits = host.decode_pins(data, str(dtype).removeprefix("torch."), numel)
+    return (torch.frombuffer(bytearray(idx.tobytes()), dtype=torch.int64) if idx.size else torch.empty(0, dtype=torch.int64),
+            torch.frombuffer(bytearray(bits.tobytes()), dtype=dtype) if bits.size else torch.empty(0, dtype=dtype))
 
 
 def apply_pins(out: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -30,16 +30,16 @@ _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4
              "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _FLOATS = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
-_PINS_MAGIC = b"PCPN\x01\x00\x00\x00"  # patches.apply.PINS_MAGIC (that module imports torch)
+PINS_MAGIC = b"PCPN\x01\x00\x00\x00"  # the exactness pins blob format (encode_pins)
 _CHUNK = 1 << 18  # entries per kernel call in the diff: the hits buffer stays 2 MiB
 
 
 class BufferPool:
     """Byte buffers reused from tensor to tensor (at most :attr:`KEEP` kept free).
 
-    A fresh allocation of a large tensor is a fresh mapping whose every page
-    faults in again: on a small VM that cost about as much as reading the
-    bytes. A buffer handed out starts at an address congruent to ``lead``
+    A fresh allocation of a large tensor is a fresh mapping whose pages fault
+    in (and a ``bytearray`` is zero-filled first); a reused one is neither
+    (``bench/kernels.py``). A buffer handed out starts at an address congruent to ``lead``
     modulo the page size, so that a tensor bound for file offset ``lead`` goes
     out by direct I/O straight from it (:class:`~patchctl.registry.store.folder.DirectFile`).
     """
@@ -232,7 +232,7 @@ def _to_f32(bits: np.ndarray, src: str) -> np.ndarray:
 
 def encode_pins(idx: np.ndarray, values: np.ndarray) -> bytes:
     """``magic | u64 count | count × i64 index | count × value`` (little-endian): ``encode_pins`` of apply.py."""
-    return (_PINS_MAGIC + struct.pack("<Q", int(idx.size)) + idx.astype("<i8", copy=False).tobytes()
+    return (PINS_MAGIC + struct.pack("<Q", int(idx.size)) + idx.astype("<i8", copy=False).tobytes()
             + values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
@@ -241,7 +241,7 @@ def decode_pins(data: bytes, dtype: str, numel: int) -> tuple[np.ndarray, np.nda
     from patchctl.errors import InvalidPatch
 
     size = _ITEMSIZE[dtype]
-    if len(data) < 16 or data[:8] != _PINS_MAGIC:
+    if len(data) < 16 or data[:8] != PINS_MAGIC:
         raise InvalidPatch("pins blob has no valid header")
     (n,) = struct.unpack("<Q", data[8:16])
     if n > numel or len(data) != 16 + n * (8 + size):
@@ -259,5 +259,5 @@ def apply_pins(t: HostTensor, idx: np.ndarray, values: np.ndarray, dtype: str) -
     return t
 
 
-__all__ = ["CODES", "POOL", "BufferPool", "HostTensor", "add_into", "all_finite", "apply_pins", "convert", "decode_pins",
+__all__ = ["CODES", "PINS_MAGIC", "POOL", "BufferPool", "HostTensor", "add_into", "all_finite", "apply_pins", "convert", "decode_pins",
            "diff_with_pins", "encode_pins", "itemsize", "same_bytes", "usable"]

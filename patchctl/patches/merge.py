@@ -94,6 +94,7 @@ from torch import Tensor
 
 from patchctl.errors import InvalidArgument, ShapeMismatch
 from patchctl.patches import native
+from patchctl.patches.apply import NATIVE_CODES as _CODES  # the C kernels' dtype codes
 
 __all__ = [
     "METHODS",
@@ -550,7 +551,6 @@ def task_arithmetic(
     return _elementwise(flats, deltas[0].shape, out, step)
 
 
-_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C kernels' dtype codes (patches/host.py)
 
 
 def _native_out(flats: Sequence[Tensor], shape: torch.Size, out: Tensor | None) -> Tensor | None:

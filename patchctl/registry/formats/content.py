@@ -86,11 +86,15 @@ def _cache_file(cache_dir: Path | None) -> Path | None:
 
 def tensor_hashes(ckpt: Checkpoint, cache_dir: Path | None = None) -> dict[str, str]:
     """``{tensor name: sha256 hex of its bytes}`` for every tensor of ``ckpt`` (cached per file)."""
-    cache = _cache_file(cache_dir)
+    return _tensor_hashes(ckpt, _cache_file(cache_dir))[0]
+
+
+def _tensor_hashes(ckpt: Checkpoint, cache: Path | None) -> tuple[dict[str, str], dict[str, Any]]:
+    """:func:`tensor_hashes`, and the cache document it read (or wrote)."""
     with _lock:
         doc = _load(cache)
     out: dict[str, str] = {}
-    todo: list[tuple[str, Path, list[int]]] = []
+    todo: list[tuple[str, Any, list[int]]] = []
     for f in ckpt.files:
         path = Path(f.path).resolve()
         key = _stat_key(path)
@@ -99,10 +103,10 @@ def tensor_hashes(ckpt: Checkpoint, cache_dir: Path | None = None) -> dict[str, 
                 and set(hit["tensors"]) == set(f.tensors):
             out.update(hit["tensors"])
         else:
-            todo.append((str(path), Path(f.path), key))
+            todo.append((str(path), f, key))
     if todo:
-        jobs = [(p, name, fpath, info.start, info.nbytes) for p, fpath, _ in todo
-                for name, info in _infos(ckpt, fpath)]
+        jobs = [(p, name, Path(f.path), info.start, info.nbytes) for p, f, _ in todo
+                for name, info in sorted(f.tensors.items())]
         workers = max(1, min(os.cpu_count() or 1, 8, len(jobs)))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="patchctl-hash") as pool:
             got = list(pool.map(lambda j: _hash_range(j[2], j[3], j[4]), jobs))
@@ -116,24 +120,19 @@ def tensor_hashes(ckpt: Checkpoint, cache_dir: Path | None = None) -> dict[str, 
                 doc["files"][p] = {"stat": key, "tensors": fresh.get(p, {})}
             if cache is not None:
                 _save(cache, doc)
-    return out
-
-
-def _infos(ckpt: Checkpoint, fpath: Path) -> list[tuple[str, Any]]:
-    f = next(x for x in ckpt.files if Path(x.path) == fpath)
-    return sorted(f.tensors.items())
+    return out, doc
 
 
 def content_digest(ckpt: Checkpoint, cache_dir: Path | None = None) -> str:
     """The content digest of ``ckpt`` (module docstring); remembers its per-tensor hashes in the cache."""
-    hashes = tensor_hashes(ckpt, cache_dir)
+    cache = _cache_file(cache_dir)
+    hashes, seen = _tensor_hashes(ckpt, cache)
     h = hashlib.sha256(b"patchctl-content-v1\n")
     for name in ckpt.names():
         info = ckpt.info(name)
         h.update(f"{name}\t{info.dtype}\t{list(info.shape)}\t{hashes[name]}\n".encode())
     digest = "sha256:" + h.hexdigest()
-    cache = _cache_file(cache_dir)
-    if cache is not None:
+    if cache is not None and digest not in seen["contents"]:  # the usual case, known already: no second read
         with _lock:
             doc = _load(cache)
             if digest not in doc["contents"]:

@@ -272,7 +272,9 @@ class StreamingWriter:
         self.order = [e[0] for e in ents]
         self._order = self.order
         self._spec = {e[0]: (e[1], tuple(e[2])) for e in ents}
-        head, _ = header_bytes(ents, metadata)
+        head, spans = header_bytes(ents, metadata)
+        #: where each tensor's bytes start in the file (for buffers aligned to it: direct I/O without a copy)
+        self.offsets = {name: len(head) + start for name, (start, _) in spans.items()}
         f.write(head)
         self._next = 0
 

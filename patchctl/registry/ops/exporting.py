@@ -24,7 +24,6 @@ from patchctl.registry.formats.safetensors import (
     ITEMSIZE,
     StreamingWriter,
     dtype_name,
-    header_bytes,
     tensor_to_bytes,
 )
 from patchctl.registry.formats.sidefiles import CONFIG, dump_config, json_patch, read_config
@@ -256,13 +255,12 @@ def apply_to_base(view: PatchView, base: Checkpoint, out: Path, progress: Progre
             entries = [(i.name, i.dtype, i.shape) for i in sf]
             with direct_file(tmp / sf.path.name) as f:  # around the page cache: the kernel copies nothing
                 w = StreamingWriter(f, entries, sf.metadata or None)
-                head, spans = header_bytes(entries, sf.metadata or None)
 
-                def load(name: str, sf: Any = sf, at: int = len(head), spans: Any = spans) -> tuple[Any, Any, Any]:
+                def load(name: str, sf: Any = sf, w: Any = w) -> tuple[Any, Any, Any]:
                     """On a reader thread (reads and blob hashes release the GIL): base tensor, delta, pins."""
                     c = by_key.get(sf.tensors[name].name)
                     if fast:  # read into a pooled buffer aligned as its bytes' place in the output file
-                        t = sf.read_host(name, lead=at + spans[name][0])
+                        t = sf.read_host(name, lead=w.offsets[name])
                         return t, *(_host_delta(view, c) if c is not None else (None, None))
                     if c is None or view.m.kind == "lora":
                         return sf.read(name), None, None

@@ -485,7 +485,7 @@ def _host_diffs(ft: Checkpoint, base: Checkpoint, src: Path) -> Iterator[tuple[s
             if size < 4 and idx.size * (8 + size) > a.numel() * (4 - size):
                 # pins only where they pay off: a float32 delta is exact for a 16-bit fine-tune, and smaller
                 d.release()
-                a = ft.read_host(n)
+                a = ft.read_host(n)  # again: the first diff overwrote it (rare: most entries needed pins)
                 d, idx, vals = host.diff_with_pins(a, b, "float32")
                 a.release()
                 vals = host.convert(vals, a.dtype, "float32")  # pin values in the stored delta's dtype (views.pins)

@@ -268,8 +268,8 @@ def _stream(p: _Plan, store: Any, verifier: _Verifier, alpha: float | None, beta
     pending: list[list[Future[None]]] = [[] for _ in range(_SLOTS)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    # the C kernels split a tensor over a quarter of the streaming threads: the stages fill the rest
-    # (on 2 cores a split kernel lost 0.8 s to oversubscription: bench/README, issue #21)
+    # the C kernels split a tensor over a quarter of the streaming threads: the stages (reader, verifier,
+    # blob writers, model writer) already run on threads of their own; left on exit (finally below)
     cap = capped(max(1, workers() // 4))
     cap.__enter__()
     collect = gc.isenabled()
@@ -378,19 +378,17 @@ def _lines_alpha(p: _Plan, progress: Progress, done: list[int], total: int) -> f
     # (2 threads: 84 s, 1 thread: 24 s on the 468M bench), and the float64 L1 sums (so α) do not
     # depend on the machine's core count
     torch.set_num_threads(1)
-    cap = capped(max(1, workers() // 4))
-    cap.__enter__()
     try:
-        for t in p.targets:
-            deltas = _deltas(p, t, upcast=False)  # TIES's top-k of 16-bit floats: one histogram, not two passes
-            a, b = l1_norms(deltas, _merged(p, t, deltas))
-            sum_l1 += a
-            merged_l1 += b
-            del deltas
-            _tick(p, t, progress, done, total)
+        with capped(max(1, workers() // 4)):  # as in the streaming pass
+            for t in p.targets:
+                deltas = _deltas(p, t, upcast=False)  # TIES's top-k of 16-bit floats: one histogram, not two
+                a, b = l1_norms(deltas, _merged(p, t, deltas))
+                sum_l1 += a
+                merged_l1 += b
+                del deltas
+                _tick(p, t, progress, done, total)
     finally:
         torch.set_num_threads(threads)
-        cap.__exit__()
     return default_alpha(sum_l1, merged_l1, len(p.inputs))
 
 
