@@ -32,8 +32,11 @@ and its floor ``--floor-runs`` times (default 3); the fastest of each counts
 (the VM's write speed swings 2-5x from one run to the next). ``x best floor``
 divides by the fastest floor of that operation over all thread counts (the
 same bytes). Ratio = operation wall / floor wall. Both include process start
-(python ~0.03 s; merges also import torch, listed as ``import``; push and
-apply of these bf16 diffs do not, see patches/host.py).
+(python ~0.03 s; patchctl's modules load from bytecode compiled once at the
+start, as an installed package's do, whatever ``PYTHONDONTWRITEBYTECODE``
+says; push, apply, task arithmetic and TIES of these bf16 diffs never
+import torch, see patches/host.py and registry/ops/merging/host_stream.py;
+DARE and LiNeS do, listed as ``import``).
 
 Outputs are checked in the same run: ``apply``'s model equals the fine-tune
 bit for bit; each merge's patch digest and the sha256 of its ``--apply``
@@ -114,6 +117,9 @@ def run(cmd: list[str], log: Path, cpus: int, env: dict[str, str] | None = None)
     """
     full = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                 PATCHCTL_THREADS=str(cpus), OMP_NUM_THREADS=str(cpus), **(env or {}))
+    # modules load from their cached bytecode, as after a pip install (compiled once in main): a
+    # PYTHONDONTWRITEBYTECODE in this shell would otherwise recompile ~100 modules in every command
+    full.pop("PYTHONDONTWRITEBYTECODE", None)
     allowed = sorted(os.sched_getaffinity(0))[:cpus]
     with open(log, "wb") as out:
         t0 = time.perf_counter()
@@ -217,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {loadavg()}  (uptime; shared VM: compare within this run)")
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    subprocess.run([py, "-m", "compileall", "-q", str(HERE.parent / "patchctl")], check=False,
+                   stdout=subprocess.DEVNULL)  # the bytecode an installed package has (see run())
     logs.mkdir(parents=True)
     synth = str(HERE / "_synth.py")
     need = ["dense"] + (["sparse", "lowrank"] if set(ops) & set(MERGES) else [])

@@ -5,8 +5,9 @@
         --as m:v1 --no-validate --apply /tmp/phases-out --base bench/_work/llama-l24-base --registry /tmp/phases-reg
 
 Prints, on stderr, when each phase of ``registry.ops.merging.run.merge`` starts
-and ends (torch's import, the plan, LiNeS's α pass, the streaming pass, the
-wait for the input verifier) in seconds since start, then this process's CPU
+and ends (torch's import where the merge needs torch, the plan, LiNeS's α
+pass, the streaming pass: ``_stream`` on torch or ``stream`` on the C
+kernels, the wait for the input verifier) in seconds since start, then this process's CPU
 seconds (the verifier's helper process not included).
 """
 
@@ -32,10 +33,11 @@ def timed(mod, name: str) -> None:
 
 
 import patchctl.registry.ops.merging.run as run  # noqa: E402
-from patchctl.registry.ops.merging import verify  # noqa: E402
+from patchctl.registry.ops.merging import host_stream, verify  # noqa: E402
 
 for fn in ("_import_torch", "plan", "_stream", "_lines_alpha"):
     timed(run, fn)
+timed(host_stream, "stream")  # the streaming pass of a merge on the C kernels (no torch import at all)
 timed(verify._Verifier, "wait")
 
 from patchctl.cli.main import main  # noqa: E402

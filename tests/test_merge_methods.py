@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 from patchctl.errors import InvalidArgument, ShapeMismatch
-from patchctl.patches import merge
+from patchctl.patches import host_merge, merge
 from patchctl.patches.merge import METHODS, get_method, merge_tensor, resolve_params
 
 # Two task vectors of 6 entries, weights 1 and 3. Every expected value below was
@@ -85,7 +85,8 @@ def test_method_upcasts_half_inputs_and_keeps_shape(method: str) -> None:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_table_defaults_match_function_signature(method: str) -> None:
     row = METHODS[method]
-    sig = inspect.signature(row.fn)
+    assert set(merge.FUNCTIONS) == set(METHODS)
+    sig = inspect.signature(merge.FUNCTIONS[method])
     kw = {
         n: p.default
         for n, p in sig.parameters.items()
@@ -136,7 +137,7 @@ def test_top_k_keeps_exactly_k_with_ties_broken_by_lowest_flat_index(dtype) -> N
 def test_top_k_many_ties_like_bf16_deltas_keeps_exactly_k() -> None:
     # bf16 fine-tune deltas are mostly ±1 ulp: a few magnitudes shared by millions of entries
     g = torch.Generator().manual_seed(3)
-    n = 3 * merge._SCAN + 12_345  # the tie scan crosses chunk boundaries
+    n = 3 * host_merge._SCAN + 12_345  # the tie scan crosses chunk boundaries
     x = (torch.randint(-2, 3, (n,), generator=g).float() * 2.0**-10).to(torch.bfloat16)
     for density in (0.2, 0.5, 0.75):  # 80 % of the entries are non-zero
         k = int(density * n)
@@ -189,7 +190,7 @@ def test_merge_result_does_not_depend_on_the_chunk_size(method: str, monkeypatch
     params = {"density": 0.3} if "density" in METHODS[method].params else None
     whole = _run(method, deltas, [0.5, 0.3, 0.2], params)
     monkeypatch.setattr(merge, "_CHUNK", 7)
-    monkeypatch.setattr(merge, "_SCAN", 11)
+    monkeypatch.setattr(host_merge, "_SCAN", 11)
     chunked = _run(method, deltas, [0.5, 0.3, 0.2], params)
     assert torch.equal(whole.view(torch.int32), chunked.view(torch.int32))
 

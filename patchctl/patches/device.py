@@ -36,12 +36,12 @@ def resolve(device: object, *, remedy: str = "--device cpu") -> str:
     why = problem(device)
     if why is not None:
         raise InvalidArgument(why)
+    if device == "cpu":
+        return "cpu"
     import torch
 
     if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu"
     if not torch.cuda.is_available():
         raise DeviceUnavailable(f"device {device!r} was asked for but no CUDA device is present; use {remedy}")
     index = device.partition(":")[2]

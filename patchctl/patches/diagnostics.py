@@ -203,17 +203,23 @@ PAIR_FIELDS = ("dot", "norm_sq_a", "norm_sq_b", "support_a", "support_b", "overl
 
 
 def top_support(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the ``⌈density·n⌉`` largest ``|x|`` (non-zero entries only), flat."""
+    """Boolean mask of the ``⌈density·n⌉`` largest ``|x|`` (non-zero entries only), flat.
+
+    Ranked as TIES's trim ranks (:func:`patchctl.patches.merge.top_k_mask`: float32 magnitudes, ties
+    broken by the lowest flat index), so the mask does not depend on the device or the sort, and
+    :func:`patchctl.patches.host_merge.support` gives the same one without torch.
+    """
+    from patchctl.patches.merge import _keep_into, _top
+
     x = t.detach().reshape(-1)
     n = x.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
     k = min(n, math.ceil(density * n))
     if k <= 0:
-        return mask
+        return torch.zeros(n, dtype=torch.bool, device=x.device)
     if k >= n:
         return x != 0
-    idx = torch.topk(x.abs().to(torch.float32), k, sorted=False).indices
-    mask[idx] = True
+    ranked = x if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x.to(torch.float32)
+    mask = _keep_into(_top(ranked.contiguous(), k), ranked, 0, torch.empty(n, dtype=torch.bool, device=x.device))
     return mask & (x != 0)
 
 

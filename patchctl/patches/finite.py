@@ -8,22 +8,30 @@ storing a patch that would poison every model it is applied to.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from patchctl.errors import InvalidPatch
 
 if TYPE_CHECKING:
     import torch
 
+    from patchctl.patches.host import HostTensor
 
-def require_finite(t: torch.Tensor, name: str, what: str) -> torch.Tensor:
+T = TypeVar("T", "torch.Tensor", "HostTensor")
+
+
+def require_finite(t: T, name: str, what: str) -> T:
     """``t`` itself when every value is finite; else :class:`InvalidPatch` naming ``name``.
 
     One vectorised ``aminmax`` pass (:func:`patchctl.patches.apply.all_finite`): NaN and ±Inf
     reach the minimum or the maximum.
     """
-    from patchctl.patches.apply import all_finite
+    from patchctl.patches.host import HostTensor
 
+    if isinstance(t, HostTensor):  # the C kernel's check (no torch): the same verdict
+        from patchctl.patches.host import all_finite
+    else:
+        from patchctl.patches.apply import all_finite
     if t.is_floating_point() and t.numel() and not all_finite(t):
         raise InvalidPatch(f"{what} gave NaN or Inf in tensor {name!r} (an overflow: try float32 with --dtype, "
                            "or smaller weights); nothing was tagged")

@@ -131,24 +131,30 @@ def _threads(fn: Any, n: int) -> list[Any]:
     return list(run_ranges(fn, n, _CHUNK, 1 << 21))
 
 
-def add_into(base: HostTensor, delta: HostTensor) -> HostTensor:
-    """``base + delta`` in float32, rounded to the base's dtype, written over ``base``'s (writable) bytes.
+def add_into(base: HostTensor, delta: HostTensor, out: HostTensor | None = None) -> HostTensor:
+    """``base + delta`` in float32, rounded to the base's dtype, written into ``out`` (a tensor of the
+    base's dtype and size) or, without it, over ``base``'s (writable) bytes; that tensor is returned.
 
     ``combine`` of :mod:`patchctl.patches.apply` bit for bit; split over the streaming threads.
     """
     n = base.numel()
     if delta.numel() != n:
         raise ValueError(f"delta of {delta.numel()} entries for a base of {n}")
+    out = base if out is None else out
+    if out.dtype != base.dtype or out.numel() != n:
+        raise ValueError(f"out is {out.dtype} of {out.numel()} entries, not {base.dtype} of {n}")
+    if not n:
+        return out
     bc, dc = CODES[base.dtype], CODES[delta.dtype]
     bi, di = _ITEMSIZE[base.dtype], _ITEMSIZE[delta.dtype]
-    b0, d0 = native.ptr(base.buf), native.ptr(delta.buf)
+    b0, d0, o0 = native.ptr(base.buf), native.ptr(delta.buf), native.ptr(out.buf)
 
     def part(lo: int, hi: int) -> None:
-        if native.lib.pc_add_cast(b0 + lo * bi, bc, d0 + lo * di, dc, b0 + lo * bi, hi - lo):
+        if native.lib.pc_add_cast(b0 + lo * bi, bc, d0 + lo * di, dc, o0 + lo * bi, hi - lo):
             raise ValueError("pc_add_cast: unknown dtype code")
 
     _threads(part, n)
-    return base
+    return out
 
 
 def diff_with_pins(a: HostTensor, b: HostTensor, dtype: str) -> tuple[HostTensor, np.ndarray, np.ndarray]:

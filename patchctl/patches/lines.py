@@ -41,11 +41,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from patchctl.errors import InvalidArgument, ShapeMismatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "BLOCK_RE",
@@ -107,6 +108,8 @@ def l1_norms(deltas: Sequence[Tensor], merged: Tensor) -> tuple[float, float]:
     pass the totals to :func:`default_alpha`. Computed in float32 per tensor,
     returned as Python floats (accumulate those in float64).
     """
+    import torch
+
     if len(deltas) == 0:
         raise InvalidArgument("l1_norms needs at least one task vector")
     acc = torch.zeros(merged.shape, dtype=torch.float32, device=merged.device)
@@ -135,4 +138,6 @@ def default_alpha(sum_l1: float, merged_l1: float, num_tasks: int) -> float:
 
 def apply_lines(merged: Tensor, name: str, num_blocks: int, alpha: float, beta: float) -> Tensor:
     """``merged`` (as float32) times :func:`lines_scale` of ``name``."""
+    import torch
+
     return merged.to(torch.float32) * lines_scale(name, num_blocks, alpha, beta)

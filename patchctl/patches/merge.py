@@ -15,9 +15,12 @@ float32, on the device of the first delta. ``name`` is the tensor's name: it
 seeds the random drops of DARE and names the tensor in error messages.
 Nothing here reads files or knows about the registry.
 
-The methods are listed in ONE explicit table, :data:`METHODS`; nothing is
-registered by importing a module. :func:`merge_tensor` looks a method up,
-checks the number of inputs and fills in the defaults.
+The methods are listed in ONE explicit table, :data:`METHODS` (defined,
+with the parameter checks, in :mod:`patchctl.patches.methods`, which does not
+import torch; re-exported here); nothing is registered by importing a
+module. :func:`merge_tensor` looks a method up, checks the number of inputs
+and fills in the defaults. Task arithmetic and TIES on the CPU run on the C
+kernels of :mod:`patchctl.patches.host_merge`, as does the top-k below.
 
 **How the work is done.** A method first makes its whole-tensor choices (which
 entries a trim keeps, which DARE drops), then walks the flattened tensors in
@@ -81,11 +84,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -93,10 +93,18 @@ import torch
 from torch import Tensor
 
 from patchctl.errors import InvalidArgument, ShapeMismatch
+from patchctl.patches import host_merge as _hm
 from patchctl.patches import native
 from patchctl.patches.apply import NATIVE_CODES as _CODES  # the C kernels' dtype codes
+from patchctl.patches.host_merge import Top as _Top
+from patchctl.patches.methods import METHODS, MergeMethod, get_method, resolve_params
+from patchctl.patches.methods import density as _density
+from patchctl.patches.methods import nonnegative as _nonnegative
+from patchctl.patches.methods import number as _number
+from patchctl.patches.methods import weights_of as _weights_of
 
 __all__ = [
+    "FUNCTIONS",
     "METHODS",
     "MergeMethod",
     "breadcrumbs",
@@ -116,7 +124,6 @@ __all__ = [
 MergeFn = Callable[..., Tensor]
 
 _CHUNK = 1 << 18  # entries per elementwise step on the CPU (1 MiB of float32 per operand)
-_SCAN = 1 << 20  # entries per step of the histogram and tie scans
 _READ_AS_IS = (torch.float32, torch.float16, torch.bfloat16)
 # magnitude key = the float's bits without the sign: (integer view, mask)
 _KEY = {
@@ -130,35 +137,11 @@ _KEY = {
 # checks
 
 
-def _number(value: Any, what: str) -> float:
-    """``value`` as a finite float, or InvalidArgument naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgument(f"{what} must be a number, got {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise InvalidArgument(f"{what} must be finite, got {value!r}")
-    return out
-
-
-def _density(value: Any) -> float:
-    d = _number(value, "density")
-    if not 0.0 < d <= 1.0:
-        raise InvalidArgument(f"density must be in (0, 1], got {value!r}")
-    return d
-
-
 def _prepare(
     deltas: Sequence[Tensor], weights: Sequence[float], name: str
 ) -> tuple[list[Tensor], list[float]]:
     """Check one tensor's inputs; return them flat on one device (float64 as float32) and the weights."""
-    if len(deltas) == 0:
-        raise InvalidArgument(f"tensor {name!r}: no inputs to merge")
-    if len(weights) != len(deltas):
-        raise InvalidArgument(
-            f"tensor {name!r}: {len(weights)} weights for {len(deltas)} inputs; "
-            "give exactly one weight per input"
-        )
-    ws = [_number(w, f"weight of input {i}") for i, w in enumerate(weights)]
+    ws = _weights_of(weights, len(deltas), name)
     first = deltas[0]
     out: list[Tensor] = []
     for i, d in enumerate(deltas):
@@ -176,15 +159,6 @@ def _prepare(
         dtype = d.dtype if d.dtype in _READ_AS_IS else torch.float32
         out.append(d.to(device=first.device, dtype=dtype).reshape(-1))
     return out, ws
-
-
-def _nonnegative(weights: Sequence[float], method: str) -> None:
-    for i, w in enumerate(weights):
-        if w < 0:
-            raise InvalidArgument(
-                f"{method} needs weights >= 0, got {w!r} for input {i}; "
-                "subtract a task vector with task_arithmetic instead"
-            )
 
 
 # --------------------------------------------------------------------------
@@ -272,9 +246,8 @@ class _Scratch:
     def __init__(self, size: int, device: torch.device, weights: Sequence[float]):
         self.sign = torch.empty(size, dtype=torch.float32, device=device)
         self.den = torch.empty(size, dtype=torch.float32, device=device)
-        positive = [w for w in weights if w > 0]
         # the smallest non-zero denominator: a sum of float32 weights is at least its smallest term
-        self.den_floor = float(torch.tensor(min(positive), dtype=torch.float32)) if positive else 1.0
+        self.den_floor = _hm.den_floor(weights)
 
 
 def _disjoint_mean_into(acc: Tensor, parts: Sequence[Tensor], weights: Sequence[float], sc: _Scratch) -> Tensor:
@@ -314,124 +287,47 @@ def _keys(flat: Tensor) -> Tensor:
     return flat.view(itype).bitwise_and(mask)
 
 
-def _hist16(raw: np.ndarray) -> np.ndarray:
-    """The count of each 16-bit pattern in ``raw``: the C kernel where it is built (3.5x ``np.bincount``,
-    and it releases the GIL for the writer threads), else ``np.bincount``; the same counts."""
-    if native.lib is not None:
-        h = np.zeros(1 << 16, dtype=np.int64)
-        if native.lib.pc_hist16(native.ptr(raw), raw.size, native.ptr(h)) == 0:
-            return h
-    return np.bincount(raw, minlength=1 << 16)
+_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _bits(flat: Tensor) -> np.ndarray:
+    """The bits of a contiguous flat CPU float tensor read as is, as unsigned integers of its width (no copy)."""
+    itype = _KEY[flat.dtype][0]
+    return flat.view(itype).numpy().view(np.uint16 if itype == torch.int16 else np.uint32)
 
 
 def _count_nonzero(flat: Tensor) -> int:
     """``torch.count_nonzero(flat)``; for 2-byte floats on the CPU the C kernel's count of keys >= 1
     (``|x| > 0``, NaN included, as torch counts): ~30x faster than torch's on bfloat16, GIL released."""
-    if (native.lib is not None and flat.device.type == "cpu" and flat.dtype in (torch.bfloat16, torch.float16)
-            and flat.is_contiguous() and flat.numel()):
-        raw = flat.view(torch.int16).numpy()
-        return int(native.lib.pc_count16(native.ptr(raw), raw.size, 1))
+    if flat.device.type == "cpu" and flat.dtype in (torch.bfloat16, torch.float16) and flat.is_contiguous():
+        return _hm.count_nonzero(_bits(flat), _NAMES[flat.dtype])
     return int(torch.count_nonzero(flat))
-
-
-def _pick(hist: np.ndarray, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest entry (1-based) and how many entries lie in higher bins."""
-    cum = np.cumsum(hist[::-1])
-    i = int(np.searchsorted(cum, k, side="left"))
-    return len(hist) - 1 - i, (int(cum[i - 1]) if i else 0)
-
-
-def _kth_key(flat: Tensor, k: int) -> tuple[int, int, list[int] | None]:
-    """``(t, above, per_scan)``: the k-th largest magnitude key (``1 <= k <= n``), how many keys exceed it,
-    and (where the histograms give it for free) how many keys equal ``t`` in each ``_SCAN``-entry step."""
-    n = flat.numel()
-    if flat.device.type != "cpu":  # exact on any device: a selection on the integer keys
-        keys = _keys(flat).to(torch.int64)
-        t = int(torch.kthvalue(keys, n - k + 1).values)
-        return t, int(torch.count_nonzero(keys > t)), None
-    if flat.dtype != torch.float32:  # 2-byte floats: one histogram of the 15-bit keys per step
-        raw = flat.view(torch.int16).numpy().view(np.uint16)
-        steps = []
-        for lo in range(0, n, _SCAN):
-            h = _hist16(raw[lo : lo + _SCAN])
-            steps.append(h[: 1 << 15] + h[1 << 15 :])  # fold the sign bit
-        t, above = _pick(np.sum(steps, axis=0), k)
-        return t, above, [int(h[t]) for h in steps]
-    bits = flat.view(torch.int32).numpy()
-    high = np.zeros(1 << 15, dtype=np.int64)  # float32: the high 15 key bits, then the low 16
-    for lo in range(0, n, _SCAN):
-        high += np.bincount((bits[lo : lo + _SCAN] & 0x7FFFFFFF) >> 16, minlength=1 << 15)
-    b, above = _pick(high, k)
-    low = np.zeros(1 << 16, dtype=np.int64)
-    for lo in range(0, n, _SCAN):
-        key = bits[lo : lo + _SCAN] & 0x7FFFFFFF
-        low += np.bincount(key[(key >> 16) == b] & 0xFFFF, minlength=1 << 16)
-    s, above_in_bin = _pick(low, k - above)
-    return (b << 16) | s, above + above_in_bin, None
-
-
-@dataclass(frozen=True)
-class _Top:
-    """The top-k entries of a flat tensor: key > t, or key == t at a flat index < cutoff.
-
-    ``above`` is the float32 value of key ``t`` and ``at_or_above`` the float32
-    just below it: ``|x| > above`` is ``key > t`` and ``|x| > at_or_above`` is
-    ``key >= t`` for the float32 copies of the entries (exact for every dtype
-    read as is).
-    """
-
-    t: int
-    cutoff: int
-    above: float = 0.0
-    at_or_above: float = 0.0
-
-    def mask_into(self, keys: Tensor, lo: int, out: Tensor) -> Tensor:
-        """``out`` = whether each entry of the chunk starting at flat index ``lo`` is in the top."""
-        torch.gt(keys, self.t, out=out)
-        m = min(self.cutoff - lo, keys.numel())
-        if m > 0:
-            out[:m] |= keys[:m] == self.t
-        return out
-
-
-def _key_value(t: int, dtype: torch.dtype) -> np.float32:
-    """The float32 value of magnitude key ``t`` of ``dtype``."""
-    if dtype == torch.float16:
-        return np.array(t, dtype=np.uint16).view(np.float16).astype(np.float32)[()]
-    bits = t << 16 if dtype == torch.bfloat16 else t
-    return np.array(bits, dtype=np.uint32).view(np.float32)[()]
 
 
 def _top(flat: Tensor, k: int) -> _Top | bool:
     """The k entries ranked first (``|x|`` descending, lowest flat index first among ties).
 
     ``True`` when they are all the non-zero entries or more (the values are
-    then unchanged), ``False`` when ``k <= 0``.
+    then unchanged), ``False`` when ``k <= 0``. On the CPU:
+    :func:`patchctl.patches.host_merge.top` on the tensor's bits (histograms of
+    the magnitude keys, no sort); on an accelerator an exact selection on the
+    integer keys. The same set either way.
     """
+    if flat.device.type == "cpu":
+        return _hm.top(_bits(flat.contiguous()), _NAMES[flat.dtype], k)
     n = flat.numel()
     if k <= 0:
         return False
-    if k >= n or _count_nonzero(flat) <= k:  # cheaper than the histogram
+    if k >= n or _count_nonzero(flat) <= k:
         return True
-    t, above, per_scan = _kth_key(flat, k)
+    keys = _keys(flat).to(torch.int64)
+    t = int(torch.kthvalue(keys, n - k + 1).values)
     if t == 0:  # fewer than k non-zero entries
         return True
-    r = k - above  # how many entries equal to t make it, lowest index first
-    seen = 0
-    for step, lo in enumerate(range(0, n, _SCAN)):
-        if per_scan is not None and seen + per_scan[step] < r:  # counted already: skip the step
-            seen += per_scan[step]
-            continue
-        eq = _keys(flat[lo : lo + _SCAN]) == t
-        # numpy's flatnonzero: ~9x torch.nonzero on the CPU
-        hits = np.flatnonzero(eq.numpy()) if eq.device.type == "cpu" else torch.nonzero(eq).reshape(-1)
-        c = len(hits)
-        if seen + c >= r:
-            value = _key_value(t, flat.dtype)
-            return _Top(t, lo + int(hits[r - seen - 1]) + 1, float(value),
-                        float(np.nextafter(value, np.float32(0))))
-        seen += c
-    raise AssertionError("histogram and scan disagree")  # pragma: no cover - integer counts
+    r = k - int(torch.count_nonzero(keys > t))  # how many entries equal to t make it, lowest index first
+    hits = torch.nonzero(keys == t).reshape(-1)
+    value = _hm.key_value(t, _NAMES[flat.dtype])
+    return _Top(t, int(hits[r - 1]) + 1, float(value), float(np.nextafter(value, np.float32(0))))
 
 
 def _keep_into(top: _Top | bool, flat: Tensor, lo: int, out: Tensor) -> Tensor:
@@ -573,28 +469,8 @@ def _fused_ties(flats: Sequence[Tensor], ws: Sequence[float], tops: Sequence[_To
     out = _native_out(flats, shape, out)
     if out is None:
         return None
-    import ctypes
-
-    from patchctl.patches._workers import run_ranges
-
-    k = len(flats)
-    c_f, c_i, c_i64 = ctypes.c_float * k, ctypes.c_int * k, ctypes.c_int64 * k
-    ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() for f in flats))
-    codes, wts, mul = c_i(*(_CODES[f.dtype] for f in flats)), c_f(*ws), c_i(*(w != 1.0 for w in ws))
-    mode = c_i(*(0 if t is True else 1 if t is False else 2 for t in tops))
-    cutoff = c_i64(*(t.cutoff if isinstance(t, _Top) else 0 for t in tops))
-    at = c_f(*(t.at_or_above if isinstance(t, _Top) else 0.0 for t in tops))
-    above = c_f(*(t.above if isinstance(t, _Top) else 0.0 for t in tops))
-    lib, optr, ocode = native.lib, out.data_ptr(), _CODES[out.dtype]
-
-    def part(lo: int, hi: int) -> None:
-        rc = lib.pc_ties(ptrs, codes, wts, mul, mode, cutoff, at, above, k, den_floor, lam, lam != 1.0, optr, ocode,
-                         lo, hi)
-        if rc:
-            raise MemoryError("pc_ties: no memory for its scratch") if rc == -2 else \
-                InvalidArgument("pc_ties: unknown dtype code")
-
-    run_ranges(part, out.numel(), _CHUNK, 1 << 20)
+    _hm.ties([f.data_ptr() for f in flats], [_CODES[f.dtype] for f in flats], ws, tops, den_floor, lam,
+             out.numel(), out.data_ptr(), _CODES[out.dtype])
     return out
 
 
@@ -609,22 +485,8 @@ def _fused_weighted_sum(flats: Sequence[Tensor], ws: Sequence[float], lam: float
     out = _native_out(flats, shape, out)
     if out is None:
         return None
-    import ctypes
-
-    from patchctl.patches._workers import run_ranges
-
-    k = len(flats)
-    ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() for f in flats))
-    codes = (ctypes.c_int * k)(*(_CODES[f.dtype] for f in flats))
-    wts = (ctypes.c_float * k)(*ws)
-    mul = (ctypes.c_int * k)(*(w != 1.0 for w in ws))
-    lib, optr, ocode = native.lib, out.data_ptr(), _CODES[out.dtype]
-
-    def part(lo: int, hi: int) -> None:
-        if lib.pc_weighted_sum(ptrs, codes, wts, mul, k, lam, lam != 1.0, optr, ocode, lo, hi):
-            raise InvalidArgument("pc_weighted_sum: unknown dtype code")
-
-    run_ranges(part, out.numel(), _CHUNK, 1 << 20)
+    _hm.weighted_sum([f.data_ptr() for f in flats], [_CODES[f.dtype] for f in flats], ws, lam, out.numel(),
+                     out.data_ptr(), _CODES[out.dtype])
     return out
 
 
@@ -771,91 +633,6 @@ def breadcrumbs(
 # the table
 
 
-@dataclass(frozen=True)
-class MergeMethod:
-    """One row of :data:`METHODS`."""
-
-    name: str
-    fn: MergeFn
-    params: Mapping[str, float]  # parameter name -> default (same as the function's)
-    needs_two_inputs: bool
-    paper: str  # reference URL
-
-    def resolve(self, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The defaults overlaid with ``params``; an unknown name is InvalidArgument."""
-        out: dict[str, Any] = dict(self.params)
-        for key, value in (params or {}).items():
-            if key not in self.params:
-                known = ", ".join(sorted(self.params)) or "none"
-                raise InvalidArgument(
-                    f"unknown parameter {key!r} for merge method {self.name!r}; known: {known}"
-                )
-            out[key] = value
-        return out
-
-    def check_inputs(self, count: int) -> None:
-        """InvalidArgument unless ``count`` inputs are enough for this method."""
-        least = 2 if self.needs_two_inputs else 1
-        if count < least:
-            raise InvalidArgument(
-                f"merge method {self.name!r} needs at least {least} inputs, got {count}"
-            )
-
-
-METHODS: Mapping[str, MergeMethod] = MappingProxyType(
-    {
-        m.name: m
-        for m in (
-            MergeMethod("linear", linear, {}, True, "https://arxiv.org/abs/2203.05482"),
-            MergeMethod(
-                "task_arithmetic", task_arithmetic, {"lam": 1.0}, False, "https://arxiv.org/abs/2212.04089"
-            ),
-            MergeMethod(
-                "ties", ties, {"density": 0.2, "lam": 1.0}, True, "https://arxiv.org/abs/2306.01708"
-            ),
-            MergeMethod(
-                "dare_linear",
-                dare_linear,
-                {"density": 0.1, "lam": 1.0},
-                False,
-                "https://arxiv.org/abs/2311.03099",
-            ),
-            MergeMethod(
-                "dare_ties",
-                dare_ties,
-                {"density": 0.1, "lam": 1.0},
-                True,
-                "https://arxiv.org/abs/2311.03099",
-            ),
-            MergeMethod(
-                "magnitude_prune",
-                magnitude_prune,
-                {"density": 0.2, "lam": 1.0},
-                False,
-                "https://arxiv.org/abs/2306.01708",
-            ),
-            MergeMethod(
-                "breadcrumbs",
-                breadcrumbs,
-                {"density": 0.1, "gamma": 0.01, "lam": 1.0},
-                False,
-                "https://arxiv.org/abs/2312.06795",
-            ),
-        )
-    }
-)
-
-
-def get_method(method: str) -> MergeMethod:
-    """The row of :data:`METHODS` named ``method``, or InvalidArgument listing them."""
-    try:
-        return METHODS[method]
-    except (KeyError, TypeError):
-        raise InvalidArgument(
-            f"unknown merge method {method!r}; choose one of: {', '.join(METHODS)}"
-        ) from None
-
-
 def merge_tensor(
     method: str,
     deltas: Sequence[Tensor],
@@ -875,40 +652,10 @@ def merge_tensor(
     """
     row = get_method(method)
     row.check_inputs(len(deltas))
-    return row.fn(deltas, weights, generator_seed=generator_seed, name=name, out=out, **row.resolve(params))
+    return FUNCTIONS[row.name](deltas, weights, generator_seed=generator_seed, name=name, out=out,
+                               **row.resolve(params))
 
 
-# --------------------------------------------------------------------------
-# per-tensor overrides
-
-
-def resolve_params(
-    name: str,
-    base_params: Mapping[str, Any],
-    overrides: Sequence[tuple[str | re.Pattern[str], Mapping[str, Any]]],
-) -> dict[str, Any]:
-    """The parameters for tensor ``name``: ``base_params`` with matching overrides applied.
-
-    Each override is ``(regex, params)``. A rule matches when
-    ``re.search(regex, name)`` finds a match anywhere in the name (anchor with
-    ``^``/``$`` or ``\\b`` as needed; ``re.fullmatch`` is not used). Every
-    matching rule applies, in list order, so **later rules win** for a key
-    they both set; keys a rule does not set are left as they are. A key that
-    is not in ``base_params`` (a typo) or an invalid regex is InvalidArgument,
-    checked for every rule, whether or not it matches ``name``.
-    """
-    out = dict(base_params)
-    for i, (pattern, params) in enumerate(overrides):
-        try:
-            rx = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
-        except (re.error, TypeError) as exc:
-            raise InvalidArgument(f"override {i}: invalid regex {pattern!r}: {exc}") from None
-        for key in params:
-            if key not in base_params:
-                known = ", ".join(sorted(base_params)) or "none"
-                raise InvalidArgument(
-                    f"override {i} ({rx.pattern!r}) sets unknown parameter {key!r}; known: {known}"
-                )
-        if rx.search(name) is not None:
-            out.update(params)
-    return out
+#: Each row of :data:`METHODS` by name: its function here.
+FUNCTIONS: Mapping[str, MergeFn] = {fn.__name__: fn for fn in (
+    linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, breadcrumbs)}

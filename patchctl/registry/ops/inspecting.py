@@ -477,6 +477,51 @@ __all__ = ["LOCALIZE_DENSITIES", "LOCALIZE_KEEP", "PAIR_DENSITY", "find_base", "
 
 
 SAMPLE_ENTRIES = 1 << 20  # the merge warning reads at most this many entries per input
+Pair = tuple[int, int]
+
+
+def _sign_conflict(counts: dict[str, float]) -> float:
+    """The sign-conflict fraction of summed pair counts (:func:`~patchctl.patches.diagnostics.pair_summary`)."""
+    # 6 significant digits, as pair_summary rounds (its module imports torch)
+    return float(f"{counts['conflicts'] / counts['overlap']:.6g}") if counts["overlap"] else 0.0
+
+
+def _host_conflicts(views: list[Any], changes: list[dict[str, Any]], picked: list[str], pairs: list[Pair],
+                    density: float) -> dict[Pair, dict[str, float]] | None:
+    """Each pair's summed overlap and conflicts over ``picked``, from the stored raw deltas' bits with the
+    C kernels (no torch: a task-arithmetic merge then never imports it); None where a delta is not a raw
+    float32/float16/bfloat16 blob or the kernels are not built (the torch path then)."""
+    from patchctl.patches import host
+    from patchctl.patches.host_merge import sign_counts
+
+    if any(v.m.kind == "lora" or len(ch[t].sources) != 1 for v, ch in zip(views, changes, strict=True) for t in picked):
+        return None  # a LoRA delta is B @ A: made by torch
+    entries = [[v.m.tensors[ch[t].sources[0]] for v, ch in zip(views, changes, strict=True)] for t in picked]
+    if not all(host.usable(e.dtype) and e.encoding == "raw" for row in entries for e in row):
+        return None
+    acc = {p: {"overlap": 0.0, "conflicts": 0.0} for p in pairs}
+    for row in entries:
+        ts = [host.HostTensor(v.store.read_blob(e.digest), e.dtype, e.shape) for v, e in zip(views, row, strict=True)]
+        for (i, j), a in acc.items():
+            overlap, conflicts = sign_counts(ts[i], ts[j], density)
+            a["overlap"] += overlap
+            a["conflicts"] += conflicts
+    return acc
+
+
+def _torch_conflicts(views: list[Any], changes: list[dict[str, Any]], picked: list[str], pairs: list[Pair],
+                     density: float) -> dict[Pair, dict[str, float]]:
+    import torch
+
+    from patchctl.patches import diagnostics as dg
+
+    acc: dict[Pair, dict[str, float]] = {p: {} for p in pairs}
+    with torch.no_grad():
+        for t in picked:
+            ts = [v.value(ch[t]).to(torch.float32) for v, ch in zip(views, changes, strict=True)]
+            for (i, j), a in acc.items():
+                dg.add_counts(a, dg.pair_counts(ts[i], ts[j], density))
+    return acc
 CONFLICT_AWARE = ("ties", "dare_ties", "breadcrumbs_ties")  # methods that elect a sign per entry
 
 
@@ -490,10 +535,6 @@ def conflict_warning(reg: Repository, refs: list[str], method: str, density: flo
     signs (task arithmetic, linear, DARE linear, ...) lets them cancel: the
     warning names TIES. Methods in :data:`CONFLICT_AWARE` get no warning.
     """
-    import torch
-
-    from patchctl.patches import diagnostics as dg
-
     if method in CONFLICT_AWARE or len(refs) < 2:
         return None
     views = [reg.view(r) for r in refs]
@@ -509,13 +550,11 @@ def conflict_warning(reg: Repository, refs: list[str], method: str, density: flo
         picked = [min(shared, key=lambda t: (sizes[t], t))]
     if not picked:
         return None
-    acc = {p: {} for p in [(i, j) for i in range(len(refs)) for j in range(i + 1, len(refs))]}
-    with torch.no_grad():
-        for t in picked:
-            ts = [v.value(ch[t]).to(torch.float32) for v, ch in zip(views, changes, strict=True)]
-            for (i, j), a in acc.items():
-                dg.add_counts(a, dg.pair_counts(ts[i], ts[j], density))
-    worst = max(((dg.pair_summary(a)["sign_conflict"], p) for p, a in acc.items()), key=lambda x: x[0])
+    pairs = [(i, j) for i in range(len(refs)) for j in range(i + 1, len(refs))]
+    acc = _host_conflicts(views, changes, picked, pairs, density)
+    if acc is None:
+        acc = _torch_conflicts(views, changes, picked, pairs, density)
+    worst = max(((_sign_conflict(a), p) for p, a in acc.items()), key=lambda x: x[0])
     if worst[0] <= HIGH_CONFLICT:
         return None
     i, j = worst[1]

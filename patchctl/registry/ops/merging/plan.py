@@ -174,18 +174,35 @@ def _unify(inputs: list[_Input]) -> None:
         inp.changes = renamed
 
 
-def _common_dtype(inputs: list[_Input]) -> str:
-    """float32 for LoRA-only inputs; else the promotion of every stored tensor dtype."""
-    import torch
+# the promotion of stored float dtypes (torch.promote_types) where it is a table lookup
+_PROMOTE = {frozenset({"bfloat16", "float16"}): "float32"}
+_RANK = {"float16": 1, "bfloat16": 1, "float32": 2, "float64": 3}
+_NOT_FLOAT = {"int64", "int32", "int16", "int8", "uint8", "bool"}
 
+
+def _common_dtype(inputs: list[_Input]) -> str:
+    """float32 for LoRA-only inputs; else the promotion of every stored tensor dtype (float ones)."""
     if all(i.view.m.kind == "lora" for i in inputs):
         return "float32"
+    return promote_dtypes({e.dtype for i in inputs for e in i.view.m.tensors.values()})
+
+
+def promote_dtypes(names: set[str]) -> str:
+    """``torch.promote_types`` over the float dtypes among ``names`` (float32 without one); a table lookup
+    for float16, bfloat16, float32 and float64 (no torch import), torch itself for the others (float8)."""
+    floats = names - _NOT_FLOAT
+    if floats <= set(_RANK):  # float16 and bfloat16 meet at float32, else the widest
+        if not floats:
+            return "float32"
+        top = max(sorted(floats), key=_RANK.__getitem__)
+        return _PROMOTE.get(frozenset(floats), top) if _RANK[top] == 1 else top
+    import torch
+
     dt: torch.dtype | None = None
-    for i in inputs:
-        for e in i.view.m.tensors.values():
-            d = getattr(torch, e.dtype)
-            if d.is_floating_point:
-                dt = d if dt is None else torch.promote_types(dt, d)
+    for d in sorted(names):
+        t = getattr(torch, d)
+        if t.is_floating_point:
+            dt = t if dt is None else torch.promote_types(dt, t)
     return str(dt or torch.float32).removeprefix("torch.")
 
 
@@ -227,9 +244,7 @@ def _load(reg: Repository, inputs: Sequence[str], problems: _Problems) -> list[_
 
 def _check_method(spec: MergeSpec, n: int, targets: list[str], problems: _Problems) -> dict[str, dict[str, Any]]:
     """The spec's method problems, then what they need of ``n`` inputs; the per-tensor parameters."""
-    import torch
-
-    from patchctl.patches import merge as merge_mod
+    from patchctl.patches import methods
 
     own = spec.method_problems()
     problems.extend(own)
@@ -249,7 +264,7 @@ def _check_method(spec: MergeSpec, n: int, targets: list[str], problems: _Proble
         return {}
     resolved, rules = spec.method_params(), spec.rules()
     try:
-        per_tensor = {t: merge_mod.resolve_params(t, resolved, rules) for t in targets}
+        per_tensor = {t: methods.resolve_params(t, resolved, rules) for t in targets}
     except InvalidArgument as e:
         problems.add(InvalidArgument, str(e))
         return {}
@@ -261,8 +276,15 @@ def _check_method(spec: MergeSpec, n: int, targets: list[str], problems: _Proble
             continue
         tried.add(key)
         try:
-            merge_mod.merge_tensor(spec.method, [torch.zeros(2)] * n, [float(w) for w in ws],
-                                   generator_seed=spec.seed, name=tname or "-", params=prm)
+            if spec.method in methods.HOST_METHODS:  # the same checks without torch
+                methods.check_call(spec.method, n, [float(w) for w in ws], prm, tname or "-")
+            else:
+                import torch
+
+                from patchctl.patches.merge import merge_tensor
+
+                merge_tensor(spec.method, [torch.zeros(2)] * n, [float(w) for w in ws],
+                             generator_seed=spec.seed, name=tname or "-", params=prm)
         except PatchctlError as e:
             where = "" if tname is None else f" (parameters for {tname}, set by an override)"
             problems.add(InvalidArgument, f"{e}{where}")

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from patchctl.patches import native
+from patchctl.patches.methods import HOST_METHODS
 from patchctl.registry.formats.checkpoint import Checkpoint
 from patchctl.registry.ops.exporting import apply_to_base, staged
+from patchctl.registry.ops.merging import host_stream
 from patchctl.registry.ops.merging.lora import _peft_params, lora_tensors
 from patchctl.registry.ops.merging.plan import plan
 from patchctl.registry.ops.merging.spec import MergeSpec
@@ -71,6 +74,13 @@ def _import_torch() -> Any:
     return torch
 
 
+def _host_spec(spec: MergeSpec) -> bool:
+    """Whether a merge of ``spec`` may run on the C kernels without torch (:func:`.host_stream.usable` then
+    decides on the plan): torch is imported up front for the others."""
+    return (spec.method in HOST_METHODS and spec.as_lora is None and spec.lines_alpha is None
+            and spec.device == "cpu" and native.available())
+
+
 def merge(
     reg: Repository,
     inputs: Sequence[str],
@@ -98,11 +108,15 @@ def merge(
     # a diff output maps every raw input blob: hash them from now on, beside torch's import and the merge
     verifier = _Verifier.start(reg, inputs) if spec.as_lora is None and not isinstance(inputs, str) else None
     try:
-        _import_torch()
+        if not _host_spec(spec):
+            _import_torch()  # with the cyclic GC paused, before the plan (which may need it)
 
         from patchctl.patches.lines import single_patch_beta
 
         p = plan(reg, inputs, spec, apply_to=apply_to, base=base)
+        host = host_stream.usable(p)  # task arithmetic / TIES of raw float deltas: the C kernels, no torch
+        if not host:
+            _import_torch()
         passes = 2 if p.lines == "auto" else 1
         total = passes * sum(math.prod(s) * 4 for s in p.shapes.values())
         done = [0]
@@ -121,7 +135,10 @@ def merge(
             first = p.inputs[0].view.m
             if fused:
                 verifier = verifier or _Verifier.of(reg.store, [i.view.m for i in p.inputs])
-                tensors = _stream(p, reg.store, verifier, alpha, beta, folder, progress, done, total)
+                if host:
+                    tensors = host_stream.stream(p, reg.store, verifier, folder, progress, done, total)
+                else:
+                    tensors = _stream(p, reg.store, verifier, alpha, beta, folder, progress, done, total)
             else:
                 lora = lora_tensors(p, reg, alpha, beta, progress, done, total)
                 tensors = lora.tensors

@@ -97,7 +97,7 @@ class MergeSpec:
     # -- the checks about the options alone ----------------------------------------
     def method_row(self) -> Any:
         """The method's row of :data:`~patchctl.patches.merge.METHODS`, or None when it has none."""
-        from patchctl.patches.merge import get_method
+        from patchctl.patches.methods import get_method
 
         try:
             return get_method(self.method)
@@ -106,7 +106,7 @@ class MergeSpec:
 
     def method_problems(self) -> list[Problem]:
         """Problems of the method, weights, seed, parameters and overrides (inputs aside)."""
-        from patchctl.patches.merge import get_method
+        from patchctl.patches.methods import get_method
 
         out: list[Problem] = []
         row = None

@@ -48,6 +48,8 @@ from patchctl.registry.store.folder import BlobWriter, DirectFile
 from patchctl.registry.store.manifest import TensorEntry
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
 
 Progress = Callable[[int, int], None] | None
@@ -242,8 +244,6 @@ def _stream(p: _Plan, store: Any, verifier: _Verifier, alpha: float | None, beta
     already fill the cores, and chunk-sized operations only lose to thread
     hand-offs.
     """
-    from concurrent.futures import Future, ThreadPoolExecutor
-
     import torch
 
     from patchctl.patches.apply import combine
@@ -265,52 +265,78 @@ def _stream(p: _Plan, store: Any, verifier: _Verifier, alpha: float | None, beta
         shards(item, base if stored is None else combine(base, stored, out=out))
 
     outs, work = [Buffers() for _ in range(_SLOTS)], Buffers()
-    pending: list[list[Future[None]]] = [[] for _ in range(_SLOTS)]
+
+    reader = _Reader(p, store, verifier)
+
+    def load(item: _Item) -> list[Any]:
+        """``[deltas, base]`` of ``item`` (``step`` empties the list, so the mappings go with its names)."""
+        deltas = [] if item.target is None else [reader.delta(item.target, k) for k in range(len(p.inputs))]
+        return [deltas, reader.base(item) if item.info is not None else None]
+
+    def step(item: _Item, slot: int, loaded: Any, bx: Any, mx: Any) -> list[Future[None]]:
+        deltas, base = loaded
+        loaded.clear()
+        if item.target is None:
+            return [] if base is None else [mx.submit(write, item, base)]  # a mapping of its own: as it is
+        t = item.target
+        shape = p.shapes[t]
+        stored = outs[slot].get("stored", out_dtype, shape)
+        # rounded into the stored dtype chunk by chunk where nothing scales the float32 result first
+        direct = p.device == "cpu" and alpha is None and out_dtype in (torch.bfloat16, torch.float16)
+        merged = merge_tensor(p.method, [d.to(p.device) for d in deltas], p.weights, generator_seed=p.seed,
+                              name=t, params=p.per_tensor[t], out=stored if direct
+                              else work.get("merged", torch.float32, shape) if p.device == "cpu" else None)
+        del deltas
+        if not direct:
+            if alpha is not None:
+                merged.mul_(lines_scale(t, p.num_blocks, alpha, beta))
+            stored.copy_(merged)
+        del merged
+        futs = [bx.submit(put, t, stored)]
+        if base is not None:  # base + merged is made on the model's writer thread
+            assert shards is not None
+            applied = outs[slot].get("applied", base.dtype, base.shape, shards.offset(item))
+            futs.append(mx.submit(write, item, base, stored, applied))
+        _tick(p, t, progress, done, total)
+        return futs
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    # the C kernels split a tensor over a quarter of the streaming threads: the stages (reader, verifier,
-    # blob writers, model writer) already run on threads of their own; left on exit (finally below)
+    try:
+        _pipeline(items, verifier, shards, reader, load, step)
+    finally:
+        torch.set_num_threads(threads)
+    return tensors
+
+
+def _pipeline(items: list[_Item], verifier: _Verifier, shards: _Shards | None, reader: Any,
+              load: Callable[[_Item], Any], step: Callable[[_Item, int, Any, Any, Any], list[Future[None]]]) -> None:
+    """The stages of a streaming pass, whatever does the arithmetic (torch here, the C kernels in
+    :mod:`.host_stream`): for each item in order, ``load(item)`` on this thread (mapped inputs), then,
+    once the futures of its buffer slot (``n % _SLOTS``) are done, ``step(item, slot, loaded, bx, mx)``
+    merges it and returns the futures that store it on the blob writers ``bx`` (``_SLOTS - 1`` threads:
+    each blob's fsync waits on the device) and write it on the model writer ``mx`` (one thread, shard
+    order). Then every input is verified before the model is finished. The C kernels split a tensor over a
+    quarter of the streaming threads (the stages already run on threads of their own); the cyclic GC is
+    paused (thousands of chunk-sized tensor views would trigger full collections); the reader closed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: list[list[Future[None]]] = [[] for _ in range(_SLOTS)]
     cap = capped(max(1, workers() // 4))
     cap.__enter__()
     collect = gc.isenabled()
-    gc.disable()  # thousands of chunk-sized tensor views would trigger full collections of torch's objects
-    # two blob writers: each blob's fsync waits on the device, so two keep it busy
+    gc.disable()
     pools = [ThreadPoolExecutor(w, f"patchctl-merge-{s}") for s, w in (("blobs", _SLOTS - 1), ("model", 1))]
     bx, mx = pools
-    reader = _Reader(p, store, verifier)
-
     try:
         for n, item in enumerate(items):
             verifier.check()  # a corrupt input stops the merge as soon as it is found
-            deltas = [] if item.target is None else [reader.delta(item.target, k) for k in range(len(p.inputs))]
-            base = reader.base(item) if item.info is not None else None
+            loaded = load(item)
             slot = n % _SLOTS
             for f in pending[slot]:
                 f.result()  # the buffers of this slot are free again
-            pending[slot] = []
-            if item.target is not None:
-                t = item.target
-                shape = p.shapes[t]
-                stored = outs[slot].get("stored", out_dtype, shape)
-                # rounded into the stored dtype chunk by chunk where nothing scales the float32 result first
-                direct = p.device == "cpu" and alpha is None and out_dtype in (torch.bfloat16, torch.float16)
-                merged = merge_tensor(p.method, [d.to(p.device) for d in deltas], p.weights, generator_seed=p.seed,
-                                      name=t, params=p.per_tensor[t], out=stored if direct
-                                      else work.get("merged", torch.float32, shape) if p.device == "cpu" else None)
-                del deltas
-                if not direct:
-                    if alpha is not None:
-                        merged.mul_(lines_scale(t, p.num_blocks, alpha, beta))
-                    stored.copy_(merged)
-                del merged
-                pending[slot].append(bx.submit(put, t, stored))
-                if base is not None:  # base + merged is made on the model's writer thread
-                    applied = outs[slot].get("applied", base.dtype, base.shape, shards.offset(item))
-                    pending[slot].append(mx.submit(write, item, base, stored, applied))
-                _tick(p, t, progress, done, total)
-            elif base is not None:
-                pending[slot].append(mx.submit(write, item, base))  # a mapping of its own: written as it is
-            del base
+            pending[slot] = step(item, slot, loaded, bx, mx)
+            del loaded
         for fs in pending:
             for f in fs:
                 f.result()
@@ -320,14 +346,12 @@ def _stream(p: _Plan, store: Any, verifier: _Verifier, alpha: float | None, beta
     finally:
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
         cap.__exit__()
         if collect:
             gc.enable()
         reader.close()
         if shards is not None:
             shards.abort()
-    return tensors
 
 
 def _deltas(p: _Plan, target: str, upcast: bool = True) -> list[torch.Tensor]:

@@ -1,0 +1,259 @@
+"""Task arithmetic and TIES on plain buffers: the exact top-k, and the C kernels that merge (no torch).
+
+A merge of stored ``float32``/``float16``/``bfloat16`` deltas by task
+arithmetic or TIES needs no more than the fused kernels ``pc_weighted_sum``
+and ``pc_ties`` (:mod:`patchctl.patches.native`) and, for TIES, each input's
+exact top-k by magnitude. Both are here, on numpy views of the deltas' bits,
+so such a merge plans and streams without importing torch
+(:mod:`patchctl.registry.ops.merging.host_stream`); :mod:`patchctl.patches.merge`
+runs the same functions on its CPU tensors, so the two paths make the same
+bits (``tests/test_host_merge.py`` compares them). The rules (``k`` entries
+ranked by ``|x|`` descending, ties broken by the lowest flat index; the kth
+magnitude found from histograms of the magnitude keys) are those of
+:mod:`patchctl.patches.merge`'s docstring.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from patchctl.errors import InvalidArgument
+from patchctl.patches import native
+from patchctl.patches.host import CODES
+
+_CHUNK = 1 << 18  # kernel ranges are cut on multiples of this many entries
+_SCAN = 1 << 20  # entries per step of the histogram and tie scans
+#: the magnitude key's mask (the float's bits without the sign) per dtype name, and the key of +inf
+KEY_MASK = {"float16": 0x7FFF, "bfloat16": 0x7FFF, "float32": 0x7FFFFFFF}
+INF_KEY = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000}
+
+
+def hist16(raw: np.ndarray) -> np.ndarray:
+    """The count of each 16-bit pattern in ``raw``: the C kernel where it is built (3.5x ``np.bincount``,
+    and it releases the GIL for the writer threads), else ``np.bincount``; the same counts."""
+    if native.lib is not None and raw.flags.c_contiguous:
+        h = np.zeros(1 << 16, dtype=np.int64)
+        if native.lib.pc_hist16(native.ptr(raw), raw.size, native.ptr(h)) == 0:
+            return h
+    return np.bincount(raw, minlength=1 << 16)
+
+
+def count_nonzero(bits: np.ndarray, dtype: str) -> int:
+    """How many entries have ``|x| > 0`` (NaN included, as ``torch.count_nonzero``), from their bits."""
+    if dtype != "float32" and native.lib is not None and bits.flags.c_contiguous and bits.size:
+        return int(native.lib.pc_count16(native.ptr(bits), bits.size, 1))  # ~30x torch's on bfloat16
+    mask = KEY_MASK[dtype]
+    return sum(int(np.count_nonzero(bits[lo : lo + _SCAN] & mask)) for lo in range(0, bits.size, _SCAN))
+
+
+def _pick(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry (1-based) and how many entries lie in higher bins."""
+    cum = np.cumsum(hist[::-1])
+    i = int(np.searchsorted(cum, k, side="left"))
+    return len(hist) - 1 - i, (int(cum[i - 1]) if i else 0)
+
+
+def kth_key(bits: np.ndarray, dtype: str, k: int) -> tuple[int, int, list[int] | None]:
+    """``(t, above, per_scan)``: the k-th largest magnitude key (``1 <= k <= n``), how many keys exceed it,
+    and (where the histograms give it for free) how many keys equal ``t`` in each ``_SCAN``-entry step."""
+    n = bits.size
+    if dtype != "float32":  # 2-byte floats: one histogram of the 15-bit keys per step
+        steps = []
+        for lo in range(0, n, _SCAN):
+            h = hist16(bits[lo : lo + _SCAN])
+            steps.append(h[: 1 << 15] + h[1 << 15 :])  # fold the sign bit
+        t, above = _pick(np.sum(steps, axis=0), k)
+        return t, above, [int(h[t]) for h in steps]
+    high = np.zeros(1 << 15, dtype=np.int64)  # float32: the high 15 key bits, then the low 16
+    for lo in range(0, n, _SCAN):
+        high += np.bincount((bits[lo : lo + _SCAN] & 0x7FFFFFFF) >> 16, minlength=1 << 15)
+    b, above = _pick(high, k)
+    low = np.zeros(1 << 16, dtype=np.int64)
+    for lo in range(0, n, _SCAN):
+        key = bits[lo : lo + _SCAN] & 0x7FFFFFFF
+        low += np.bincount(key[(key >> 16) == b] & 0xFFFF, minlength=1 << 16)
+    s, above_in_bin = _pick(low, k - above)
+    return (b << 16) | s, above + above_in_bin, None
+
+
+def key_value(t: int, dtype: str) -> np.float32:
+    """The float32 value of magnitude key ``t`` of ``dtype``."""
+    if dtype == "float16":
+        return np.array(t, dtype=np.uint16).view(np.float16).astype(np.float32)[()]
+    b = t << 16 if dtype == "bfloat16" else t
+    return np.array(b, dtype=np.uint32).view(np.float32)[()]
+
+
+@dataclass(frozen=True)
+class Top:
+    """The top-k entries of a flat tensor: key > t, or key == t at a flat index < cutoff.
+
+    ``above`` is the float32 value of key ``t`` and ``at_or_above`` the float32
+    just below it: ``|x| > above`` is ``key > t`` and ``|x| > at_or_above`` is
+    ``key >= t`` for the float32 copies of the entries (exact for every dtype
+    read as is).
+    """
+
+    t: int
+    cutoff: int
+    above: float = 0.0
+    at_or_above: float = 0.0
+
+    def mask_into(self, keys: Any, lo: int, out: Any) -> Any:
+        """``out`` = whether each entry of the chunk of torch ``keys`` starting at flat index ``lo`` is in the top."""
+        import torch
+
+        torch.gt(keys, self.t, out=out)
+        m = min(self.cutoff - lo, keys.numel())
+        if m > 0:
+            out[:m] |= keys[:m] == self.t
+        return out
+
+    def keep(self, bits: np.ndarray, dtype: str) -> np.ndarray:
+        """Whether each entry of ``bits`` (the whole flat tensor) is in the top, as a bool array."""
+        keys = bits & KEY_MASK[dtype]
+        out = keys > self.t
+        out[: self.cutoff] |= keys[: self.cutoff] == self.t
+        return out
+
+
+def top(bits: np.ndarray, dtype: str, k: int) -> Top | bool:
+    """The k entries ranked first (``|x|`` descending, lowest flat index first among ties) of the flat
+    tensor whose bits are ``bits``.
+
+    ``True`` when they are all the non-zero entries or more (the values are
+    then unchanged), ``False`` when ``k <= 0``.
+    """
+    n = bits.size
+    if k <= 0:
+        return False
+    if k >= n or count_nonzero(bits, dtype) <= k:  # cheaper than the histogram
+        return True
+    t, above, per_scan = kth_key(bits, dtype, k)
+    if t == 0:  # fewer than k non-zero entries
+        return True
+    r = k - above  # how many entries equal to t make it, lowest index first
+    mask, seen = KEY_MASK[dtype], 0
+    for step, lo in enumerate(range(0, n, _SCAN)):
+        if per_scan is not None and seen + per_scan[step] < r:  # counted already: skip the step
+            seen += per_scan[step]
+            continue
+        hits = np.flatnonzero((bits[lo : lo + _SCAN] & mask) == t)
+        c = len(hits)
+        if seen + c >= r:
+            value = key_value(t, dtype)
+            return Top(t, lo + int(hits[r - seen - 1]) + 1, float(value), float(np.nextafter(value, np.float32(0))))
+        seen += c
+    raise AssertionError("histogram and scan disagree")  # pragma: no cover - integer counts
+
+
+def den_floor(weights: Sequence[float]) -> float:
+    """TIES's smallest non-zero denominator: the smallest positive weight as a float32 (1 without one)."""
+    positive = [w for w in weights if w > 0]
+    return float(np.float32(min(positive))) if positive else 1.0
+
+
+# -- the fused kernels, over raw pointers (float32/float16/bfloat16 codes of patchctl.patches.host.CODES) --
+def _split(fn: Callable[[int, int], None], n: int) -> None:
+    from patchctl.patches._workers import run_ranges
+
+    run_ranges(fn, n, _CHUNK, 1 << 20)
+
+
+def weighted_sum(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], lam: float, n: int,
+                 optr: int, ocode: int) -> None:
+    """``λ · Σ wᵢτᵢ`` of ``n`` entries into ``optr`` (``pc_weighted_sum``; split over the streaming threads)."""
+    k = len(ptrs)
+    p = (ctypes.c_void_p * k)(*ptrs)
+    c, w = (ctypes.c_int * k)(*codes), (ctypes.c_float * k)(*ws)
+    mul = (ctypes.c_int * k)(*(x != 1.0 for x in ws))
+    lib = native.lib
+
+    def part(lo: int, hi: int) -> None:
+        if lib.pc_weighted_sum(p, c, w, mul, k, lam, lam != 1.0, optr, ocode, lo, hi):
+            raise InvalidArgument("pc_weighted_sum: unknown dtype code")
+
+    _split(part, n)
+
+
+def ties(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], tops: Sequence[Top | bool], floor: float,
+         lam: float, n: int, optr: int, ocode: int) -> None:
+    """TIES's trim, sign election and disjoint mean of ``n`` entries into ``optr`` (``pc_ties``)."""
+    k = len(ptrs)
+    c_f, c_i, c_i64 = ctypes.c_float * k, ctypes.c_int * k, ctypes.c_int64 * k
+    p = (ctypes.c_void_p * k)(*ptrs)
+    c, w, mul = c_i(*codes), c_f(*ws), c_i(*(x != 1.0 for x in ws))
+    mode = c_i(*(0 if t is True else 1 if t is False else 2 for t in tops))
+    cutoff = c_i64(*(t.cutoff if isinstance(t, Top) else 0 for t in tops))
+    at = c_f(*(t.at_or_above if isinstance(t, Top) else 0.0 for t in tops))
+    above = c_f(*(t.above if isinstance(t, Top) else 0.0 for t in tops))
+    lib = native.lib
+
+    def part(lo: int, hi: int) -> None:
+        rc = lib.pc_ties(p, c, w, mul, mode, cutoff, at, above, k, floor, lam, lam != 1.0, optr, ocode, lo, hi)
+        if rc:
+            raise MemoryError("pc_ties: no memory for its scratch") if rc == -2 else \
+                InvalidArgument("pc_ties: unknown dtype code")
+
+    _split(part, n)
+
+
+def merge(method: str, deltas: Sequence[Any], weights: Sequence[float], params: dict[str, Any], out: Any) -> None:
+    """Merge one tensor's deltas (:class:`~patchctl.patches.host.HostTensor` s of one shape) into ``out``
+    (a HostTensor of that shape; float32, float16 or bfloat16) by ``method``, one of
+    :data:`~patchctl.patches.methods.HOST_METHODS`, with ``params`` resolved and checked
+    (:func:`~patchctl.patches.methods.check_call`): the bits :func:`patchctl.patches.merge.merge_tensor` gives."""
+    n = out.numel()
+    ptrs = [native.ptr(d.buf) for d in deltas]
+    codes = [CODES[d.dtype] for d in deltas]
+    ws = [float(w) for w in weights]
+    lam = float(params["lam"])
+    if method == "task_arithmetic":
+        weighted_sum(ptrs, codes, ws, lam, n, native.ptr(out.buf), CODES[out.dtype])
+    elif method == "ties":
+        k = int(float(params["density"]) * n)
+        tops = [top(d.ints(), d.dtype, k) for d in deltas]
+        ties(ptrs, codes, ws, tops, den_floor(ws), lam, n, native.ptr(out.buf), CODES[out.dtype])
+    else:
+        raise InvalidArgument(f"merge method {method!r} does not run on the host kernels")
+
+
+def sign_counts(a: Any, b: Any, density: float) -> tuple[int, int]:
+    """``(overlap, conflicts)`` of two deltas (HostTensors of one shape): how many entries are in both
+    top-``⌈density·n⌉`` supports (non-zero entries only), and how many of those differ in the sign of
+    ``x > 0`` (:func:`patchctl.patches.diagnostics.pair_counts`'s ``overlap`` and ``conflicts``)."""
+    sup = [support(t, density) for t in (a, b)]
+    both = sup[0] & sup[1]
+    pos = [positive(t) for t in (a, b)]
+    return int(np.count_nonzero(both)), int(np.count_nonzero(both & (pos[0] != pos[1])))
+
+
+def support(t: Any, density: float) -> np.ndarray:
+    """The top-``⌈density·n⌉`` entries of ``t`` by magnitude that are non-zero (ties: lowest index first),
+    as a flat bool array (:func:`patchctl.patches.diagnostics.top_support`)."""
+    bits, n = t.ints(), t.numel()
+    nz = (bits & KEY_MASK[t.dtype]) != 0
+    k = min(n, math.ceil(density * n))
+    if k <= 0:
+        return np.zeros(n, dtype=bool)
+    kept = top(bits, t.dtype, k)
+    if isinstance(kept, bool):
+        return nz if kept else np.zeros(n, dtype=bool)
+    return kept.keep(bits, t.dtype) & nz
+
+
+def positive(t: Any) -> np.ndarray:
+    """``x > 0`` for each entry of ``t`` (False for zeros and NaN), from its bits."""
+    bits = t.ints()
+    key = bits & KEY_MASK[t.dtype]
+    sign = bits >> (8 * bits.itemsize - 1)
+    return (sign == 0) & (key != 0) & (key <= INF_KEY[t.dtype])
+
+
+__all__ = ["Top", "count_nonzero", "kth_key", "merge", "sign_counts", "support", "top"]

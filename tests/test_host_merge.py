@@ -1,0 +1,245 @@
+"""Task arithmetic and TIES merges on the C kernels without torch (host_stream, host_merge, methods).
+
+Whole ``patchctl merge`` commands run as their own processes with the kernels and with
+``PATCHCTL_NATIVE=0`` (the torch engine): the same patch digest, the same ``--apply`` shards, the
+same warning and error lines, and torch never imported on the kernels' path. In process: the exact
+top-k support, the sign-conflict counts and the argument checks are those of the torch functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from patchctl.errors import InvalidArgument, PatchctlError
+from patchctl.patches import diagnostics, host, host_merge, merge, methods, native
+from patchctl.registry.ops.merging.plan import promote_dtypes
+
+needs_native = pytest.mark.skipif(native.lib is None, reason="patchctl._kernels is not built here")
+
+_RUN = """
+import sys
+from patchctl.cli.main import main
+rc = main(sys.argv[1:])
+print("TORCH-IMPORTED" if "torch" in sys.modules else "NO-TORCH", file=sys.stderr)
+sys.exit(rc)
+"""
+
+SHAPES = {"model.layers.0.mlp.weight": (64, 96), "model.layers.1.mlp.weight": (96, 64),
+          "model.layers.1.self_attn.q_proj.weight": (64, 64), "model.norm.weight": (64,)}
+
+
+def _run(args: list[object], native_on: bool) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PATCHCTL_NATIVE="1" if native_on else "0", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", _RUN, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def _model(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
+
+
+def _setup(tmp: Path, dtype: torch.dtype, scramble_last: bool = False) -> tuple[Path, list[Path]]:
+    """A base and three fine-tunes of it: deltas on a coarse grid (many ties in magnitude), some zero,
+    both signs; the third changes one tensor only (the others give zero deltas in a merge);
+    ``scramble_last``: the second's deltas need so many pins that push stores them in float32."""
+    g = torch.Generator().manual_seed(11)
+    base = {k: torch.randn(s, generator=g).to(dtype) for k, s in SHAPES.items()}
+    base["model.layers.0.position_ids"] = torch.arange(8, dtype=torch.int64)  # not a float: copied as is
+    fts = []
+    for i in range(3):
+        ft = dict(base)
+        for k, s in SHAPES.items():
+            if i == 2 and k != "model.layers.1.mlp.weight":
+                continue
+            step = torch.randint(-3, 4, s, generator=g).float() * 2.0**-6
+            if scramble_last and i == 1:
+                step = step + 0.37 * torch.randn(s, generator=g)
+            ft[k] = (base[k].float() + step).to(dtype)
+        fts.append(_model(tmp / f"ft{i}", ft))
+    return _model(tmp / "base", base), fts
+
+
+def _shards(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _both_paths(tmp: Path, base: Path, fts: list[Path], merge_args: list[str], apply: bool = True) -> dict[bool, dict]:
+    out: dict[bool, dict] = {}
+    for native_on in (True, False):
+        reg = tmp / f"reg-{native_on}"
+        for i, ft in enumerate(fts):
+            r = _run(["push", ft, f"p{i}:v1", "--base", base, "--registry", reg], True)
+            assert r.returncode == 0, r.stderr
+        model = tmp / f"out-{native_on}"
+        extra = ["--apply", model, "--base", base] if apply else []
+        r = _run(["merge", "p0:v1", "p1:v1", "p2:v1", *merge_args, "--as", "m:v1", "--no-validate",
+                  "--registry", reg, "--json", *extra], native_on)
+        out[native_on] = {"rc": r.returncode, "stderr": r.stderr, "stdout": r.stdout,
+                          "shards": _shards(model) if apply and r.returncode == 0 else None}
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,args,scramble", [
+    (torch.bfloat16, [], False),
+    (torch.bfloat16, ["--weights", "0.5,-0.3,0", "--lambda", "0.7"], False),
+    (torch.float16, ["--method", "ties", "--density", "0.3", "--weights", "1,0.5,0.25"], False),
+    (torch.bfloat16, ["--method", "ties", "--density", "0.2", "--lambda", "1.3", "--dtype", "float32"], False),
+    (torch.float32, ["--method", "ties", "--weights", "0.6,0.3,0.3"], False),
+    (torch.bfloat16, ["--weights", "0.5,0.3,0.2"], True),  # float32 and bfloat16 deltas: a float32 output
+], ids=["ta-bf16", "ta-weights-lambda", "ties-fp16", "ties-bf16-to-fp32", "ties-fp32", "ta-mixed-dtypes"])
+def test_merge_without_torch_matches_the_torch_engine(tmp_path, dtype, args, scramble):
+    base, fts = _setup(tmp_path, dtype, scramble)
+    res = _both_paths(tmp_path, base, fts, args)
+    for native_on, r in res.items():
+        assert r["rc"] == 0, r["stderr"]
+        assert ("NO-TORCH" in r["stderr"]) == native_on, r["stderr"]  # the kernels' path never imports torch
+    fast, slow = json.loads(res[True]["stdout"]), json.loads(res[False]["stdout"])
+    assert fast["digest"] == slow["digest"]
+    assert res[True]["shards"] == res[False]["shards"]
+    warn = [[x for x in r["stderr"].splitlines() if x.startswith("warning:")] for r in res.values()]
+    assert warn[0] == warn[1]  # the sign-conflict warning of a task arithmetic merge, word for word
+    if "ties" not in args:  # independent random deltas disagree in sign on about half their entries
+        assert len(warn[0]) == 1 and "disagree in sign" in warn[0][0], res[True]["stderr"]
+    if scramble:
+        assert fast["kind"] == "diff"
+
+
+@needs_native
+def test_a_merge_that_overflows_is_refused_the_same_way_without_torch(tmp_path):
+    base, fts = _setup(tmp_path, torch.float16)
+    res = _both_paths(tmp_path, base, fts, ["--weights", "60000,60000,60000", "--lambda", "60000"], apply=False)
+    lines = {}
+    for native_on, r in res.items():
+        assert r["rc"] != 0
+        assert "Traceback" not in r["stderr"]
+        assert ("NO-TORCH" in r["stderr"]) == native_on, r["stderr"]
+        lines[native_on] = [x for x in r["stderr"].splitlines() if x.startswith("error:")]
+        assert len(lines[native_on]) == 1 and "NaN or Inf" in lines[native_on][0]
+    assert lines[True] == lines[False]
+    for native_on in (True, False):  # nothing was tagged
+        r = _run(["ls", "--registry", tmp_path / f"reg-{native_on}", "--json"], True)
+        assert "m:v1" not in r.stdout and '"m"' not in r.stdout
+
+
+@needs_native
+@pytest.mark.parametrize("args", [
+    ["--method", "ties", "--density", "0"],
+    ["--method", "ties", "--density", "1.5"],
+    ["--method", "ties", "--weights", "1,-1,1"],
+    ["--lambda", "nan"],
+])
+def test_bad_merge_arguments_get_the_same_one_line_error_without_torch(tmp_path, args):
+    base, fts = _setup(tmp_path, torch.bfloat16)
+    res = _both_paths(tmp_path, base, fts, args, apply=False)
+    lines = {}
+    for native_on, r in res.items():
+        assert r["rc"] != 0 and "Traceback" not in r["stderr"]
+        assert ("NO-TORCH" in r["stderr"]) == native_on, r["stderr"]  # refused before torch would be imported
+        lines[native_on] = [x for x in r["stderr"].splitlines() if x.startswith("error:")]
+        assert len(lines[native_on]) == 1
+    assert lines[True] == lines[False]
+
+
+# -- in process -------------------------------------------------------------------------------------------
+
+def _grid(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(-40, 41, (n,), generator=g).float() / 8).to(dtype)  # few magnitudes: many ties
+    x[::13] = -0.0
+    return x
+
+
+def _host(t: torch.Tensor) -> host.HostTensor:
+    name = str(t.dtype).removeprefix("torch.")
+    return host.HostTensor(t.contiguous().view(torch.uint8).numpy().copy(), name, tuple(t.shape))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 0.95])
+def test_support_is_the_stable_sort_top_k_and_diagnostics_agrees(dtype, density):
+    x = _grid(dtype, 2 * host_merge._SCAN + 777, 3)  # crosses scan steps
+    n = x.numel()
+    k = math.ceil(density * n)
+    order = torch.sort(x.float().abs(), descending=True, stable=True).indices[:k]  # lowest index first among ties
+    want = torch.zeros(n, dtype=torch.bool)
+    want[order] = True
+    want &= x != 0
+    got = host_merge.support(_host(x), density)
+    assert np.array_equal(got, want.numpy())
+    assert torch.equal(diagnostics.top_support(x, density), want)  # the torch function: the same mask
+
+
+@needs_native
+@pytest.mark.parametrize("da,db", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                   (torch.float32, torch.bfloat16)])
+def test_sign_counts_are_pair_counts(da, db):
+    a, b = _grid(da, 300_001, 4), _grid(db, 300_001, 5)
+    a[5] = float("nan")  # NaN is never "> 0"
+    want = diagnostics.pair_counts(a.float(), b.float(), 0.2)
+    overlap, conflicts = host_merge.sign_counts(_host(a), _host(b), 0.2)
+    assert (overlap, conflicts) == (int(want["overlap"]), int(want["conflicts"]))
+    assert conflicts > 0 and overlap > conflicts
+
+
+def test_positive_reads_signs_zeros_infinities_and_nan_from_the_bits():
+    x = torch.tensor([1.0, -1.0, 0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        t = x.to(dtype)
+        assert host_merge.positive(_host(t)).tolist() == (t > 0).tolist()
+
+
+@pytest.mark.parametrize("method,params,ws", [
+    ("ties", {"density": 0.0}, [1.0, 1.0]),
+    ("ties", {"density": 2}, [1.0, 1.0]),
+    ("ties", {"density": "x"}, [1.0, 1.0]),
+    ("ties", {"lam": float("inf")}, [1.0, 1.0]),
+    ("ties", {}, [1.0, -0.5]),
+    ("ties", {"gamma": 0.1}, [1.0, 1.0]),
+    ("ties", {}, [1.0]),
+    ("task_arithmetic", {"lam": True}, [1.0, 1.0]),
+    ("task_arithmetic", {"density": 0.5}, [1.0]),
+    ("task_arithmetic", {}, [float("nan")]),
+    ("ties", {"density": 0.5, "lam": 2.0}, [0.0, 3.0]),  # valid: no error on either side
+])
+def test_check_call_raises_what_the_method_raises(method, params, ws):
+    def err(fn):
+        try:
+            fn()
+        except PatchctlError as e:
+            return type(e), str(e)
+        return None
+
+    torch_side = err(lambda: merge.merge_tensor(method, [torch.zeros(2)] * len(ws), ws, generator_seed=0,
+                                                name="-", params=params))
+    host_side = err(lambda: methods.check_call(method, len(ws), ws, params))
+    assert host_side == torch_side
+    if method != "ties" or params != {"density": 0.5, "lam": 2.0}:
+        assert host_side is not None and host_side[0] is InvalidArgument
+
+
+def test_promote_dtypes_is_torchs_promotion():
+    names = ["float16", "bfloat16", "float32", "float64"]
+    for mask in range(1, 16):
+        picked = {n for i, n in enumerate(names) if mask >> i & 1}
+        want = None
+        for n in picked:
+            d = getattr(torch, n)
+            want = d if want is None else torch.promote_types(want, d)
+        assert promote_dtypes(picked | {"int64", "bool"}) == str(want).removeprefix("torch.")
+    assert promote_dtypes({"int64"}) == "float32"
+    assert promote_dtypes({"float8_e4m3fn", "int8"}) == "float8_e4m3fn"  # torch decides (float8)
