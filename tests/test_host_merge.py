@@ -243,3 +243,49 @@ def test_promote_dtypes_is_torchs_promotion():
         assert promote_dtypes(picked | {"int64", "bool"}) == str(want).removeprefix("torch.")
     assert promote_dtypes({"int64"}) == "float32"
     assert promote_dtypes({"float8_e4m3fn", "int8"}) == "float8_e4m3fn"  # torch decides (float8)
+
+
+@needs_native
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {"density": 0.3})])
+def test_apply_made_in_parts_is_the_torch_engines_model(tmp_path, monkeypatch, method, params):
+    from patchctl import Registry
+    from patchctl.registry.ops.merging import host_stream
+
+    base, fts = _setup(tmp_path, torch.float16)
+    monkeypatch.setattr(host_stream, "_PART", 3 * 4096)  # every tensor in several parts, the last one short
+    used = []
+    real = host_stream.usable
+    digests, models = [], []
+    for engine in ("kernels", "torch"):
+        monkeypatch.setattr(host_stream, "usable", lambda p: used.append(real(p)) or (used[-1] and engine == "kernels"))
+        with Registry(tmp_path / f"reg-{engine}") as reg:
+            for i, ft in enumerate(fts):
+                reg.push(ft, f"p{i}:v1", base=base)
+            res = reg.merge(["p0:v1", "p1:v1", "p2:v1"], "m:v1", method=method, weights=[0.5, 0.3, 0.2],
+                            params=params, apply_to=tmp_path / f"out-{engine}", base=base, validate=False)
+        digests.append(res.digest)
+        models.append(_shards(tmp_path / f"out-{engine}"))
+    assert used == [True, True]  # both merges could run on the kernels; the second was sent to torch
+    assert digests[0] == digests[1] and models[0] == models[1]
+
+
+def test_write_parts_refuses_a_wrong_size_or_order(tmp_path):
+    import io
+
+    from patchctl.registry.formats.safetensors import StreamingWriter
+
+    entries = [("a", "float32", (4,)), ("b", "float16", (3,))]
+    w = StreamingWriter(io.BytesIO(), entries)
+    with pytest.raises(ValueError, match="out of order"):
+        w.write_parts("b", [b"\0" * 6])
+    with pytest.raises(ValueError, match="more than its 16 bytes"):
+        w.write_parts("a", [b"\0" * 8, b"\0" * 12])
+    w = StreamingWriter(io.BytesIO(), entries)
+    with pytest.raises(ValueError, match="8 of its 16 bytes"):
+        w.write_parts("a", [b"\0" * 8])
+    f = io.BytesIO()
+    w = StreamingWriter(f, entries)
+    w.write_parts("a", [b"\1" * 8, b"\2" * 8])
+    w.write_parts("b", [memoryview(b"\3" * 6)])
+    w.close()
+    assert f.getvalue().endswith(b"\1" * 8 + b"\2" * 8 + b"\3" * 6)

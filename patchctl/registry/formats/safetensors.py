@@ -288,6 +288,23 @@ class StreamingWriter:
         self.f.write(tensor_to_bytes(t))
         self._next += 1
 
+    def write_parts(self, name: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Tensor ``name``'s bytes given in consecutive parts (a tensor made chunk by chunk, never whole in
+        memory); in :attr:`order` as :meth:`write`, and exactly its declared size."""
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            expected = self._order[self._next] if self._next < len(self._order) else None
+            raise ValueError(f"tensor {name!r} written out of order (expected {expected!r})")
+        dtype, shape = self._spec[name]
+        want, got = math.prod(shape) * ITEMSIZE[dtype], 0
+        for part in parts:
+            got += len(memoryview(part).cast("B"))
+            if got > want:
+                raise ValueError(f"tensor {name!r}: more than its {want} bytes")
+            self.f.write(part)
+        if got != want:
+            raise ValueError(f"tensor {name!r}: {got} of its {want} bytes")
+        self._next += 1
+
     def close(self) -> None:
         if self._next != len(self._order):
             raise ValueError(f"only {self._next} of {len(self._order)} tensors were written")

@@ -32,7 +32,6 @@ from patchctl.patches.host_merge import merge as merge_host
 from patchctl.patches.methods import HOST_METHODS
 from patchctl.registry.ops.merging.plan import _Plan
 from patchctl.registry.ops.merging.stream import (
-    _SLOTS,
     Progress,
     _Item,
     _items,
@@ -68,22 +67,41 @@ def usable(p: _Plan) -> bool:
     return True
 
 
-class _Buffers:
-    """Named byte buffers reused from tensor to tensor (as :class:`.stream.Buffers`, without torch): a
-    buffer starts ``lead`` bytes after a page boundary, for direct I/O at file offset ``lead``."""
+_PART = 4 << 20  # bytes of base + merged made and written at a time (--apply): whole pages, whole elements
+
+
+def _flat(t: HostTensor, lo: int, hi: int) -> HostTensor:
+    """Elements ``[lo, hi)`` of ``t``, flat (a view)."""
+    size = host.itemsize(t.dtype)
+    return HostTensor(t.buf[lo * size : hi * size], t.dtype, (hi - lo,))
+
+
+class _Held:
+    """Buffers of :data:`~patchctl.patches.host.POOL` held by each slot of the pass until its next item.
+
+    One pool for every slot, best fit: a buffer freed by one slot takes the next
+    tensor of any slot, so fresh memory is the most the pass holds at once (a few
+    of the largest tensors), not each slot's own largest buffers. Fresh pages cost
+    their zeroing, and on a VM whose host reclaims free guest memory far more
+    (first touch of 382 MB: 0.69 s here, against 0.02 s for pages used before).
+    """
 
     PAGE = 4096
 
     def __init__(self) -> None:
-        self._bufs: dict[str, np.ndarray] = {}
+        self.slots: dict[int, list[HostTensor]] = {}
 
-    def get(self, name: str, dtype: str, shape: Sequence[int], lead: int = 0) -> HostTensor:
+    def take(self, slot: int, dtype: str, shape: Sequence[int], lead: int = 0) -> HostTensor:
         n = math.prod(shape) * host.itemsize(dtype)
-        buf = self._bufs.get(name)
-        if buf is None or buf.size < n + 2 * self.PAGE:
-            buf = self._bufs[name] = np.empty(n + 2 * self.PAGE, dtype=np.uint8)
-        start = -buf.ctypes.data % self.PAGE + lead % self.PAGE
-        return HostTensor(buf[start : start + n], dtype, tuple(shape))
+        t = HostTensor(host.POOL.take(n, lead), dtype, tuple(shape), pooled=True)
+        self.slots.setdefault(slot, []).append(t)
+        return t
+
+    def free(self, slot: int | None = None) -> None:
+        """Give back ``slot``'s buffers (its item is stored and written), or every slot's."""
+        for s in list(self.slots) if slot is None else [slot]:
+            for t in self.slots.pop(s, []):
+                t.release()
 
 
 class _Reader:
@@ -91,7 +109,7 @@ class _Reader:
 
     def __init__(self, p: _Plan, store: Any, verifier: _Verifier):
         self.p, self.store, self.verifier = p, store, verifier
-        self.zeros = _Buffers()
+        self.zeros: dict[tuple[int, ...], HostTensor] = {}  # bfloat16 zeros by shape, made once
         self.fds: dict[int, int] = {}
 
     def close(self) -> None:
@@ -105,9 +123,10 @@ class _Reader:
         inp = self.p.inputs[k]
         c = inp.changes.get(target)
         if c is None:  # this input does not change the target: a zero delta (bfloat16, as the torch engine)
-            z = self.zeros.get(f"zero{k}", "bfloat16", self.p.shapes[target])
-            z.buf.fill(0)
-            return z
+            shape = self.p.shapes[target]
+            if shape not in self.zeros:  # read only: one per shape serves every input
+                self.zeros[shape] = HostTensor(np.zeros(math.prod(shape) * 2, np.uint8), "bfloat16", shape)
+            return self.zeros[shape]
         entry = inp.view.m.tensors[c.sources[0]]
         if entry.digest not in self.verifier.digests:  # not in the manifests the verifier saw: never merged unchecked
             raise PatchctlError(f"internal error: blob {entry.digest} of {inp.ref} is not being verified")
@@ -146,11 +165,31 @@ def stream(p: _Plan, store: Any, verifier: _Verifier, folder: Path | None, progr
     def put(target: str, stored: HostTensor) -> None:
         tensors[target] = _put(store, require_finite(stored, target, "the merge"))
 
-    def write(item: _Item, base: HostTensor, stored: HostTensor | None = None, out: HostTensor | None = None) -> None:
-        assert shards is not None
-        shards(item, base if stored is None else host.add_into(base, stored, out=out))
+    sums = np.empty(_PART + _Held.PAGE, np.uint8)  # the model writer's (one thread) chunk of base + merged
 
-    outs = [_Buffers() for _ in range(_SLOTS)]
+    def write(item: _Item, base: HostTensor, stored: HostTensor | None = None) -> None:
+        """``base`` as it is, or ``base + stored`` made and written a chunk at a time, into the model's shard.
+
+        A chunk starts at an address congruent to its place in the file (chunks are whole pages), so
+        the direct writer sends it without a copy; no tensor-sized buffer, so no fresh pages for it.
+        """
+        assert shards is not None
+        if stored is None:
+            shards(item, base)
+            return
+        size = host.itemsize(base.dtype)
+        start = (-sums.ctypes.data + shards.offset(item)) % _Held.PAGE
+        step = _PART // size
+
+        def parts() -> Any:
+            for lo in range(0, base.numel(), step):
+                hi = min(base.numel(), lo + step)
+                out = HostTensor(sums[start : start + (hi - lo) * size], base.dtype, (hi - lo,))
+                yield memoryview(host.add_into(_flat(base, lo, hi), _flat(stored, lo, hi), out=out).buf)
+
+        shards.parts(item, parts())
+
+    held = _Held()
     reader = _Reader(p, store, verifier)
 
     def load(item: _Item) -> list[Any]:
@@ -160,19 +199,21 @@ def stream(p: _Plan, store: Any, verifier: _Verifier, folder: Path | None, progr
     def step(item: _Item, slot: int, loaded: list[Any], bx: Any, mx: Any) -> list[Future[None]]:
         deltas, base = loaded
         loaded.clear()
+        held.free(slot)  # this slot's previous item is stored and written: its buffers go back to the pool
         if item.target is None:
             return [] if base is None else [mx.submit(write, item, base)]
         t = item.target
-        stored = outs[slot].get("stored", p.dtype, p.shapes[t])
+        stored = held.take(slot, p.dtype, p.shapes[t])
         merge_host(p.method, deltas, p.weights, p.per_tensor[t], stored)
         del deltas
         futs = [bx.submit(put, t, stored)]
         if base is not None:
-            assert shards is not None
-            applied = outs[slot].get("applied", base.dtype, base.shape, shards.offset(item))
-            futs.append(mx.submit(write, item, base, stored, applied))
+            futs.append(mx.submit(write, item, base, stored))
         _tick(p, t, progress, done, total)
         return futs
 
-    _pipeline(items, verifier, shards, reader, load, step)
+    try:
+        _pipeline(items, verifier, shards, reader, load, step)
+    finally:
+        held.free()
     return tensors

@@ -171,10 +171,16 @@ class _Shards:
         self.f: Any = None
         self.w: Any = None
 
-    def __call__(self, item: _Item, applied: torch.Tensor) -> None:
+    def __call__(self, item: _Item, applied: Any) -> None:
         while self.shard < item.shard:
             self._next_shard()
         self.w.write(item.info.name, applied)
+
+    def parts(self, item: _Item, parts: Any) -> None:
+        """Write ``item``'s bytes given in consecutive parts (made chunk by chunk)."""
+        while self.shard < item.shard:
+            self._next_shard()
+        self.w.write_parts(item.info.name, parts)
 
     def offset(self, item: _Item) -> int:
         """Where ``item``'s bytes go in its shard file."""
