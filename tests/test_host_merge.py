@@ -257,7 +257,11 @@ def test_apply_made_in_parts_is_the_torch_engines_model(tmp_path, monkeypatch, m
     real = host_stream.usable
     digests, models = [], []
     for engine in ("kernels", "torch"):
-        monkeypatch.setattr(host_stream, "usable", lambda p: used.append(real(p)) or (used[-1] and engine == "kernels"))
+        def usable(p, kernels=engine == "kernels"):
+            used.append(real(p))
+            return used[-1] and kernels
+
+        monkeypatch.setattr(host_stream, "usable", usable)
         with Registry(tmp_path / f"reg-{engine}") as reg:
             for i, ft in enumerate(fts):
                 reg.push(ft, f"p{i}:v1", base=base)
