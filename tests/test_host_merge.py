@@ -293,3 +293,31 @@ def test_write_parts_refuses_a_wrong_size_or_order(tmp_path):
     w.write_parts("b", [memoryview(b"\3" * 6)])
     w.close()
     assert f.getvalue().endswith(b"\1" * 8 + b"\2" * 8 + b"\3" * 6)
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_the_verifier_program_names_the_first_bad_blob_in_input_order(tmp_path, threads):
+    import hashlib
+
+    from patchctl.registry.ops.merging.verify import VERIFIER_MAIN
+
+    lines = []
+    for i in range(6):
+        data = bytes([i]) * (100_000 + i)
+        p = tmp_path / f"b{i}"
+        p.write_bytes(data)
+        lines.append(f"sha256:{hashlib.sha256(data).hexdigest()} {len(data)} {p}")
+
+    def verdict(ls: list[str]) -> str:
+        r = subprocess.run([sys.executable, "-I", "-S", str(VERIFIER_MAIN), threads], input="".join(x + "\n" for x in ls),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    assert verdict(lines) == "ok"
+    (tmp_path / "b2").write_bytes(b"\2" * 100_001 + b"\3")  # same size, other bytes
+    (tmp_path / "b4").unlink()
+    assert verdict(lines) == f"corrupt {lines[2].split()[0]}"  # b2 comes before the missing b4
+    assert verdict(lines[3:]) == f"missing {lines[4].split()[0]}"
+    (tmp_path / "b5").write_bytes(b"\5")
+    assert verdict([lines[5], *lines[:2]]) == f"size {lines[5].split()[0]}"

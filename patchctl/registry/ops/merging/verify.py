@@ -127,7 +127,10 @@ class _Verifier:
             return False  # no interpreter to start, or a path the line format cannot carry
         lines = "".join(f"{e.digest} {_nbytes(e)} {p}\n" for e, p in zip(self.entries, paths, strict=True))
         try:
-            self._proc = subprocess.Popen([sys.executable, "-I", "-S", str(VERIFIER_MAIN)], stdin=subprocess.PIPE,
+            from patchctl.patches._workers import workers
+
+            threads = str(max(1, workers() // 2))  # half the streaming threads: the merge needs the rest
+            self._proc = subprocess.Popen([sys.executable, "-I", "-S", str(VERIFIER_MAIN), threads], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             if self._stop.is_set():  # cancelled while it started
                 self._proc.kill()
