@@ -69,20 +69,14 @@ def _native_add(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> b
     the streaming threads; False where it does not apply (no kernels, not the CPU, other dtypes)."""
     from patchctl.patches import native
 
-    lib = native.lib
-    if lib is None or base.device.type != "cpu" or delta.device.type != "cpu" or base.dtype not in NATIVE_CODES \
+    if native.lib is None or base.device.type != "cpu" or delta.device.type != "cpu" or base.dtype not in NATIVE_CODES \
             or delta.dtype not in NATIVE_CODES or delta.numel() != base.numel() or not base.is_contiguous() \
             or not delta.is_contiguous():
         return False
-    from patchctl.patches._workers import run_ranges
+    def name(t: torch.Tensor) -> str:
+        return str(t.dtype).removeprefix("torch.")
 
-    bc, dc, bi, di = NATIVE_CODES[base.dtype], NATIVE_CODES[delta.dtype], base.element_size(), delta.element_size()
-    b0, d0, o0 = base.data_ptr(), delta.data_ptr(), out.data_ptr()
-
-    def part(lo: int, hi: int) -> None:
-        lib.pc_add_cast(b0 + lo * bi, bc, d0 + lo * di, dc, o0 + lo * bi, hi - lo)
-
-    run_ranges(part, base.numel(), _CHUNK, 1 << 21)
+    host.add_cast(base.data_ptr(), name(base), delta.data_ptr(), name(delta), out.data_ptr(), base.numel())
     return True
 
 

@@ -26,16 +26,22 @@ def require_finite(t: T, name: str, what: str) -> T:
     One vectorised ``aminmax`` pass (:func:`patchctl.patches.apply.all_finite`): NaN and ±Inf
     reach the minimum or the maximum.
     """
-    from patchctl.patches.host import HostTensor
-
-    if isinstance(t, HostTensor):  # the C kernel's check (no torch): the same verdict
-        from patchctl.patches.host import all_finite
-    else:
-        from patchctl.patches.apply import all_finite
-    if t.is_floating_point() and t.numel() and not all_finite(t):
+    if t.is_floating_point() and t.numel() and not is_finite(t):
         raise InvalidPatch(f"{what} gave NaN or Inf in tensor {name!r} (an overflow: try float32 with --dtype, "
                            "or smaller weights); nothing was tagged")
     return t
 
 
-__all__ = ["require_finite"]
+def is_finite(t: torch.Tensor | HostTensor) -> bool:
+    """No NaN or Inf in ``t``: the C kernel's check for a :class:`~patchctl.patches.host.HostTensor` (no
+    torch), :func:`patchctl.patches.apply.all_finite` for a torch tensor; the same verdict."""
+    from patchctl.patches.host import HostTensor
+
+    if isinstance(t, HostTensor):
+        from patchctl.patches.host import all_finite
+    else:
+        from patchctl.patches.apply import all_finite
+    return all_finite(t)
+
+
+__all__ = ["is_finite", "require_finite"]

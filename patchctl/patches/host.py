@@ -143,18 +143,21 @@ def add_into(base: HostTensor, delta: HostTensor, out: HostTensor | None = None)
     out = base if out is None else out
     if out.dtype != base.dtype or out.numel() != n:
         raise ValueError(f"out is {out.dtype} of {out.numel()} entries, not {base.dtype} of {n}")
-    if not n:
-        return out
-    bc, dc = CODES[base.dtype], CODES[delta.dtype]
-    bi, di = _ITEMSIZE[base.dtype], _ITEMSIZE[delta.dtype]
-    b0, d0, o0 = native.ptr(base.buf), native.ptr(delta.buf), native.ptr(out.buf)
+    if n:
+        add_cast(native.ptr(base.buf), base.dtype, native.ptr(delta.buf), delta.dtype, native.ptr(out.buf), n)
+    return out
+
+
+def add_cast(b0: int, bdtype: str, d0: int, ddtype: str, o0: int, n: int) -> None:
+    """``pc_add_cast`` over ``n`` elements at raw addresses (base, delta, out; out in the base's dtype),
+    split over the streaming threads: :func:`add_into`'s and ``apply.combine``'s kernel call."""
+    bc, dc, bi, di = CODES[bdtype], CODES[ddtype], _ITEMSIZE[bdtype], _ITEMSIZE[ddtype]
 
     def part(lo: int, hi: int) -> None:
         if native.lib.pc_add_cast(b0 + lo * bi, bc, d0 + lo * di, dc, o0 + lo * bi, hi - lo):
             raise ValueError("pc_add_cast: unknown dtype code")
 
     _threads(part, n)
-    return out
 
 
 def diff_with_pins(a: HostTensor, b: HostTensor, dtype: str) -> tuple[HostTensor, np.ndarray, np.ndarray]:
@@ -265,5 +268,5 @@ def apply_pins(t: HostTensor, idx: np.ndarray, values: np.ndarray, dtype: str) -
     return t
 
 
-__all__ = ["CODES", "PINS_MAGIC", "POOL", "BufferPool", "HostTensor", "add_into", "all_finite", "apply_pins", "convert", "decode_pins",
+__all__ = ["CODES", "PINS_MAGIC", "POOL", "BufferPool", "HostTensor", "add_cast", "add_into", "all_finite", "apply_pins", "convert", "decode_pins",
            "diff_with_pins", "encode_pins", "itemsize", "same_bytes", "usable"]

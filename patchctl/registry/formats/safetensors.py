@@ -278,11 +278,15 @@ class StreamingWriter:
         f.write(head)
         self._next = 0
 
-    def write(self, name: str, t: torch.Tensor | HostTensor) -> None:
+    def _spec_of(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """The declared dtype and shape of ``name``, which must be the next tensor in :attr:`order`."""
         if self._next >= len(self._order) or self._order[self._next] != name:
             expected = self._order[self._next] if self._next < len(self._order) else None
             raise ValueError(f"tensor {name!r} written out of order (expected {expected!r})")
-        dtype, shape = self._spec[name]
+        return self._spec[name]
+
+    def write(self, name: str, t: torch.Tensor | HostTensor) -> None:
+        dtype, shape = self._spec_of(name)
         if (t.dtype if isinstance(t.dtype, str) else dtype_name(t.dtype)) != dtype or tuple(t.shape) != shape:
             raise ValueError(f"tensor {name!r} is {t.dtype}{tuple(t.shape)}, declared {dtype}{shape}")
         self.f.write(tensor_to_bytes(t))
@@ -291,10 +295,7 @@ class StreamingWriter:
     def write_parts(self, name: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
         """Tensor ``name``'s bytes given in consecutive parts (a tensor made chunk by chunk, never whole in
         memory); in :attr:`order` as :meth:`write`, and exactly its declared size."""
-        if self._next >= len(self._order) or self._order[self._next] != name:
-            expected = self._order[self._next] if self._next < len(self._order) else None
-            raise ValueError(f"tensor {name!r} written out of order (expected {expected!r})")
-        dtype, shape = self._spec[name]
+        dtype, shape = self._spec_of(name)
         want, got = math.prod(shape) * ITEMSIZE[dtype], 0
         for part in parts:
             got += len(memoryview(part).cast("B"))

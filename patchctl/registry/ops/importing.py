@@ -43,6 +43,7 @@ from patchctl.errors import (
     UnsupportedPatch,
 )
 from patchctl.patches import host
+from patchctl.patches.finite import is_finite
 from patchctl.patches.host import HostTensor
 from patchctl.registry.formats import sidefiles
 from patchctl.registry.formats.bases import base_doc, locate, public_name
@@ -680,7 +681,7 @@ def push(
             imp.tensors = _checked_copies(imp.tensors, base_ckpt, str(srcp))
         with repo.tensor_writer() as put:  # blobs hashed and written on a thread while the next tensor is made
             for name, t, pins in imp.tensors:
-                if t.is_floating_point() and t.numel() and not _all_finite(t):
+                if t.is_floating_point() and t.numel() and not is_finite(t):
                     raise InvalidPatch(f"{srcp}: tensor {name!r} contains NaN or Inf; a patch must be finite "
                                        "(nothing was tagged; `patchctl gc` collects what was written)")
                 put(name, t, pins)
@@ -707,14 +708,6 @@ def push(
         for sd in suites:
             records.attach(repo.store, digest, sd, "target")
         return digest
-
-
-def _all_finite(t: torch.Tensor | HostTensor) -> bool:
-    if isinstance(t, HostTensor):
-        return host.all_finite(t)
-    from patchctl.patches.apply import all_finite
-
-    return all_finite(t)
 
 
 def base_conflict(hint: str | None, base: Checkpoint) -> str | None:

@@ -18,6 +18,7 @@ merge on a small VM) is never paid.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,8 +114,6 @@ class _Reader:
         self.fds: dict[int, int] = {}
 
     def close(self) -> None:
-        import os
-
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
@@ -134,8 +133,6 @@ class _Reader:
         return HostTensor(np.frombuffer(data, np.uint8) if data else b"", entry.dtype, entry.shape)
 
     def base(self, item: _Item) -> HostTensor:
-        import os
-
         info = item.info
         if not info.nbytes:
             return HostTensor(b"", info.dtype, info.shape)
