@@ -31,7 +31,7 @@
 #endif
 
 /* Version of this ABI: native.py refuses a library whose version differs. */
-PC_EXPORT int pc_abi_version(void) { return 3; }
+PC_EXPORT int pc_abi_version(void) { return 4; }
 
 /*
  * hist16: add to hist[0..65535] the count of each raw 16-bit pattern in
@@ -514,16 +514,80 @@ PC_EXPORT PC_TARGETS int64_t pc_diff_pins(const void *a, const void *b, int icod
     return k;
 }
 
+/* x[s..s+m) (dtype code) widened to float32 into v. */
+static inline void pc_widen_block(const void *x, int code, int64_t s, int64_t m, float *v) {
+    if (code == 0) memcpy(v, (const float *)x + s, (size_t)m * sizeof(float));
+    else if (code == 1) for (int64_t j = 0; j < m; j++) v[j] = pc_f16_to_f32(((const uint16_t *)x)[s + j]);
+    else for (int64_t j = 0; j < m; j++) v[j] = pc_bf16_to_f32(((const uint16_t *)x)[s + j]);
+}
+
+/* DARE on v = entries [s, s+m) of one input: +0 where bit s+j of `drop` is set (torch's masked_fill_), else
+ * v / density (div_), rounded to float32. */
+static inline void pc_dare_block(float *v, const uint8_t *drop, float density, int64_t s, int64_t m) {
+    for (int64_t j = 0; j < m; j++) {
+        const int64_t i = s + j;
+        const float kept = v[j] / density;
+        v[j] = (drop[i >> 3] >> (i & 7)) & 1 ? 0.0f : kept;
+    }
+}
+
+/*
+ * dare_drops: DARE's drop mask of one input, bit i (least significant first; pad bits 0) of bits[] set
+ * where patches/merge.py's torch path drops entry i: `torch.rand(n, generator=g) >= density`, g a CPU
+ * torch.Generator after manual_seed(seed). That generator is MT19937 seeded (init_genrand) with the low
+ * 32 bits of the seed; each float32 draw takes one 32-bit output r, in order: (r & 0xffffff) * 2**-24
+ * (exact), compared with density as a float32. bits holds (n + 7) / 8 bytes. Returns the count dropped.
+ */
+#define PC_MT_N 624
+#define PC_MT_M 397
+static inline uint32_t pc_mt_twist(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((uint32_t)-(int32_t)(v & 1u) & 0x9908b0dfu);
+}
+
+PC_EXPORT PC_TARGETS int64_t pc_dare_drops(uint64_t seed, int64_t n, float density, uint8_t *bits) {
+    uint32_t mt[PC_MT_N];
+    uint8_t d[PC_MT_N];
+    mt[0] = (uint32_t)(seed & 0xffffffffu);
+    for (int j = 1; j < PC_MT_N; j++) mt[j] = 1812433253u * (mt[j - 1] ^ (mt[j - 1] >> 30)) + (uint32_t)j;
+    int64_t dropped = 0;
+    for (int64_t s = 0; s < n; s += PC_MT_N) { /* PC_MT_N = 78 bytes of bits: blocks start on a byte */
+        int j = 0;
+        for (; j < PC_MT_N - PC_MT_M; j++) mt[j] = mt[j + PC_MT_M] ^ pc_mt_twist(mt[j], mt[j + 1]);
+        for (; j < PC_MT_N - 1; j++) mt[j] = mt[j + PC_MT_M - PC_MT_N] ^ pc_mt_twist(mt[j], mt[j + 1]);
+        mt[PC_MT_N - 1] = mt[PC_MT_M - 1] ^ pc_mt_twist(mt[PC_MT_N - 1], mt[0]);
+        const int64_t m = n - s < PC_MT_N ? n - s : PC_MT_N;
+        for (j = 0; j < PC_MT_N; j++) {
+            uint32_t y = mt[j];
+            y ^= y >> 11;
+            y ^= (y << 7) & 0x9d2c5680u;
+            y ^= (y << 15) & 0xefc60000u;
+            y ^= y >> 18;
+            d[j] = (float)(y & 0xffffffu) * 5.9604644775390625e-08f >= density;
+        }
+        for (j = (int)m; j < PC_MT_N; j++) d[j] = 0;
+        uint8_t *b = bits + s / 8;
+        const int nb = (int)((m + 7) / 8);
+        for (int t = 0; t < nb; t++) {
+            const uint8_t *e = d + 8 * t;
+            b[t] = (uint8_t)(e[0] | e[1] << 1 | e[2] << 2 | e[3] << 3 | e[4] << 4 | e[5] << 5 | e[6] << 6 | e[7] << 7);
+        }
+        for (j = 0; j < (int)m; j++) dropped += d[j];
+    }
+    return dropped;
+}
+
 /*
  * weighted_sum: task arithmetic's out[i] = round_ocode(lam * (((+0 + w0*x0[i]) + w1*x1[i]) + ...)) for i in
- * [lo, hi): the order of operations of patches/merge.py's torch path (each input widened to float32, then
- * multiplied by its float32 weight where mul[q] (the weight is not 1), summed in input order into a
+ * [lo, hi): the order of operations of patches/merge.py's torch path (each input widened to float32,
+ * DARE's drop where drops (may be NULL) has drops[q] (+0 where bit i is set, else / density: dare_linear),
+ * then multiplied by its float32 weight where mul[q] (the weight is not 1), summed in input order into a
  * zeroed accumulator, scaled by lam where `scale`), each step rounded to float32. codes[q] and ocode as
  * above. Returns 0, or -1 for an unknown code.
  */
 #define PC_WS_BLOCK 1024
 PC_EXPORT PC_TARGETS int pc_weighted_sum(const void *const *ins, const int *codes, const float *ws, const int *mul,
-                                         int k, float lam, int scale, void *out, int ocode, int64_t lo, int64_t hi) {
+                                         const uint8_t *const *drops, float density, int k, float lam, int scale,
+                                         void *out, int ocode, int64_t lo, int64_t hi) {
     for (int q = 0; q < k; q++)
         if (codes[q] < 0 || codes[q] > 2) return -1;
     if (ocode < 0 || ocode > 2) return -1;
@@ -534,6 +598,16 @@ PC_EXPORT PC_TARGETS int pc_weighted_sum(const void *const *ins, const int *code
         for (int q = 0; q < k; q++) {
             const float w = ws[q];
             const void *x = ins[q];
+            if (drops && drops[q]) { /* DARE: dropped -> +0, kept / density; then x w; then added */
+                float v[PC_WS_BLOCK];
+                pc_widen_block(x, codes[q], s, m, v);
+                pc_dare_block(v, drops[q], density, s, m);
+                if (mul[q])
+                    for (int64_t j = 0; j < m; j++) acc[j] += v[j] * w;
+                else
+                    for (int64_t j = 0; j < m; j++) acc[j] += v[j];
+                continue;
+            }
             switch (codes[q] * 2 + (mul[q] != 0)) {
             case 0: for (int64_t j = 0; j < m; j++) acc[j] += ((const float *)x)[s + j]; break;
             case 1: for (int64_t j = 0; j < m; j++) acc[j] += ((const float *)x)[s + j] * w; break;
@@ -558,8 +632,8 @@ PC_EXPORT PC_TARGETS int pc_weighted_sum(const void *const *ins, const int *code
  * ties: TIES's step (patches/merge.py: _trim, _weigh, _disjoint_mean_into, _scale) for i in [lo, hi), in
  * the torch path's order of operations, each rounded to float32:
  *   p_q  = widen(x_q[i]), trimmed: mode 0 kept, 1 zeroed, 2 kept unless -thr <= p_q <= thr (thr =
- *          at_or_above[q] for i < cutoff[q], else above[q]: hardshrink, which keeps a NaN), times ws[q]
- *          where mul[q];
+ *          at_or_above[q] for i < cutoff[q], else above[q]: hardshrink, which keeps a NaN), 3 DARE's
+ *          drop (+0 where bit i of drops[q] is set, else p_q / density: dare_ties), times ws[q] where mul[q];
  *   s    = copysign(1, ((+0 + p_0) + p_1) + ...);
  *   num  = (+0 + max(s·p_q, 0) + ...) over q with ws[q] != 0 (a NaN stays), den of ws[q]·[s·p_q > 0];
  *   out  = round_ocode(((num · s) / max(den, den_floor)) · lam (where scale)).
@@ -568,7 +642,7 @@ PC_EXPORT PC_TARGETS int pc_weighted_sum(const void *const *ins, const int *code
 #define PC_TIES_BLOCK 256
 PC_EXPORT PC_TARGETS int pc_ties(const void *const *ins, const int *codes, const float *ws, const int *mul,
                                  const int *mode, const int64_t *cutoff, const float *at_or_above, const float *above,
-                                 int k, float den_floor, float lam, int scale, void *out, int ocode, int64_t lo,
+                                 const uint8_t *const *drops, float density, int k, float den_floor, float lam, int scale, void *out, int ocode, int64_t lo,
                                  int64_t hi) {
     for (int q = 0; q < k; q++)
         if (codes[q] < 0 || codes[q] > 2) return -1;
@@ -593,6 +667,8 @@ PC_EXPORT PC_TARGETS int pc_ties(const void *const *ins, const int *codes, const
                     const float t = s + j < cut ? a : b;
                     pq[j] = (pq[j] >= -t && pq[j] <= t) ? 0.0f : pq[j]; /* hardshrink: a NaN is kept */
                 }
+            } else if (mode[q] == 3) {
+                pc_dare_block(pq, drops[q], density, s, m);
             }
             if (mul[q]) {
                 const float w = ws[q];

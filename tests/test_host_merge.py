@@ -1,9 +1,10 @@
-"""Task arithmetic and TIES merges on the C kernels without torch (host_stream, host_merge, methods).
+"""Task arithmetic, TIES and DARE merges on the C kernels without torch (host_stream, host_merge, methods).
 
 Whole ``patchctl merge`` commands run as their own processes with the kernels and with
 ``PATCHCTL_NATIVE=0`` (the torch engine): the same patch digest, the same ``--apply`` shards, the
 same warning and error lines, and torch never imported on the kernels' path. In process: the exact
-top-k support, the sign-conflict counts and the argument checks are those of the torch functions.
+top-k support, the sign-conflict counts, DARE's drop masks (torch's generator) and the argument checks
+are those of the torch functions.
 """
 
 from __future__ import annotations
@@ -100,7 +101,13 @@ def _both_paths(tmp: Path, base: Path, fts: list[Path], merge_args: list[str], a
     (torch.bfloat16, ["--method", "ties", "--density", "0.2", "--lambda", "1.3", "--dtype", "float32"], False),
     (torch.float32, ["--method", "ties", "--weights", "0.6,0.3,0.3"], False),
     (torch.bfloat16, ["--weights", "0.5,0.3,0.2"], True),  # float32 and bfloat16 deltas: a float32 output
-], ids=["ta-bf16", "ta-weights-lambda", "ties-fp16", "ties-bf16-to-fp32", "ties-fp32", "ta-mixed-dtypes"])
+    (torch.bfloat16, ["--method", "dare_ties", "--density", "0.3", "--seed", "5"], False),
+    (torch.float16, ["--method", "dare_linear", "--density", "0.5", "--weights", "0.5,-0.3,1", "--lambda", "1.2"],
+     False),
+    (torch.float32, ["--method", "dare_ties", "--density", "1", "--weights", "0.6,0,0.3"], False),
+    (torch.bfloat16, ["--method", "dare_linear", "--density", "0.1", "--seed", "-3"], True),
+], ids=["ta-bf16", "ta-weights-lambda", "ties-fp16", "ties-bf16-to-fp32", "ties-fp32", "ta-mixed-dtypes",
+        "dare-ties-bf16", "dare-linear-fp16-negative", "dare-ties-fp32-density-1", "dare-linear-mixed-dtypes"])
 def test_merge_without_torch_matches_the_torch_engine(tmp_path, dtype, args, scramble):
     base, fts = _setup(tmp_path, dtype, scramble)
     res = _both_paths(tmp_path, base, fts, args)
@@ -112,7 +119,7 @@ def test_merge_without_torch_matches_the_torch_engine(tmp_path, dtype, args, scr
     assert res[True]["shards"] == res[False]["shards"]
     warn = [[x for x in r["stderr"].splitlines() if x.startswith("warning:")] for r in res.values()]
     assert warn[0] == warn[1]  # the sign-conflict warning of a task arithmetic merge, word for word
-    if "ties" not in args:  # independent random deltas disagree in sign on about half their entries
+    if not any(a.endswith("ties") for a in args):  # independent random deltas disagree in sign on about half
         assert len(warn[0]) == 1 and "disagree in sign" in warn[0][0], res[True]["stderr"]
     if scramble:
         assert fast["kind"] == "diff"
@@ -141,6 +148,9 @@ def test_a_merge_that_overflows_is_refused_the_same_way_without_torch(tmp_path):
     ["--method", "ties", "--density", "1.5"],
     ["--method", "ties", "--weights", "1,-1,1"],
     ["--lambda", "nan"],
+    ["--method", "dare_ties", "--density", "-0.1"],
+    ["--method", "dare_ties", "--weights", "1,0.5,-2"],
+    ["--method", "dare_linear", "--density", "1.01"],
 ])
 def test_bad_merge_arguments_get_the_same_one_line_error_without_torch(tmp_path, args):
     base, fts = _setup(tmp_path, torch.bfloat16)
@@ -214,7 +224,15 @@ def test_positive_reads_signs_zeros_infinities_and_nan_from_the_bits():
     ("task_arithmetic", {"lam": True}, [1.0, 1.0]),
     ("task_arithmetic", {"density": 0.5}, [1.0]),
     ("task_arithmetic", {}, [float("nan")]),
+    ("dare_ties", {"density": 0.0}, [1.0, 1.0]),
+    ("dare_ties", {"lam": float("nan")}, [1.0, 1.0]),
+    ("dare_ties", {}, [1.0, -1.0]),
+    ("dare_ties", {}, [1.0]),
+    ("dare_linear", {"density": 1.5}, [1.0, -1.0]),
+    ("dare_linear", {"gamma": 0.5}, [1.0]),
+    ("dare_linear", {}, [1.0, "2"]),
     ("ties", {"density": 0.5, "lam": 2.0}, [0.0, 3.0]),  # valid: no error on either side
+    ("dare_linear", {"density": 0.5}, [-1.0, 3.0]),  # valid
 ])
 def test_check_call_raises_what_the_method_raises(method, params, ws):
     def err(fn):
@@ -228,8 +246,57 @@ def test_check_call_raises_what_the_method_raises(method, params, ws):
                                                 name="-", params=params))
     host_side = err(lambda: methods.check_call(method, len(ws), ws, params))
     assert host_side == torch_side
-    if method != "ties" or params != {"density": 0.5, "lam": 2.0}:
+    if (method, params) not in (("ties", {"density": 0.5, "lam": 2.0}), ("dare_linear", {"density": 0.5})):
         assert host_side is not None and host_side[0] is InvalidArgument
+
+
+@needs_native
+@pytest.mark.parametrize("seed", [0, 1, 5489, 2**32 + 9, 2**63 - 1, methods.dare_seed(0, "model.embed", 2)])
+def test_dare_drops_are_torchs_generator_bit_for_bit(seed):
+    """``pc_dare_drops`` replays torch's CPU generator (MT19937, its float32 draw, the comparison in float32)."""
+    for n in (1, 7, 8, 623, 624, 625, 1249, 20_011):
+        for density in (0.1, 0.2, 1 / 3, 0.5, 0.9, 0.9999999):
+            g = torch.Generator().manual_seed(seed)
+            want = (torch.rand(n, generator=g, dtype=torch.float32) >= density).numpy()
+            drops = host_merge.Drops(n, density, [seed])
+            try:
+                bits = np.unpackbits(drops.masks[0], bitorder="little")
+                assert np.array_equal(bits[:n].astype(bool), want), (seed, n, density)
+                assert not bits[n:].any()  # pad bits clear
+            finally:
+                drops.release()
+    assert host_merge.Drops(10, 1.0, [seed]).masks == [None]  # density 1 drops nothing: no mask
+
+
+@needs_native
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 3, (torch.float16,) * 3, (torch.float32,) * 3,
+                                    (torch.bfloat16, torch.float32, torch.float16)])
+def test_fused_dare_is_the_chunked_torch_path(monkeypatch, method, dtypes):
+    """merge_tensor's DARE on the C kernels (masks and fused pass) gives the bits of its torch path (torch's
+    generator, the chunked masked_fill/div/weigh/sum), for output dtypes float32, bfloat16 and float16."""
+    g = torch.Generator().manual_seed(3)
+    cases = [([0.5, 0.3, 0.2], {"density": 0.2}), ([1.0, 1.0, 1.0], {"density": 0.1, "lam": 1.3}),
+             ([0.0, 1.0, 2.0], {"density": 0.73, "lam": 0.5}), ([0.5, 0.3, 0.2], {"density": 1.0})]
+    if method == "dare_linear":
+        cases.append(([1.0, -0.5, 0.3], {"density": 0.4}))
+    real_drops = merge._dare_drops
+    for shape in ((257, 129), (3, 5, 7)):
+        for ws, prm in cases:
+            ds = [(torch.randn(shape, generator=g) * 0.01).to(d) for d in dtypes]
+            ds[0].view(-1)[:5] = 0
+            for odt in (None, torch.bfloat16, torch.float16):
+                got = []
+                for lib in (native.lib, None):
+                    monkeypatch.setattr(native, "lib", lib)
+                    calls = []
+                    monkeypatch.setattr(merge, "_dare_drops", lambda *a: calls.append(1) or real_drops(*a))
+                    out = None if odt is None else torch.empty(shape, dtype=odt)
+                    r = merge.merge_tensor(method, ds, ws, generator_seed=11, name="layers.3.w", params=prm,
+                                           out=out)
+                    assert bool(calls) == (lib is None)  # the kernels never ask torch for the masks
+                    got.append(r.contiguous().view(torch.uint8))
+                assert torch.equal(got[0], got[1]), (shape, ws, prm, odt)
 
 
 def test_promote_dtypes_is_torchs_promotion():
@@ -246,7 +313,8 @@ def test_promote_dtypes_is_torchs_promotion():
 
 
 @needs_native
-@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {"density": 0.3})])
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
+                                           ("dare_ties", {"density": 0.3})])
 def test_apply_made_in_parts_is_the_torch_engines_model(tmp_path, monkeypatch, method, params):
     from patchctl import Registry
     from patchctl.registry.ops.merging import host_stream

@@ -1,9 +1,11 @@
-"""Task arithmetic and TIES on plain buffers: the exact top-k, and the C kernels that merge (no torch).
+"""Task arithmetic, TIES and DARE on plain buffers: the exact top-k, DARE's drops, and the C kernels that
+merge (no torch).
 
 A merge of stored ``float32``/``float16``/``bfloat16`` deltas by task
-arithmetic or TIES needs no more than the fused kernels ``pc_weighted_sum``
-and ``pc_ties`` (:mod:`patchctl.patches.native`) and, for TIES, each input's
-exact top-k by magnitude. Both are here, on numpy views of the deltas' bits,
+arithmetic, TIES, ``dare_ties`` or ``dare_linear`` needs no more than the
+fused kernels ``pc_weighted_sum`` and ``pc_ties`` (:mod:`patchctl.patches.native`)
+and, for TIES, each input's exact top-k by magnitude; for DARE, each input's
+drop mask (``pc_dare_drops``: torch's generator, bit for bit). Both are here, on numpy views of the deltas' bits,
 so such a merge plans and streams without importing torch
 (:mod:`patchctl.registry.ops.merging.host_stream`); :mod:`patchctl.patches.merge`
 runs the same functions on its CPU tensors, so the two paths make the same
@@ -26,6 +28,7 @@ import numpy as np
 from patchctl.errors import InvalidArgument
 from patchctl.patches import native
 from patchctl.patches.host import CODES
+from patchctl.patches.methods import dare_seed
 
 _CHUNK = 1 << 18  # kernel ranges are cut on multiples of this many entries
 _SCAN = 1 << 20  # entries per step of the histogram and tie scans
@@ -166,37 +169,87 @@ def _split(fn: Callable[[int, int], None], n: int) -> None:
     run_ranges(fn, n, _CHUNK, 1 << 20)
 
 
+class Drops:
+    """DARE's drop masks of one tensor's inputs (bit ``i`` set: entry ``i`` dropped), ``None`` for an input
+    that drops nothing (density 1), made by ``pc_dare_drops`` on the streaming threads (one input each) in
+    buffers of :data:`~patchctl.patches.host.POOL`; :meth:`release` gives them back.
+
+    The bits are those of :func:`patchctl.patches.merge._dare_drops` (torch's generator seeded by
+    :func:`~patchctl.patches.methods.dare_seed`, ``torch.rand(n) >= density``): the C generator is torch's
+    MT19937 and its float32 draw, checked against torch in ``tests/test_host_merge.py``.
+    """
+
+    def __init__(self, n: int, density: float, seeds: Sequence[int]):
+        from patchctl.patches._workers import run_ranges
+        from patchctl.patches.host import POOL
+
+        self.density = density
+        self.masks: list[np.ndarray | None] = [None] * len(seeds)
+        if density >= 1.0 or n == 0:
+            return
+        size, lib = (n + 7) // 8, native.lib
+        self.masks = [POOL.take(size) for _ in seeds]
+
+        def make(lo: int, hi: int) -> None:
+            for q in range(lo, hi):
+                lib.pc_dare_drops(seeds[q], n, density, self.masks[q].ctypes.data)
+
+        run_ranges(make, len(seeds), 1, 1)
+
+    def pointers(self) -> Any:
+        k = len(self.masks)
+        return (ctypes.c_void_p * k)(*(0 if m is None else m.ctypes.data for m in self.masks))
+
+    def release(self) -> None:
+        from patchctl.patches.host import POOL
+
+        for m in self.masks:
+            if m is not None:
+                POOL.give(m)
+        self.masks = [None] * len(self.masks)
+
+
 def weighted_sum(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], lam: float, n: int,
-                 optr: int, ocode: int) -> None:
-    """``λ · Σ wᵢτᵢ`` of ``n`` entries into ``optr`` (``pc_weighted_sum``; split over the streaming threads)."""
+                 optr: int, ocode: int, drops: Drops | None = None) -> None:
+    """``λ · Σ wᵢτᵢ`` of ``n`` entries into ``optr`` (``pc_weighted_sum``; split over the streaming threads);
+    with ``drops``, each τᵢ DARE-dropped first (``dare_linear``)."""
     k = len(ptrs)
     p = (ctypes.c_void_p * k)(*ptrs)
     c, w = (ctypes.c_int * k)(*codes), (ctypes.c_float * k)(*ws)
     mul = (ctypes.c_int * k)(*(x != 1.0 for x in ws))
+    dp, density = (None, 1.0) if drops is None else (drops.pointers(), drops.density)
     lib = native.lib
 
     def part(lo: int, hi: int) -> None:
-        if lib.pc_weighted_sum(p, c, w, mul, k, lam, lam != 1.0, optr, ocode, lo, hi):
+        if lib.pc_weighted_sum(p, c, w, mul, dp, density, k, lam, lam != 1.0, optr, ocode, lo, hi):
             raise InvalidArgument("pc_weighted_sum: unknown dtype code")
 
     _split(part, n)
 
 
-def ties(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], tops: Sequence[Top | bool], floor: float,
-         lam: float, n: int, optr: int, ocode: int) -> None:
-    """TIES's trim, sign election and disjoint mean of ``n`` entries into ``optr`` (``pc_ties``)."""
+def ties(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], tops: Sequence[Top | bool] | Drops,
+         floor: float, lam: float, n: int, optr: int, ocode: int) -> None:
+    """TIES's trim (or, given :class:`Drops`, DARE's drop: ``dare_ties``), sign election and disjoint mean
+    of ``n`` entries into ``optr`` (``pc_ties``)."""
     k = len(ptrs)
     c_f, c_i, c_i64 = ctypes.c_float * k, ctypes.c_int * k, ctypes.c_int64 * k
     p = (ctypes.c_void_p * k)(*ptrs)
     c, w, mul = c_i(*codes), c_f(*ws), c_i(*(x != 1.0 for x in ws))
-    mode = c_i(*(0 if t is True else 1 if t is False else 2 for t in tops))
+    if isinstance(tops, Drops):
+        dp, density = tops.pointers(), tops.density
+        mode = c_i(*(0 if m is None else 3 for m in tops.masks))
+        tops = [True] * k
+    else:
+        dp, density = None, 1.0
+        mode = c_i(*(0 if t is True else 1 if t is False else 2 for t in tops))
     cutoff = c_i64(*(t.cutoff if isinstance(t, Top) else 0 for t in tops))
     at = c_f(*(t.at_or_above if isinstance(t, Top) else 0.0 for t in tops))
     above = c_f(*(t.above if isinstance(t, Top) else 0.0 for t in tops))
     lib = native.lib
 
     def part(lo: int, hi: int) -> None:
-        rc = lib.pc_ties(p, c, w, mul, mode, cutoff, at, above, k, floor, lam, lam != 1.0, optr, ocode, lo, hi)
+        rc = lib.pc_ties(p, c, w, mul, mode, cutoff, at, above, dp, density, k, floor, lam, lam != 1.0, optr,
+                         ocode, lo, hi)
         if rc:
             raise MemoryError("pc_ties: no memory for its scratch") if rc == -2 else \
                 InvalidArgument("pc_ties: unknown dtype code")
@@ -204,11 +257,27 @@ def ties(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], tops: S
     _split(part, n)
 
 
-def merge(method: str, deltas: Sequence[Any], weights: Sequence[float], params: dict[str, Any], out: Any) -> None:
+def dare(method: str, ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], density: float, lam: float,
+         seed: int, name: str, n: int, optr: int, ocode: int) -> None:
+    """``dare_ties`` or ``dare_linear`` of ``n`` entries into ``optr``: the drop masks of
+    :func:`~patchctl.patches.methods.dare_seed` ``(seed, name, i)``, then ``pc_ties`` or ``pc_weighted_sum``."""
+    drops = Drops(n, density, [dare_seed(seed, name, i) for i in range(len(ptrs))])
+    try:
+        if method == "dare_ties":
+            ties(ptrs, codes, ws, drops, den_floor(ws), lam, n, optr, ocode)
+        else:
+            weighted_sum(ptrs, codes, ws, lam, n, optr, ocode, drops)
+    finally:
+        drops.release()
+
+
+def merge(method: str, deltas: Sequence[Any], weights: Sequence[float], params: dict[str, Any], out: Any, *,
+          seed: int = 0, name: str = "-") -> None:
     """Merge one tensor's deltas (:class:`~patchctl.patches.host.HostTensor` s of one shape) into ``out``
     (a HostTensor of that shape; float32, float16 or bfloat16) by ``method``, one of
     :data:`~patchctl.patches.methods.HOST_METHODS`, with ``params`` resolved and checked
-    (:func:`~patchctl.patches.methods.check_call`): the bits :func:`patchctl.patches.merge.merge_tensor` gives."""
+    (:func:`~patchctl.patches.methods.check_call`): the bits :func:`patchctl.patches.merge.merge_tensor` gives
+    with ``generator_seed=seed`` and ``name`` (DARE's drops depend on both)."""
     n = out.numel()
     ptrs = [native.ptr(d.buf) for d in deltas]
     codes = [CODES[d.dtype] for d in deltas]
@@ -220,6 +289,9 @@ def merge(method: str, deltas: Sequence[Any], weights: Sequence[float], params: 
         k = int(float(params["density"]) * n)
         tops = [top(d.ints(), d.dtype, k) for d in deltas]
         ties(ptrs, codes, ws, tops, den_floor(ws), lam, n, native.ptr(out.buf), CODES[out.dtype])
+    elif method in ("dare_ties", "dare_linear"):
+        dare(method, ptrs, codes, ws, float(params["density"]), lam, seed, name, n, native.ptr(out.buf),
+             CODES[out.dtype])
     else:
         raise InvalidArgument(f"merge method {method!r} does not run on the host kernels")
 
@@ -256,4 +328,4 @@ def positive(t: Any) -> np.ndarray:
     return (sign == 0) & (key != 0) & (key <= INF_KEY[t.dtype])
 
 
-__all__ = ["Top", "count_nonzero", "kth_key", "merge", "sign_counts", "support", "top"]
+__all__ = ["Drops", "Top", "count_nonzero", "dare", "kth_key", "merge", "sign_counts", "support", "top"]

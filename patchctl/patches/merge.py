@@ -64,7 +64,9 @@ Semantic choices (where the papers are silent we follow mergekit):
   with ``u`` uniform in [0, 1) drawn in float32 on the CPU from a
   ``torch.Generator`` seeded by :func:`dare_seed` (sha256 of seed, tensor name
   and input index), so a merge is reproducible on any device and independent
-  of the order tensors are visited. ``dare_ties`` uses the disjoint mean like
+  of the order tensors are visited. On the CPU the C kernel ``pc_dare_drops``
+  makes the same masks without torch (its MT19937 and float32 draw, bit for
+  bit) and the drop is fused into the merge's one pass. ``dare_ties`` uses the disjoint mean like
   ``ties`` (mergekit's ``dare_ties`` sums instead: ``normalize=False``).
 * Breadcrumbs keeps the entries ranked ``[top, top + keep)`` in the order
   above (magnitude descending, lowest index first among ties),
@@ -82,7 +84,6 @@ Per-tensor parameter overrides: :func:`resolve_params`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -97,7 +98,7 @@ from patchctl.patches import host_merge as _hm
 from patchctl.patches import native
 from patchctl.patches.apply import NATIVE_CODES as _CODES  # the C kernels' dtype codes
 from patchctl.patches.host_merge import Top as _Top
-from patchctl.patches.methods import METHODS, MergeMethod, get_method, resolve_params
+from patchctl.patches.methods import METHODS, MergeMethod, dare_seed, get_method, resolve_params
 from patchctl.patches.methods import density as _density
 from patchctl.patches.methods import nonnegative as _nonnegative
 from patchctl.patches.methods import number as _number
@@ -367,19 +368,6 @@ def _trim(parts: list[Tensor], tops: Sequence[_Top | bool], lo: int) -> None:
             torch.ops.aten.hardshrink.out(p[cut:], top.above, out=p[cut:])
 
 
-def dare_seed(generator_seed: int, name: str, index: int) -> int:
-    """The DARE generator seed for input ``index`` of tensor ``name``.
-
-    The first 8 bytes (little-endian) of
-    ``sha256(f"{generator_seed}\\0{name}\\0{index}")`` with the top bit cleared.
-    Stable across processes and Python versions (unlike ``hash()``).
-    """
-    if isinstance(generator_seed, bool) or not isinstance(generator_seed, int):
-        raise InvalidArgument(f"generator_seed must be an integer, got {generator_seed!r}")
-    digest = hashlib.sha256(f"{generator_seed}\0{name}\0{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def _dare_drops(
     flats: Sequence[Tensor], density: float, generator_seed: int, name: str
 ) -> list[Tensor | None]:
@@ -490,6 +478,22 @@ def _fused_weighted_sum(flats: Sequence[Tensor], ws: Sequence[float], lam: float
     return out
 
 
+def _fused_dare(method: str, flats: Sequence[Tensor], ws: Sequence[float], density: float, lam: float,
+                generator_seed: int, name: str, shape: torch.Size, out: Tensor | None) -> Tensor | None:
+    """``dare_ties`` or ``dare_linear`` on the C kernels (CPU; None where they do not apply): the drop masks
+    made by ``pc_dare_drops`` (torch's generator and draw, the bits of :func:`_dare_drops`), then the
+    drop, weights, sum or disjoint mean and λ in the chunked path's order, fused (``pc_ties`` /
+    ``pc_weighted_sum``): the same bits (tests/test_host_merge.py runs both)."""
+    if isinstance(generator_seed, bool) or not isinstance(generator_seed, int):
+        return None  # dare_seed names the problem
+    out = _native_out(flats, shape, out)
+    if out is None:
+        return None
+    _hm.dare(method, [f.data_ptr() for f in flats], [_CODES[f.dtype] for f in flats], ws, density, lam,
+             generator_seed, name, out.numel(), out.data_ptr(), _CODES[out.dtype])
+    return out
+
+
 def ties(
     deltas: Sequence[Tensor],
     weights: Sequence[float],
@@ -532,6 +536,9 @@ def dare_linear(
     """DARE (Yu et al. 2023) then ``λ · Σ wᵢτ̃ᵢ``."""
     flats, ws = _prepare(deltas, weights, name)
     density, lam = _density(density), _number(lam, "lam")
+    fused = _fused_dare("dare_linear", flats, ws, density, lam, generator_seed, name, deltas[0].shape, out)
+    if fused is not None:
+        return fused
     drops = _dare_drops(flats, density, generator_seed, name)
 
     def step(parts: list[Tensor], acc: Tensor, lo: int) -> None:
@@ -556,6 +563,9 @@ def dare_ties(
     flats, ws = _prepare(deltas, weights, name)
     density, lam = _density(density), _number(lam, "lam")
     _nonnegative(ws, "dare_ties")
+    fused = _fused_dare("dare_ties", flats, ws, density, lam, generator_seed, name, deltas[0].shape, out)
+    if fused is not None:
+        return fused
     drops = _dare_drops(flats, density, generator_seed, name)
     sc = _Scratch(_chunk_size(flats[0].numel(), flats[0].device), flats[0].device, ws)
 

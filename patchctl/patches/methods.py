@@ -12,6 +12,7 @@ command on a small VM). :mod:`patchctl.patches.merge` re-exports all of it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 from patchctl.errors import InvalidArgument
 
-__all__ = ["METHODS", "MergeMethod", "check_call", "get_method", "resolve_params"]
+__all__ = ["METHODS", "MergeMethod", "check_call", "dare_seed", "get_method", "resolve_params"]
 
 
 def number(value: Any, what: str) -> float:
@@ -109,7 +110,20 @@ METHODS: Mapping[str, MergeMethod] = MappingProxyType(
 )
 
 #: The methods whose checks :func:`check_call` makes without torch (and that the C kernels run).
-HOST_METHODS = ("task_arithmetic", "ties")
+HOST_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+
+def dare_seed(generator_seed: int, name: str, index: int) -> int:
+    """The DARE generator seed for input ``index`` of tensor ``name``.
+
+    The first 8 bytes (little-endian) of
+    ``sha256(f"{generator_seed}\\0{name}\\0{index}")`` with the top bit cleared.
+    Stable across processes and Python versions (unlike ``hash()``).
+    """
+    if isinstance(generator_seed, bool) or not isinstance(generator_seed, int):
+        raise InvalidArgument(f"generator_seed must be an integer, got {generator_seed!r}")
+    digest = hashlib.sha256(f"{generator_seed}\0{name}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def get_method(method: str) -> MergeMethod:
@@ -132,11 +146,11 @@ def check_call(method: str, count: int, weights: Sequence[float], params: Mappin
     row.check_inputs(count)
     prm = row.resolve(params)
     ws = weights_of(weights, count, name)
-    if method == "ties":
+    if "density" in prm:
         density(prm["density"])
     number(prm["lam"], "lam")
-    if method == "ties":
-        nonnegative(ws, "ties")
+    if method in ("ties", "dare_ties"):
+        nonnegative(ws, method)
     return prm
 
 

@@ -1,7 +1,7 @@
-"""The streaming pass of a task-arithmetic or TIES merge on the C kernels, without torch (issue #21).
+"""The streaming pass of a task-arithmetic, TIES or DARE merge on the C kernels, without torch (issue #21).
 
 :func:`usable` says when a planned merge can run here: a diff output on the
-CPU, method ``task_arithmetic`` or ``ties`` without LiNeS, every input change
+CPU, method ``task_arithmetic``, ``ties``, ``dare_ties`` or ``dare_linear`` without LiNeS, every input change
 a stored raw delta of float32, float16 or bfloat16, the output (and, with
 ``--apply``, every changed base tensor) of one of those dtypes, and the C
 kernels built (:mod:`patchctl.patches.native`; ``PATCHCTL_NATIVE=0`` turns
@@ -201,7 +201,7 @@ def stream(p: _Plan, store: Any, verifier: _Verifier, folder: Path | None, progr
             return [] if base is None else [mx.submit(write, item, base)]
         t = item.target
         stored = held.take(slot, p.dtype, p.shapes[t])
-        merge_host(p.method, deltas, p.weights, p.per_tensor[t], stored)
+        merge_host(p.method, deltas, p.weights, p.per_tensor[t], stored, seed=p.seed, name=t)
         del deltas
         futs = [bx.submit(put, t, stored)]
         if base is not None:
