@@ -289,8 +289,9 @@ def test_fused_dare_is_the_chunked_torch_path(monkeypatch, method, dtypes):
                 got = []
                 for lib in (native.lib, None):
                     monkeypatch.setattr(native, "lib", lib)
-                    calls = []
-                    monkeypatch.setattr(merge, "_dare_drops", lambda *a: calls.append(1) or real_drops(*a))
+                    calls: list[int] = []
+                    monkeypatch.setattr(merge, "_dare_drops",
+                                        lambda *a, calls=calls: calls.append(1) or real_drops(*a))
                     out = None if odt is None else torch.empty(shape, dtype=odt)
                     r = merge.merge_tensor(method, ds, ws, generator_seed=11, name="layers.3.w", params=prm,
                                            out=out)
