@@ -524,11 +524,21 @@ static inline void pc_widen_block(const void *x, int code, int64_t s, int64_t m,
 /* DARE on v = entries [s, s+m) of one input: +0 where bit s+j of `drop` is set (torch's masked_fill_), else
  * v / density (div_), rounded to float32. */
 static inline void pc_dare_block(float *v, const uint8_t *drop, float density, int64_t s, int64_t m) {
-    for (int64_t j = 0; j < m; j++) {
-        const int64_t i = s + j;
-        const float kept = v[j] / density;
-        v[j] = (drop[i >> 3] >> (i & 7)) & 1 ? 0.0f : kept;
+    if (s & 7 || m > 1024) { /* not on a byte of the mask (no caller here): entry by entry */
+        for (int64_t j = 0; j < m; j++) {
+            const int64_t i = s + j;
+            const float kept = v[j] / density;
+            v[j] = (drop[i >> 3] >> (i & 7)) & 1 ? 0.0f : kept;
+        }
+        return;
     }
+    uint32_t keep[1024]; /* all ones where kept: the bits expanded, then an AND (the loops vectorize) */
+    const uint8_t *d = drop + (s >> 3);
+    for (int64_t t = 0; t < (m + 7) / 8; t++) {
+        const uint32_t b = d[t];
+        for (int k = 0; k < 8; k++) keep[8 * t + k] = ((b >> k) & 1u) - 1u;
+    }
+    for (int64_t j = 0; j < m; j++) v[j] = pc_f32_bits(pc_bits_f32(v[j] / density) & keep[j]);
 }
 
 /*

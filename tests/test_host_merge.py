@@ -300,6 +300,25 @@ def test_fused_dare_is_the_chunked_torch_path(monkeypatch, method, dtypes):
                 assert torch.equal(got[0], got[1]), (shape, ws, prm, odt)
 
 
+@needs_native
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_kernels_split_anywhere_give_the_same_bits(monkeypatch, method):
+    """Ranges that start inside a byte of the drop mask (the entry-by-entry path) and whole blocks (the
+    expanded-mask path) make the same output."""
+    n = 5_003
+    g = torch.Generator().manual_seed(5)
+    ds = [_host((torch.randn(n, generator=g) * 0.01).to(torch.bfloat16)) for _ in range(3)]
+    outs = []
+    for cuts in ([0, n], [0, 13, 1_001, 4_097, n]):
+        monkeypatch.setattr(host_merge, "_split", lambda fn, total, cuts=cuts: [
+            fn(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
+        out = host.HostTensor(np.zeros(n * 4, np.uint8), "float32", (n,))
+        host_merge.merge(method, ds, [0.5, 0.3, 0.2], {"density": 0.3, "lam": 1.0}, out, seed=1, name="w")
+        outs.append(out.buf.copy())
+    assert np.array_equal(outs[0], outs[1])
+    assert np.count_nonzero(outs[0].view(np.float32)) > n // 4  # something was kept and merged
+
+
 def test_promote_dtypes_is_torchs_promotion():
     names = ["float16", "bfloat16", "float32", "float64"]
     for mask in range(1, 16):
