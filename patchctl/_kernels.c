@@ -720,6 +720,59 @@ PC_EXPORT PC_TARGETS int pc_ties(const void *const *ins, const int *codes, const
 }
 
 /*
+ * l1_sums: LiNeS's two L1 norms over [lo, hi) (lo a multiple of PC_L1_BLOCK): for each block b of
+ * PC_L1_BLOCK entries, parts[2b] = sum |(+0 + x_0[i]) + x_1[i] + ...| (the inputs widened and summed in
+ * float32 in input order, as patches/lines.py's torch path does) and parts[2b + 1] = sum |m[i]| (m
+ * float32), each in float64 over 8 lanes combined in a fixed order: the same partial sums however a
+ * tensor is split between threads. Returns 0, or -1 for an unknown code.
+ */
+#define PC_L1_BLOCK 65536
+#define PC_L1_STEP 1024
+PC_EXPORT PC_TARGETS int pc_l1_sums(const void *const *ins, const int *codes, int k, const float *m, int64_t lo,
+                                    int64_t hi, double *parts) {
+    for (int q = 0; q < k; q++)
+        if (codes[q] < 0 || codes[q] > 2) return -1;
+    float acc[PC_L1_STEP], v[PC_L1_STEP], mv[PC_L1_STEP];
+    for (int64_t b0 = lo; b0 < hi; b0 += PC_L1_BLOCK) {
+        const int64_t b1 = hi - b0 < PC_L1_BLOCK ? hi : b0 + PC_L1_BLOCK;
+        double la[8] = {0}, lb[8] = {0};
+        for (int64_t s = b0; s < b1; s += PC_L1_STEP) {
+            const int64_t mm = b1 - s < PC_L1_STEP ? b1 - s : PC_L1_STEP;
+            const int64_t padded = (mm + 7) & ~(int64_t)7;
+            for (int64_t j = 0; j < padded; j++) acc[j] = 0.0f;
+            for (int q = 0; q < k; q++) {
+                pc_widen_block(ins[q], codes[q], s, mm, v);
+                for (int64_t j = 0; j < mm; j++) acc[j] += v[j];
+            }
+            memcpy(mv, m + s, (size_t)mm * sizeof(float));
+            for (int64_t j = mm; j < padded; j++) mv[j] = 0.0f;
+            for (int64_t j = 0; j < padded; j += 8)
+                for (int l = 0; l < 8; l++) {
+                    la[l] += (double)__builtin_fabsf(acc[j + l]);
+                    lb[l] += (double)__builtin_fabsf(mv[j + l]);
+                }
+        }
+        const int64_t blk = b0 / PC_L1_BLOCK;
+        parts[2 * blk] = ((la[0] + la[1]) + (la[2] + la[3])) + ((la[4] + la[5]) + (la[6] + la[7]));
+        parts[2 * blk + 1] = ((lb[0] + lb[1]) + (lb[2] + lb[3])) + ((lb[4] + lb[5]) + (lb[6] + lb[7]));
+    }
+    return 0;
+}
+
+/* scale_cast: out[i] = round_ocode(x[i] * s) for i in [lo, hi), x float32 (out may be x): LiNeS's scaling of
+ * a merged tensor (torch's mul_ by a float32 scalar, then copy_ into the stored dtype). -1: unknown code. */
+PC_EXPORT PC_TARGETS int pc_scale_cast(const float *x, float s, void *out, int ocode, int64_t lo, int64_t hi) {
+    if (ocode < 0 || ocode > 2) return -1;
+    if (ocode == 0)
+        for (int64_t i = lo; i < hi; i++) ((float *)out)[i] = x[i] * s;
+    else if (ocode == 1)
+        for (int64_t i = lo; i < hi; i++) ((uint16_t *)out)[i] = pc_f32_to_f16(x[i] * s);
+    else
+        for (int64_t i = lo; i < hi; i++) ((uint16_t *)out)[i] = pc_f32_to_bf16(x[i] * s);
+    return 0;
+}
+
+/*
  * nonfinite: whether x[0..n) (dtype code) holds a NaN or an infinity: 1 or 0 (-1 for an unknown code).
  * Exponent bits all ones, tested a block at a time (the loop vectorizes; it stops at the first bad block).
  */

@@ -106,8 +106,13 @@ def _both_paths(tmp: Path, base: Path, fts: list[Path], merge_args: list[str], a
      False),
     (torch.float32, ["--method", "dare_ties", "--density", "1", "--weights", "0.6,0,0.3"], False),
     (torch.bfloat16, ["--method", "dare_linear", "--density", "0.1", "--seed", "-3"], True),
+    (torch.bfloat16, ["--method", "ties", "--density", "0.3", "--lines", "auto"], False),
+    (torch.float16, ["--weights", "1,1,1", "--lines", "0.4", "--lines-beta", "0.8"], False),
+    (torch.float32, ["--method", "dare_ties", "--density", "0.5", "--lines", "auto", "--dtype", "bfloat16"], False),
+    (torch.bfloat16, ["--lines", "auto", "--weights", "0.5,0.3,0.2"], True),
 ], ids=["ta-bf16", "ta-weights-lambda", "ties-fp16", "ties-bf16-to-fp32", "ties-fp32", "ta-mixed-dtypes",
-        "dare-ties-bf16", "dare-linear-fp16-negative", "dare-ties-fp32-density-1", "dare-linear-mixed-dtypes"])
+        "dare-ties-bf16", "dare-linear-fp16-negative", "dare-ties-fp32-density-1", "dare-linear-mixed-dtypes",
+        "lines-auto-ties-bf16", "lines-alpha-beta-ta-fp16", "lines-auto-dare-fp32-to-bf16", "lines-auto-ta-mixed"])
 def test_merge_without_torch_matches_the_torch_engine(tmp_path, dtype, args, scramble):
     base, fts = _setup(tmp_path, dtype, scramble)
     res = _both_paths(tmp_path, base, fts, args)
@@ -317,6 +322,40 @@ def test_dare_kernels_split_anywhere_give_the_same_bits(monkeypatch, method):
         outs.append(out.buf.copy())
     assert np.array_equal(outs[0], outs[1])
     assert np.count_nonzero(outs[0].view(np.float32)) > n // 4  # something was kept and merged
+
+
+@needs_native
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 3, (torch.float32, torch.float16, torch.bfloat16)])
+def test_l1_norms_on_the_kernels_agree_with_torch_at_any_thread_count(monkeypatch, dtypes):
+    """LiNeS's L1 sums by pc_l1_sums: torch's values (float64, to 1e-12), and the very same bits whatever
+    the split between threads (fixed blocks, added exactly)."""
+    from patchctl.patches import lines
+
+    g = torch.Generator().manual_seed(9)
+    n = (1 << 18) * 3 + 12_345  # several kernel ranges, a short last block
+    ds = [(torch.randn(n, generator=g) * 10.0 ** -i).to(d) for i, d in enumerate(dtypes)]
+    merged = torch.randn(n, generator=g)
+    got = lines.l1_norms(ds, merged)
+    monkeypatch.setattr(native, "lib", None)
+    want = lines.l1_norms(ds, merged)
+    monkeypatch.undo()
+    assert got == pytest.approx(want, rel=1e-12)
+    for threads in ("1", "3", "4"):
+        monkeypatch.setenv("PATCHCTL_THREADS", threads)
+        assert lines.l1_norms(ds, merged) == got
+
+
+@needs_native
+@pytest.mark.parametrize("odt", [torch.float32, torch.float16, torch.bfloat16])
+def test_scale_cast_is_torchs_mul_then_copy(odt):
+    x = torch.tensor([1.0, -0.0, 0.0, 3.3e38, -1e-45, 65519.0, 1.0 / 3, float("nan"), -7.25] * 50)
+    for scale in (0.37, 1.0, -2.5, 1e-3):
+        want = torch.empty(x.shape, dtype=odt).copy_(x.clone().mul_(scale))
+        out = torch.empty(x.shape, dtype=odt)
+        host_merge.scale_cast(x.data_ptr(), scale, x.numel(), out.data_ptr(), host.CODES[str(odt)[6:]])
+        nan = want.isnan()
+        assert torch.equal(out.isnan(), nan)  # a NaN's payload may differ: it never reaches the store
+        assert torch.equal(out[~nan].view(torch.uint8), want[~nan].view(torch.uint8)), (odt, scale)
 
 
 def test_promote_dtypes_is_torchs_promotion():

@@ -271,6 +271,39 @@ def dare(method: str, ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[fl
         drops.release()
 
 
+_L1_BLOCK = 1 << 16  # pc_l1_sums's block
+
+
+def l1_sums(ptrs: Sequence[int], codes: Sequence[int], mptr: int, n: int) -> tuple[float, float]:
+    """LiNeS's ``(‖Σᵢ τᵢ‖₁, ‖τ_merged‖₁)`` of one tensor (``pc_l1_sums``): ``Σᵢ τᵢ`` in float32 in input
+    order (as :func:`patchctl.patches.lines.l1_norms`), the magnitudes summed in float64 by blocks, the
+    blocks' sums added exactly (``math.fsum``) and rounded once: the same two numbers whatever the
+    thread count (torch's own float64 sum may differ from them in the last bits)."""
+    k = len(ptrs)
+    p, c = (ctypes.c_void_p * k)(*ptrs), (ctypes.c_int * k)(*codes)
+    parts = np.zeros(2 * max(1, -(-n // _L1_BLOCK)), np.float64)
+    lib = native.lib
+
+    def part(lo: int, hi: int) -> None:
+        if lib.pc_l1_sums(p, c, k, mptr, lo, hi, parts.ctypes.data):
+            raise InvalidArgument("pc_l1_sums: unknown dtype code")
+
+    if n:
+        _split(part, n)
+    return math.fsum(parts[0::2].tolist()), math.fsum(parts[1::2].tolist())
+
+
+def scale_cast(src: int, scale: float, n: int, optr: int, ocode: int) -> None:
+    """``out = round(x · float32(scale))`` for ``n`` float32 entries at ``src`` (``optr`` may be ``src``)."""
+    lib = native.lib
+
+    def part(lo: int, hi: int) -> None:
+        if lib.pc_scale_cast(src, scale, optr, ocode, lo, hi):
+            raise InvalidArgument("pc_scale_cast: unknown dtype code")
+
+    _split(part, n)
+
+
 def merge(method: str, deltas: Sequence[Any], weights: Sequence[float], params: dict[str, Any], out: Any, *,
           seed: int = 0, name: str = "-") -> None:
     """Merge one tensor's deltas (:class:`~patchctl.patches.host.HostTensor` s of one shape) into ``out``
@@ -328,4 +361,4 @@ def positive(t: Any) -> np.ndarray:
     return (sign == 0) & (key != 0) & (key <= INF_KEY[t.dtype])
 
 
-__all__ = ["Drops", "Top", "count_nonzero", "dare", "kth_key", "merge", "sign_counts", "support", "top"]
+__all__ = ["Drops", "Top", "count_nonzero", "dare", "kth_key", "l1_sums", "merge", "scale_cast", "sign_counts", "support", "top"]

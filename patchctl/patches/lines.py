@@ -105,20 +105,34 @@ def l1_norms(deltas: Sequence[Tensor], merged: Tensor) -> tuple[float, float]:
     """One tensor's share of the two L1 norms: ``(‖Σᵢ τᵢ‖₁, ‖τ_merged‖₁)``.
 
     Sum these over all tensors of the model (they add up, unlike L2 norms) and
-    pass the totals to :func:`default_alpha`. Computed in float32 per tensor,
-    returned as Python floats (accumulate those in float64).
+    pass the totals to :func:`default_alpha`. ``Σᵢ τᵢ`` in float32 (input
+    order), the magnitudes summed in float64, returned as Python floats
+    (accumulate those in float64). On the CPU with the C kernels built, by
+    :func:`patchctl.patches.host_merge.l1_sums` (no temporary tensors; the
+    same sums at any thread count, and the ones the torch-free merge uses);
+    else by torch, whose float64 sum may differ in the last bits.
     """
     import torch
 
+    from patchctl.patches import native
+    from patchctl.patches.apply import NATIVE_CODES
+    from patchctl.patches.host_merge import l1_sums
+
     if len(deltas) == 0:
         raise InvalidArgument("l1_norms needs at least one task vector")
-    acc = torch.zeros(merged.shape, dtype=torch.float32, device=merged.device)
     for i, d in enumerate(deltas):
         if d.shape != merged.shape:
             raise ShapeMismatch(
                 f"task vector {i} has shape {tuple(d.shape)} but the merged one has "
                 f"{tuple(merged.shape)}"
             )
+    if (native.lib is not None and merged.dtype == torch.float32 and merged.device.type == "cpu"
+            and merged.is_contiguous() and all(d.device.type == "cpu" and d.dtype in NATIVE_CODES
+                                               and d.is_contiguous() for d in deltas)):
+        return l1_sums([d.data_ptr() for d in deltas], [NATIVE_CODES[d.dtype] for d in deltas],
+                       merged.data_ptr(), merged.numel())
+    acc = torch.zeros(merged.shape, dtype=torch.float32, device=merged.device)
+    for d in deltas:
         acc.add_(d.to(device=merged.device, dtype=torch.float32))
     merged_l1 = merged.to(torch.float32).abs().sum(dtype=torch.float64)
     return float(acc.abs().sum(dtype=torch.float64)), float(merged_l1)

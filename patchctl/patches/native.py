@@ -64,6 +64,10 @@ def _load() -> ctypes.CDLL | None:
     so.pc_ties.restype = ctypes.c_int
     so.pc_dare_drops.argtypes = [ctypes.c_uint64, _i64, ctypes.c_float, _vp]
     so.pc_dare_drops.restype = _i64
+    so.pc_l1_sums.argtypes = [_vp, _vp, ctypes.c_int, _vp, _i64, _i64, _vp]
+    so.pc_l1_sums.restype = ctypes.c_int
+    so.pc_scale_cast.argtypes = [_vp, ctypes.c_float, _vp, ctypes.c_int, _i64, _i64]
+    so.pc_scale_cast.restype = ctypes.c_int
     return so
 
 

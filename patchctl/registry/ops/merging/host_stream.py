@@ -1,7 +1,7 @@
 """The streaming pass of a task-arithmetic, TIES or DARE merge on the C kernels, without torch (issue #21).
 
 :func:`usable` says when a planned merge can run here: a diff output on the
-CPU, method ``task_arithmetic``, ``ties``, ``dare_ties`` or ``dare_linear`` without LiNeS, every input change
+CPU, method ``task_arithmetic``, ``ties``, ``dare_ties`` or ``dare_linear`` (LiNeS too), every input change
 a stored raw delta of float32, float16 or bfloat16, the output (and, with
 ``--apply``, every changed base tensor) of one of those dtypes, and the C
 kernels built (:mod:`patchctl.patches.native`; ``PATCHCTL_NATIVE=0`` turns
@@ -29,6 +29,7 @@ from patchctl.errors import PatchctlError
 from patchctl.patches import host, native
 from patchctl.patches.finite import require_finite
 from patchctl.patches.host import HostTensor
+from patchctl.patches.host_merge import l1_sums, scale_cast
 from patchctl.patches.host_merge import merge as merge_host
 from patchctl.patches.methods import HOST_METHODS
 from patchctl.registry.ops.merging.plan import _Plan
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 def usable(p: _Plan) -> bool:
     """Whether the merge ``p`` runs here (see the module docstring); else the torch engine does."""
     if (native.lib is None or p.method not in HOST_METHODS or p.device != "cpu" or p.as_lora is not None
-            or p.lines is not None or p.dtype not in host.CODES):
+            or p.dtype not in host.CODES):
         return False
     for inp in p.inputs:
         if inp.lora or inp.view.m.kind == "lora":
@@ -152,9 +153,46 @@ def _put(store: Any, t: HostTensor) -> TensorEntry:
     return TensorEntry(digest, t.dtype, t.shape, "raw", len(data))
 
 
+def lines_alpha(p: _Plan, store: Any, verifier: _Verifier, progress: Progress, done: list[int],
+                total: int) -> float | None:
+    """:func:`.stream._lines_alpha` of a :func:`usable` plan: the given α, or (``auto``) a first pass that
+    merges each tensor into a pooled float32 buffer and adds up its L1 norms
+    (:func:`patchctl.patches.host_merge.l1_sums`, the sums the torch engine's ``l1_norms`` takes on the
+    CPU), in target order."""
+    from patchctl.patches.lines import default_alpha
+
+    if p.lines is None:
+        return None
+    if p.lines != "auto":
+        return float(p.lines)
+    reader = _Reader(p, store, verifier)
+    sum_l1 = merged_l1 = 0.0
+    try:
+        for t in p.targets:
+            deltas = [reader.delta(t, k) for k in range(len(p.inputs))]
+            merged = HostTensor(host.POOL.take(math.prod(p.shapes[t]) * 4), "float32", p.shapes[t], pooled=True)
+            try:
+                merge_host(p.method, deltas, p.weights, p.per_tensor[t], merged, seed=p.seed, name=t)
+                a, b = l1_sums([native.ptr(d.buf) for d in deltas], [host.CODES[d.dtype] for d in deltas],
+                               native.ptr(merged.buf), merged.numel())
+            finally:
+                merged.release()
+            sum_l1 += a
+            merged_l1 += b
+            del deltas
+            _tick(p, t, progress, done, total)
+    finally:
+        reader.close()
+    return default_alpha(sum_l1, merged_l1, len(p.inputs))
+
+
 def stream(p: _Plan, store: Any, verifier: _Verifier, folder: Path | None, progress: Progress, done: list[int],
-           total: int) -> dict[str, TensorEntry]:
-    """:func:`.stream._stream` of a :func:`usable` plan, on the C kernels (same stages, same threads)."""
+           total: int, alpha: float | None = None, beta: float = 0.0) -> dict[str, TensorEntry]:
+    """:func:`.stream._stream` of a :func:`usable` plan, on the C kernels (same stages, same threads).
+    ``alpha``/``beta``: LiNeS (each merged tensor, in float32, times its :func:`~patchctl.patches.lines.
+    lines_scale` as a float32, then rounded into the stored dtype, as the torch engine does)."""
+    from patchctl.patches.lines import lines_scale
+
     items = _items(p, folder is not None)
     shards = _Shards(p, folder) if folder is not None else None
     tensors: dict[str, TensorEntry] = {}
@@ -201,7 +239,13 @@ def stream(p: _Plan, store: Any, verifier: _Verifier, folder: Path | None, progr
             return [] if base is None else [mx.submit(write, item, base)]
         t = item.target
         stored = held.take(slot, p.dtype, p.shapes[t])
-        merge_host(p.method, deltas, p.weights, p.per_tensor[t], stored, seed=p.seed, name=t)
+        if alpha is None:
+            merge_host(p.method, deltas, p.weights, p.per_tensor[t], stored, seed=p.seed, name=t)
+        else:
+            merged = stored if p.dtype == "float32" else held.take(slot, "float32", p.shapes[t])
+            merge_host(p.method, deltas, p.weights, p.per_tensor[t], merged, seed=p.seed, name=t)
+            scale_cast(native.ptr(merged.buf), lines_scale(t, p.num_blocks, alpha, beta), merged.numel(),
+                       native.ptr(stored.buf), host.CODES[p.dtype])
         del deltas
         futs = [bx.submit(put, t, stored)]
         if base is not None:

@@ -77,8 +77,8 @@ def _import_torch() -> Any:
 def _host_spec(spec: MergeSpec) -> bool:
     """Whether a merge of ``spec`` may run on the C kernels without torch (:func:`.host_stream.usable` then
     decides on the plan): torch is imported up front for the others."""
-    return (spec.method in HOST_METHODS and spec.as_lora is None and spec.lines_alpha is None
-            and spec.device == "cpu" and native.available())
+    return (spec.method in HOST_METHODS and spec.as_lora is None and spec.device == "cpu"
+            and native.available())
 
 
 def merge(
@@ -124,7 +124,11 @@ def merge(
         fused = p.as_lora is None  # a diff: one streaming pass stores it and (apply) writes the model
         with reg.store.writing(), (staged(Path(apply_to)) if fused and p.base is not None
                                    else contextlib.nullcontext()) as folder:
-            alpha = _lines_alpha(p, progress, done, total)
+            if host:
+                verifier = verifier or _Verifier.of(reg.store, [i.view.m for i in p.inputs])
+                alpha = host_stream.lines_alpha(p, reg.store, verifier, progress, done, total)
+            else:
+                alpha = _lines_alpha(p, progress, done, total)
             beta = p.lines_beta if p.lines_beta is not None else (single_patch_beta(alpha) if alpha is not None else 0.0)
             if folder is not None:
                 _copy_side_files(p.base, folder)
@@ -136,7 +140,7 @@ def merge(
             if fused:
                 verifier = verifier or _Verifier.of(reg.store, [i.view.m for i in p.inputs])
                 if host:
-                    tensors = host_stream.stream(p, reg.store, verifier, folder, progress, done, total)
+                    tensors = host_stream.stream(p, reg.store, verifier, folder, progress, done, total, alpha, beta)
                 else:
                     tensors = _stream(p, reg.store, verifier, alpha, beta, folder, progress, done, total)
             else:
