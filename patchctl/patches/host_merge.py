@@ -305,12 +305,13 @@ def scale_cast(src: int, scale: float, n: int, optr: int, ocode: int) -> None:
 
 
 def merge(method: str, deltas: Sequence[Any], weights: Sequence[float], params: dict[str, Any], out: Any, *,
-          seed: int = 0, name: str = "-") -> None:
+          seed: int = 0, name: str = "-", memo: dict[str, Any] | None = None) -> None:
     """Merge one tensor's deltas (:class:`~patchctl.patches.host.HostTensor` s of one shape) into ``out``
     (a HostTensor of that shape; float32, float16 or bfloat16) by ``method``, one of
     :data:`~patchctl.patches.methods.HOST_METHODS`, with ``params`` resolved and checked
     (:func:`~patchctl.patches.methods.check_call`): the bits :func:`patchctl.patches.merge.merge_tensor` gives
-    with ``generator_seed=seed`` and ``name`` (DARE's drops depend on both)."""
+    with ``generator_seed=seed`` and ``name`` (DARE's drops depend on both). ``memo``: TIES's top-k of each
+    input by tensor name, kept from a first pass over the same inputs (LiNeS's α) for the second."""
     n = out.numel()
     ptrs = [native.ptr(d.buf) for d in deltas]
     codes = [CODES[d.dtype] for d in deltas]
@@ -320,7 +321,11 @@ def merge(method: str, deltas: Sequence[Any], weights: Sequence[float], params: 
         weighted_sum(ptrs, codes, ws, lam, n, native.ptr(out.buf), CODES[out.dtype])
     elif method == "ties":
         k = int(float(params["density"]) * n)
-        tops = [top(d.ints(), d.dtype, k) for d in deltas]
+        tops = None if memo is None else memo.get(name)
+        if tops is None:
+            tops = [top(d.ints(), d.dtype, k) for d in deltas]
+            if memo is not None:
+                memo[name] = tops
         ties(ptrs, codes, ws, tops, den_floor(ws), lam, n, native.ptr(out.buf), CODES[out.dtype])
     elif method in ("dare_ties", "dare_linear"):
         dare(method, ptrs, codes, ws, float(params["density"]), lam, seed, name, n, native.ptr(out.buf),

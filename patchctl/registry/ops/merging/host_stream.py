@@ -154,11 +154,11 @@ def _put(store: Any, t: HostTensor) -> TensorEntry:
 
 
 def lines_alpha(p: _Plan, store: Any, verifier: _Verifier, progress: Progress, done: list[int],
-                total: int) -> float | None:
+                total: int, memo: dict[str, Any] | None = None) -> float | None:
     """:func:`.stream._lines_alpha` of a :func:`usable` plan: the given α, or (``auto``) a first pass that
     merges each tensor into a pooled float32 buffer and adds up its L1 norms
     (:func:`patchctl.patches.host_merge.l1_sums`, the sums the torch engine's ``l1_norms`` takes on the
-    CPU), in target order."""
+    CPU), in target order. ``memo`` keeps TIES's top-k of each tensor for :func:`stream`."""
     from patchctl.patches.lines import default_alpha
 
     if p.lines is None:
@@ -172,7 +172,7 @@ def lines_alpha(p: _Plan, store: Any, verifier: _Verifier, progress: Progress, d
             deltas = [reader.delta(t, k) for k in range(len(p.inputs))]
             merged = HostTensor(host.POOL.take(math.prod(p.shapes[t]) * 4), "float32", p.shapes[t], pooled=True)
             try:
-                merge_host(p.method, deltas, p.weights, p.per_tensor[t], merged, seed=p.seed, name=t)
+                merge_host(p.method, deltas, p.weights, p.per_tensor[t], merged, seed=p.seed, name=t, memo=memo)
                 a, b = l1_sums([native.ptr(d.buf) for d in deltas], [host.CODES[d.dtype] for d in deltas],
                                native.ptr(merged.buf), merged.numel())
             finally:
@@ -187,10 +187,12 @@ def lines_alpha(p: _Plan, store: Any, verifier: _Verifier, progress: Progress, d
 
 
 def stream(p: _Plan, store: Any, verifier: _Verifier, folder: Path | None, progress: Progress, done: list[int],
-           total: int, alpha: float | None = None, beta: float = 0.0) -> dict[str, TensorEntry]:
+           total: int, alpha: float | None = None, beta: float = 0.0,
+           memo: dict[str, Any] | None = None) -> dict[str, TensorEntry]:
     """:func:`.stream._stream` of a :func:`usable` plan, on the C kernels (same stages, same threads).
     ``alpha``/``beta``: LiNeS (each merged tensor, in float32, times its :func:`~patchctl.patches.lines.
-    lines_scale` as a float32, then rounded into the stored dtype, as the torch engine does)."""
+    lines_scale` as a float32, then rounded into the stored dtype, as the torch engine does); ``memo``:
+    :func:`lines_alpha`'s."""
     from patchctl.patches.lines import lines_scale
 
     items = _items(p, folder is not None)
@@ -243,7 +245,7 @@ def stream(p: _Plan, store: Any, verifier: _Verifier, folder: Path | None, progr
             merge_host(p.method, deltas, p.weights, p.per_tensor[t], stored, seed=p.seed, name=t)
         else:
             merged = stored if p.dtype == "float32" else held.take(slot, "float32", p.shapes[t])
-            merge_host(p.method, deltas, p.weights, p.per_tensor[t], merged, seed=p.seed, name=t)
+            merge_host(p.method, deltas, p.weights, p.per_tensor[t], merged, seed=p.seed, name=t, memo=memo)
             scale_cast(native.ptr(merged.buf), lines_scale(t, p.num_blocks, alpha, beta), merged.numel(),
                        native.ptr(stored.buf), host.CODES[p.dtype])
         del deltas

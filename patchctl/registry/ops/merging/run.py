@@ -124,9 +124,10 @@ def merge(
         fused = p.as_lora is None  # a diff: one streaming pass stores it and (apply) writes the model
         with reg.store.writing(), (staged(Path(apply_to)) if fused and p.base is not None
                                    else contextlib.nullcontext()) as folder:
+            tops: dict[str, Any] = {}  # TIES's top-k per tensor: found in LiNeS's first pass, used in the second
             if host:
                 verifier = verifier or _Verifier.of(reg.store, [i.view.m for i in p.inputs])
-                alpha = host_stream.lines_alpha(p, reg.store, verifier, progress, done, total)
+                alpha = host_stream.lines_alpha(p, reg.store, verifier, progress, done, total, tops)
             else:
                 alpha = _lines_alpha(p, progress, done, total)
             beta = p.lines_beta if p.lines_beta is not None else (single_patch_beta(alpha) if alpha is not None else 0.0)
@@ -140,7 +141,8 @@ def merge(
             if fused:
                 verifier = verifier or _Verifier.of(reg.store, [i.view.m for i in p.inputs])
                 if host:
-                    tensors = host_stream.stream(p, reg.store, verifier, folder, progress, done, total, alpha, beta)
+                    tensors = host_stream.stream(p, reg.store, verifier, folder, progress, done, total, alpha, beta,
+                                                 tops)
                 else:
                     tensors = _stream(p, reg.store, verifier, alpha, beta, folder, progress, done, total)
             else:
