@@ -25,13 +25,10 @@ Design choices:
   (whoever has the token, if any) for the whole registry, and blobs are
   content-addressed and shared between names on disk, so a per-name check
   would cost a manifest scan per request and protect nothing.
-- Blob bodies: a blob of up to 1 MiB asked without ``Range`` is read whole by
-  the handler and sent in one piece (no worker-thread trips to read and close
-  it); a larger one goes by ``sendfile(2)`` from its open descriptor (the ASGI
-  zero-copy send that :mod:`patchctl.server.guard`'s protocol offers: no
-  reads into Python, no copies in user space, the send timeout per 1 MiB
-  piece); a ``Range`` request streams in 1 MiB chunks (Starlette's
-  ``FileResponse``, which also does ``If-Range``). They are not re-hashed on the
+- Blob bodies stream from disk in 1 MiB chunks (Starlette's ``FileResponse``,
+  which also does ``Range`` and ``If-Range``); a blob of up to 1 MiB asked
+  without ``Range`` is read whole by the handler and sent in one piece (no
+  worker-thread trips to read and close it). They are not re-hashed on the
   way out — the client hashes everything it receives (invariant 5). Verified
   manifests are cached in memory by digest (bounded; they are immutable).
 - A blob is opened component by component from the registry folder with
@@ -109,7 +106,6 @@ from patchctl.server import pages
 from patchctl.server.cookie import TokenCookie
 from patchctl.server.guard import (
     BACKLOG,
-    ZERO_COPY,
     Guard,
     Limits,
     Server,
@@ -176,10 +172,7 @@ class _Blob(FileResponse):
     ``data``: the whole blob, read by the handler (a small one, a plain GET):
     sent as it is, with the same headers, without the two worker-thread trips
     (read, close) that streaming the file costs — most blobs of a patch are
-    small, so these trips were most of a pull's per-request cost. A larger
-    blob asked whole goes by the zero-copy send the server's protocol offers
-    (:data:`~patchctl.server.guard.ZERO_COPY`: ``sendfile(2)`` from this
-    descriptor); a ``Range`` request is streamed by ``FileResponse``.
+    small, so these trips were most of a pull's per-request cost.
     """
 
     chunk_size = 1 << 20
@@ -203,13 +196,6 @@ class _Blob(FileResponse):
             if self._data is not None:
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 await send({"type": "http.response.body", "body": self._data, "more_body": False})
-                return
-            if (scope["method"] == "GET" and ZERO_COPY in scope.get("extensions", {}) and self.stat_result is not None
-                    and not any(k == b"range" for k, _ in scope["headers"])):
-                # the whole blob, by sendfile(2) from the descriptor already opened and checked
-                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-                await send({"type": ZERO_COPY, "file": self._file, "offset": 0, "count": self.stat_result.st_size,
-                            "more_body": False})
                 return
             await super().__call__(scope, receive, send)
         finally:

@@ -57,7 +57,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import anyio.to_thread
-import h11
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -216,24 +215,6 @@ class _Warn:
             self.last, self.count = now, 0
 
 
-#: The ASGI zero-copy send extension (https://asgi.readthedocs.io/en/latest/extensions.html#zero-copy-send),
-#: offered by :class:`GuardedH11Protocol` on every request.
-ZERO_COPY = "http.response.zerocopysend"
-_PIECE = 1 << 20  # bytes per sendfile call: the send timeout applies to each
-
-
-class _Counted:
-    """A body part of ``n`` bytes as h11 sees it (only its length): the bytes themselves go by sendfile."""
-
-    __slots__ = ("n",)
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the header timeout, send timeout and connection cap (module docstring).
 
@@ -269,60 +250,9 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
-        before = self.cycle
         super().handle_events()
-        if self.cycle is not None and self.cycle is not before:  # a request started: its task runs later
-            self._offer_zero_copy(self.cycle)
         if self._deadline is not None and self.cycle is not None and not self.cycle.response_complete:
             self._stop_waiting()  # a request's headers are complete: the handler runs
-
-    # -- zero-copy file bodies -----------------------------------------------------------
-    def _offer_zero_copy(self, cycle: Any) -> None:
-        """Offer the handler the ASGI zero-copy send extension (:data:`ZERO_COPY`) on this request: a
-        ``{"type": ZERO_COPY, "file", "offset", "count", "more_body"}`` message sends ``count`` bytes of an
-        open file from ``offset`` by ``sendfile(2)`` (the kernel copies page cache to socket: no reads into
-        Python, no worker-thread trips, no copies in user space). Other messages go to uvicorn as before."""
-        cycle.scope.setdefault("extensions", {})[ZERO_COPY] = {}
-        plain = cycle.send
-
-        async def send(message: Any) -> None:
-            if message.get("type") != ZERO_COPY:
-                await plain(message)
-            else:
-                await self._send_file(cycle, plain, message)
-
-        cycle.send = send
-
-    async def _send_file(self, cycle: Any, plain: Any, message: Any) -> None:
-        """The body part of ``message`` (:data:`ZERO_COPY`) by ``loop.sendfile``, a piece at a time: a piece
-        the client does not take within the send timeout aborts the connection, as a stalled buffer does
-        for other bodies. h11 counts the bytes against the declared Content-Length (its framing writes
-        nothing of its own for them); then an empty body message lets uvicorn finish the response."""
-        if cycle.disconnected:
-            return
-        if not cycle.response_started or cycle.response_complete:
-            raise RuntimeError(f"unexpected ASGI message {ZERO_COPY!r} outside a response body")
-        file, offset, count = message["file"], int(message.get("offset") or 0), message.get("count")
-        if count is None:
-            count = os.fstat(file.fileno()).st_size - offset
-        if cycle.scope["method"] != "HEAD" and count > 0:
-            cycle.conn.send_with_data_passthrough(h11.Data(data=_Counted(count)))  # writes nothing for it
-            end = offset + count
-            while offset < end:
-                n = min(_PIECE, end - offset)
-                try:
-                    sent = await asyncio.wait_for(self.loop.sendfile(self.transport, file, offset, n),
-                                                  self.limits.send_timeout)
-                except (asyncio.TimeoutError, OSError, RuntimeError):  # stalled, reset, or closed under us
-                    cycle.disconnected = True
-                    self._drop(abort=True)
-                    return
-                if not sent:  # the file is shorter than it was: the declared length cannot be met
-                    cycle.disconnected = True
-                    self._drop(abort=True)
-                    return
-                offset += sent
-        await plain({"type": "http.response.body", "body": b"", "more_body": bool(message.get("more_body"))})
 
     def on_response_complete(self) -> None:
         if not self.transport.is_closing():  # armed first: super() may start a pipelined request at once
