@@ -2,6 +2,7 @@
 
     nice python bench/serve_send.py                                # this checkout's server vs itself (sanity)
     nice python bench/serve_send.py --baseline /tmp/old62          # vs another tree (git archive REV patchctl)
+    nice python bench/serve_send.py --tree /tmp/zc --baseline /tmp/old62   # two other trees
 
 A registry with ``--blobs`` random blobs of ``--blob-mib`` MiB each (made once under
 ``bench/_work/serve-send``) is served by each tree's ``python -m patchctl serve`` on 127.0.0.1,
@@ -104,6 +105,7 @@ def run(tree: Path, registry: Path, digests: list[str], rounds: int, log: Path) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tree", type=Path, default=ROOT, help="the tree measured (default: this checkout)")
     ap.add_argument("--baseline", type=Path, default=ROOT, help="the other tree (a folder holding patchctl/)")
     ap.add_argument("--blobs", type=int, default=4)
     ap.add_argument("--blob-mib", type=int, default=64)
@@ -112,7 +114,7 @@ def main() -> None:
     a = ap.parse_args()
     digests = make_registry(a.work, a.blobs, a.blob_mib)
     rows = {}
-    for name, tree in (("this tree", ROOT), ("baseline", a.baseline.resolve())):
+    for name, tree in (("this tree", a.tree.resolve()), ("baseline", a.baseline.resolve())):
         rows[name] = run(tree, a.work / "reg", digests, a.rounds, a.work / f"serve-{name.replace(' ', '-')}.log")
         r = rows[name]
         print(f"{name:<10} {tree}: {r['gb']:.2f} GB in {r['wall']:.2f} s ({r['gb'] / r['wall']:.2f} GB/s), "
