@@ -169,6 +169,25 @@ def test_bad_merge_arguments_get_the_same_one_line_error_without_torch(tmp_path,
     assert lines[True] == lines[False]
 
 
+@needs_native
+def test_lines_auto_of_a_zero_merge_gets_the_same_one_line_error_without_torch(tmp_path):
+    """LiNeS auto needs a merged task vector with a non-zero L1 norm: τ - τ is refused the same way on
+    both paths (one error line, exit 1, nothing tagged), and the kernels' path still never imports torch."""
+    base, fts = _setup(tmp_path, torch.bfloat16)
+    lines = {}
+    for native_on in (True, False):
+        reg = tmp_path / f"reg-{native_on}"
+        assert _run(["push", fts[0], "p0:v1", "--base", base, "--registry", reg], True).returncode == 0
+        r = _run(["merge", "p0:v1", "p0:v1", "--weights", "1,-1", "--lines", "auto", "--as", "m:v1",
+                  "--no-validate", "--registry", reg], native_on)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert ("NO-TORCH" in r.stderr) == native_on, r.stderr
+        lines[native_on] = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert len(lines[native_on]) == 1 and "L1 norm 0.0" in lines[native_on][0]
+        assert "m:v1" not in _run(["ls", "--registry", reg], True).stdout
+    assert lines[True] == lines[False]
+
+
 # -- in process -------------------------------------------------------------------------------------------
 
 def _grid(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
