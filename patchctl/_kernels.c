@@ -31,7 +31,7 @@
 #endif
 
 /* Version of this ABI: native.py refuses a library whose version differs. */
-PC_EXPORT int pc_abi_version(void) { return 4; }
+PC_EXPORT int pc_abi_version(void) { return 5; }
 
 /*
  * hist16: add to hist[0..65535] the count of each raw 16-bit pattern in
@@ -591,13 +591,14 @@ PC_EXPORT PC_TARGETS int64_t pc_dare_drops(uint64_t seed, int64_t n, float densi
  * [lo, hi): the order of operations of patches/merge.py's torch path (each input widened to float32,
  * DARE's drop where drops (may be NULL) has drops[q] (+0 where bit i is set, else / density: dare_linear),
  * then multiplied by its float32 weight where mul[q] (the weight is not 1), summed in input order into a
- * zeroed accumulator, scaled by lam where `scale`), each step rounded to float32. codes[q] and ocode as
+ * zeroed accumulator, scaled by lam where `scale`, then by `post` where has_post: LiNeS's layer scale,
+ * the torch path's mul_ of the float32 result), each step rounded to float32. codes[q] and ocode as
  * above. Returns 0, or -1 for an unknown code.
  */
 #define PC_WS_BLOCK 1024
 PC_EXPORT PC_TARGETS int pc_weighted_sum(const void *const *ins, const int *codes, const float *ws, const int *mul,
                                          const uint8_t *const *drops, float density, int k, float lam, int scale,
-                                         void *out, int ocode, int64_t lo, int64_t hi) {
+                                         float post, int has_post, void *out, int ocode, int64_t lo, int64_t hi) {
     for (int q = 0; q < k; q++)
         if (codes[q] < 0 || codes[q] > 2) return -1;
     if (ocode < 0 || ocode > 2) return -1;
@@ -629,6 +630,8 @@ PC_EXPORT PC_TARGETS int pc_weighted_sum(const void *const *ins, const int *code
         }
         if (scale)
             for (int64_t j = 0; j < m; j++) acc[j] *= lam;
+        if (has_post)
+            for (int64_t j = 0; j < m; j++) acc[j] *= post;
         if (ocode == 0) memcpy((float *)out + s, acc, (size_t)m * sizeof(float));
         else if (ocode == 1)
             for (int64_t j = 0; j < m; j++) ((uint16_t *)out)[s + j] = pc_f32_to_f16(acc[j]);
@@ -646,14 +649,14 @@ PC_EXPORT PC_TARGETS int pc_weighted_sum(const void *const *ins, const int *code
  *          drop (+0 where bit i of drops[q] is set, else p_q / density: dare_ties), times ws[q] where mul[q];
  *   s    = copysign(1, ((+0 + p_0) + p_1) + ...);
  *   num  = (+0 + max(s·p_q, 0) + ...) over q with ws[q] != 0 (a NaN stays), den of ws[q]·[s·p_q > 0];
- *   out  = round_ocode(((num · s) / max(den, den_floor)) · lam (where scale)).
+ *   out  = round_ocode((((num · s) / max(den, den_floor)) · lam (where scale)) · post (where has_post)).
  * Returns 0, -1 for an unknown code, -2 when the scratch could not be allocated.
  */
 #define PC_TIES_BLOCK 256
 PC_EXPORT PC_TARGETS int pc_ties(const void *const *ins, const int *codes, const float *ws, const int *mul,
                                  const int *mode, const int64_t *cutoff, const float *at_or_above, const float *above,
-                                 const uint8_t *const *drops, float density, int k, float den_floor, float lam, int scale, void *out, int ocode, int64_t lo,
-                                 int64_t hi) {
+                                 const uint8_t *const *drops, float density, int k, float den_floor, float lam,
+                                 int scale, float post, int has_post, void *out, int ocode, int64_t lo, int64_t hi) {
     for (int q = 0; q < k; q++)
         if (codes[q] < 0 || codes[q] > 2) return -1;
     if (ocode < 0 || ocode > 2) return -1;
@@ -707,7 +710,8 @@ PC_EXPORT PC_TARGETS int pc_ties(const void *const *ins, const int *codes, const
         }
         for (int64_t j = 0; j < m; j++) {
             float r = (acc[j] * sgn[j]) / (den[j] > den_floor ? den[j] : den_floor);
-            acc[j] = scale ? r * lam : r;
+            r = scale ? r * lam : r;
+            acc[j] = has_post ? r * post : r;
         }
         if (ocode == 0) memcpy((float *)out + s, acc, (size_t)m * sizeof(float));
         else if (ocode == 1)
@@ -756,19 +760,6 @@ PC_EXPORT PC_TARGETS int pc_l1_sums(const void *const *ins, const int *codes, in
         parts[2 * blk] = ((la[0] + la[1]) + (la[2] + la[3])) + ((la[4] + la[5]) + (la[6] + la[7]));
         parts[2 * blk + 1] = ((lb[0] + lb[1]) + (lb[2] + lb[3])) + ((lb[4] + lb[5]) + (lb[6] + lb[7]));
     }
-    return 0;
-}
-
-/* scale_cast: out[i] = round_ocode(x[i] * s) for i in [lo, hi), x float32 (out may be x): LiNeS's scaling of
- * a merged tensor (torch's mul_ by a float32 scalar, then copy_ into the stored dtype). -1: unknown code. */
-PC_EXPORT PC_TARGETS int pc_scale_cast(const float *x, float s, void *out, int ocode, int64_t lo, int64_t hi) {
-    if (ocode < 0 || ocode > 2) return -1;
-    if (ocode == 0)
-        for (int64_t i = lo; i < hi; i++) ((float *)out)[i] = x[i] * s;
-    else if (ocode == 1)
-        for (int64_t i = lo; i < hi; i++) ((uint16_t *)out)[i] = pc_f32_to_f16(x[i] * s);
-    else
-        for (int64_t i = lo; i < hi; i++) ((uint16_t *)out)[i] = pc_f32_to_bf16(x[i] * s);
     return 0;
 }
 

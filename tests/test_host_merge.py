@@ -365,16 +365,25 @@ def test_l1_norms_on_the_kernels_agree_with_torch_at_any_thread_count(monkeypatc
 
 
 @needs_native
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {"lam": 0.7}), ("ties", {"density": 0.3}),
+                                           ("dare_ties", {"density": 0.4}), ("dare_linear", {"density": 0.5})])
 @pytest.mark.parametrize("odt", [torch.float32, torch.float16, torch.bfloat16])
-def test_scale_cast_is_torchs_mul_then_copy(odt):
-    x = torch.tensor([1.0, -0.0, 0.0, 3.3e38, -1e-45, 65519.0, 1.0 / 3, float("nan"), -7.25] * 50)
+def test_lines_scale_in_the_kernel_is_torchs_mul_then_copy(method, params, odt):
+    """The kernels' ``post`` (LiNeS's scale, fused into the merge's last step) gives the bits of the torch
+    engine's ``merged.mul_(scale)`` on the float32 result, then ``stored.copy_(merged)``; -0 stays -0."""
+    g = torch.Generator().manual_seed(2)
+    n = 3_001
+    ds = [(torch.randint(-3, 4, (n,), generator=g).float() * 2.0**-6).to(torch.bfloat16) for _ in range(3)]
+    ws = [0.5, 0.3, 0.2]
     for scale in (0.37, 1.0, -2.5, 1e-3):
-        want = torch.empty(x.shape, dtype=odt).copy_(x.clone().mul_(scale))
-        out = torch.empty(x.shape, dtype=odt)
-        host_merge.scale_cast(x.data_ptr(), scale, x.numel(), out.data_ptr(), host.CODES[str(odt)[6:]])
-        nan = want.isnan()
-        assert torch.equal(out.isnan(), nan)  # a NaN's payload may differ: it never reaches the store
-        assert torch.equal(out[~nan].view(torch.uint8), want[~nan].view(torch.uint8)), (odt, scale)
+        merged = merge.merge_tensor(method, ds, ws, generator_seed=4, name="layers.1.w", params=params)
+        want = torch.empty(n, dtype=odt).copy_(merged.mul_(scale))
+        out = host.HostTensor(np.zeros(n * want.element_size(), np.uint8), str(odt)[6:], (n,))
+        host_merge.merge(method, [_host(d) for d in ds], ws, {"lam": 1.0, **params}, out, seed=4, name="layers.1.w",
+                         post=scale)
+        assert np.array_equal(out.buf, want.view(torch.uint8).numpy()), (scale, odt)
+        if method == "ties":
+            assert (want.view(torch.int16 if want.element_size() == 2 else torch.int32) < 0).any()  # -0s, negatives
 
 
 def test_promote_dtypes_is_torchs_promotion():

@@ -210,9 +210,10 @@ class Drops:
 
 
 def weighted_sum(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], lam: float, n: int,
-                 optr: int, ocode: int, drops: Drops | None = None) -> None:
+                 optr: int, ocode: int, drops: Drops | None = None, post: float | None = None) -> None:
     """``λ · Σ wᵢτᵢ`` of ``n`` entries into ``optr`` (``pc_weighted_sum``; split over the streaming threads);
-    with ``drops``, each τᵢ DARE-dropped first (``dare_linear``)."""
+    with ``drops``, each τᵢ DARE-dropped first (``dare_linear``); ``post``: the float32 result times it
+    (LiNeS's scale), before it is rounded into the output dtype."""
     k = len(ptrs)
     p = (ctypes.c_void_p * k)(*ptrs)
     c, w = (ctypes.c_int * k)(*codes), (ctypes.c_float * k)(*ws)
@@ -221,16 +222,17 @@ def weighted_sum(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float],
     lib = native.lib
 
     def part(lo: int, hi: int) -> None:
-        if lib.pc_weighted_sum(p, c, w, mul, dp, density, k, lam, lam != 1.0, optr, ocode, lo, hi):
+        if lib.pc_weighted_sum(p, c, w, mul, dp, density, k, lam, lam != 1.0, post or 0.0, post is not None, optr,
+                               ocode, lo, hi):
             raise InvalidArgument("pc_weighted_sum: unknown dtype code")
 
     _split(part, n)
 
 
 def ties(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], tops: Sequence[Top | bool] | Drops,
-         floor: float, lam: float, n: int, optr: int, ocode: int) -> None:
+         floor: float, lam: float, n: int, optr: int, ocode: int, post: float | None = None) -> None:
     """TIES's trim (or, given :class:`Drops`, DARE's drop: ``dare_ties``), sign election and disjoint mean
-    of ``n`` entries into ``optr`` (``pc_ties``)."""
+    of ``n`` entries into ``optr`` (``pc_ties``); ``post`` as for :func:`weighted_sum`."""
     k = len(ptrs)
     c_f, c_i, c_i64 = ctypes.c_float * k, ctypes.c_int * k, ctypes.c_int64 * k
     p = (ctypes.c_void_p * k)(*ptrs)
@@ -248,8 +250,8 @@ def ties(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], tops: S
     lib = native.lib
 
     def part(lo: int, hi: int) -> None:
-        rc = lib.pc_ties(p, c, w, mul, mode, cutoff, at, above, dp, density, k, floor, lam, lam != 1.0, optr,
-                         ocode, lo, hi)
+        rc = lib.pc_ties(p, c, w, mul, mode, cutoff, at, above, dp, density, k, floor, lam, lam != 1.0,
+                         post or 0.0, post is not None, optr, ocode, lo, hi)
         if rc:
             raise MemoryError("pc_ties: no memory for its scratch") if rc == -2 else \
                 InvalidArgument("pc_ties: unknown dtype code")
@@ -258,15 +260,15 @@ def ties(ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], tops: S
 
 
 def dare(method: str, ptrs: Sequence[int], codes: Sequence[int], ws: Sequence[float], density: float, lam: float,
-         seed: int, name: str, n: int, optr: int, ocode: int) -> None:
+         seed: int, name: str, n: int, optr: int, ocode: int, post: float | None = None) -> None:
     """``dare_ties`` or ``dare_linear`` of ``n`` entries into ``optr``: the drop masks of
     :func:`~patchctl.patches.methods.dare_seed` ``(seed, name, i)``, then ``pc_ties`` or ``pc_weighted_sum``."""
     drops = Drops(n, density, [dare_seed(seed, name, i) for i in range(len(ptrs))])
     try:
         if method == "dare_ties":
-            ties(ptrs, codes, ws, drops, den_floor(ws), lam, n, optr, ocode)
+            ties(ptrs, codes, ws, drops, den_floor(ws), lam, n, optr, ocode, post)
         else:
-            weighted_sum(ptrs, codes, ws, lam, n, optr, ocode, drops)
+            weighted_sum(ptrs, codes, ws, lam, n, optr, ocode, drops, post)
     finally:
         drops.release()
 
@@ -293,32 +295,23 @@ def l1_sums(ptrs: Sequence[int], codes: Sequence[int], mptr: int, n: int) -> tup
     return math.fsum(parts[0::2].tolist()), math.fsum(parts[1::2].tolist())
 
 
-def scale_cast(src: int, scale: float, n: int, optr: int, ocode: int) -> None:
-    """``out = round(x · float32(scale))`` for ``n`` float32 entries at ``src`` (``optr`` may be ``src``)."""
-    lib = native.lib
-
-    def part(lo: int, hi: int) -> None:
-        if lib.pc_scale_cast(src, scale, optr, ocode, lo, hi):
-            raise InvalidArgument("pc_scale_cast: unknown dtype code")
-
-    _split(part, n)
-
-
 def merge(method: str, deltas: Sequence[Any], weights: Sequence[float], params: dict[str, Any], out: Any, *,
-          seed: int = 0, name: str = "-", memo: dict[str, Any] | None = None) -> None:
+          seed: int = 0, name: str = "-", memo: dict[str, Any] | None = None, post: float | None = None) -> None:
     """Merge one tensor's deltas (:class:`~patchctl.patches.host.HostTensor` s of one shape) into ``out``
     (a HostTensor of that shape; float32, float16 or bfloat16) by ``method``, one of
     :data:`~patchctl.patches.methods.HOST_METHODS`, with ``params`` resolved and checked
     (:func:`~patchctl.patches.methods.check_call`): the bits :func:`patchctl.patches.merge.merge_tensor` gives
     with ``generator_seed=seed`` and ``name`` (DARE's drops depend on both). ``memo``: TIES's top-k of each
-    input by tensor name, kept from a first pass over the same inputs (LiNeS's α) for the second."""
+    input by tensor name, kept from a first pass over the same inputs (LiNeS's α) for the second. ``post``:
+    LiNeS's scale of this tensor, applied to the float32 result (as the torch path's ``mul_``) before it is
+    rounded into ``out``."""
     n = out.numel()
     ptrs = [native.ptr(d.buf) for d in deltas]
     codes = [CODES[d.dtype] for d in deltas]
     ws = [float(w) for w in weights]
     lam = float(params["lam"])
     if method == "task_arithmetic":
-        weighted_sum(ptrs, codes, ws, lam, n, native.ptr(out.buf), CODES[out.dtype])
+        weighted_sum(ptrs, codes, ws, lam, n, native.ptr(out.buf), CODES[out.dtype], post=post)
     elif method == "ties":
         k = int(float(params["density"]) * n)
         tops = None if memo is None else memo.get(name)
@@ -326,10 +319,10 @@ def merge(method: str, deltas: Sequence[Any], weights: Sequence[float], params: 
             tops = [top(d.ints(), d.dtype, k) for d in deltas]
             if memo is not None:
                 memo[name] = tops
-        ties(ptrs, codes, ws, tops, den_floor(ws), lam, n, native.ptr(out.buf), CODES[out.dtype])
+        ties(ptrs, codes, ws, tops, den_floor(ws), lam, n, native.ptr(out.buf), CODES[out.dtype], post)
     elif method in ("dare_ties", "dare_linear"):
         dare(method, ptrs, codes, ws, float(params["density"]), lam, seed, name, n, native.ptr(out.buf),
-             CODES[out.dtype])
+             CODES[out.dtype], post)
     else:
         raise InvalidArgument(f"merge method {method!r} does not run on the host kernels")
 
@@ -366,4 +359,4 @@ def positive(t: Any) -> np.ndarray:
     return (sign == 0) & (key != 0) & (key <= INF_KEY[t.dtype])
 
 
-__all__ = ["Drops", "Top", "count_nonzero", "dare", "kth_key", "l1_sums", "merge", "scale_cast", "sign_counts", "support", "top"]
+__all__ = ["Drops", "Top", "count_nonzero", "dare", "kth_key", "l1_sums", "merge", "sign_counts", "support", "top"]

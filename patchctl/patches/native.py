@@ -14,7 +14,7 @@ import os
 
 __all__ = ["lib", "available", "ptr"]
 
-_ABI = 4
+_ABI = 5
 
 _i64 = ctypes.c_int64
 _vp = ctypes.c_void_p
@@ -57,17 +57,15 @@ def _load() -> ctypes.CDLL | None:
     so.pc_same.argtypes = [_vp, _vp, _i64]
     so.pc_same.restype = ctypes.c_int
     so.pc_weighted_sum.argtypes = [_vp, _vp, _vp, _vp, _vp, ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int,
-                                   _vp, ctypes.c_int, _i64, _i64]
+                                   ctypes.c_float, ctypes.c_int, _vp, ctypes.c_int, _i64, _i64]
     so.pc_weighted_sum.restype = ctypes.c_int
     so.pc_ties.argtypes = [_vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, ctypes.c_float, ctypes.c_int, ctypes.c_float,
-                           ctypes.c_float, ctypes.c_int, _vp, ctypes.c_int, _i64, _i64]
+                           ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int, _vp, ctypes.c_int, _i64, _i64]
     so.pc_ties.restype = ctypes.c_int
     so.pc_dare_drops.argtypes = [ctypes.c_uint64, _i64, ctypes.c_float, _vp]
     so.pc_dare_drops.restype = _i64
     so.pc_l1_sums.argtypes = [_vp, _vp, ctypes.c_int, _vp, _i64, _i64, _vp]
     so.pc_l1_sums.restype = ctypes.c_int
-    so.pc_scale_cast.argtypes = [_vp, ctypes.c_float, _vp, ctypes.c_int, _i64, _i64]
-    so.pc_scale_cast.restype = ctypes.c_int
     return so
 
 

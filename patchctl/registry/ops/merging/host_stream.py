@@ -29,7 +29,7 @@ from patchctl.errors import PatchctlError
 from patchctl.patches import host, native
 from patchctl.patches.finite import require_finite
 from patchctl.patches.host import HostTensor
-from patchctl.patches.host_merge import l1_sums, scale_cast
+from patchctl.patches.host_merge import l1_sums
 from patchctl.patches.host_merge import merge as merge_host
 from patchctl.patches.methods import HOST_METHODS
 from patchctl.registry.ops.merging.plan import _Plan
@@ -191,8 +191,8 @@ def stream(p: _Plan, store: Any, verifier: _Verifier, folder: Path | None, progr
            memo: dict[str, Any] | None = None) -> dict[str, TensorEntry]:
     """:func:`.stream._stream` of a :func:`usable` plan, on the C kernels (same stages, same threads).
     ``alpha``/``beta``: LiNeS (each merged tensor, in float32, times its :func:`~patchctl.patches.lines.
-    lines_scale` as a float32, then rounded into the stored dtype, as the torch engine does); ``memo``:
-    :func:`lines_alpha`'s."""
+    lines_scale` as a float32, then rounded into the stored dtype, as the torch engine does: in the merge
+    kernel's last step); ``memo``: :func:`lines_alpha`'s."""
     from patchctl.patches.lines import lines_scale
 
     items = _items(p, folder is not None)
@@ -241,13 +241,8 @@ def stream(p: _Plan, store: Any, verifier: _Verifier, folder: Path | None, progr
             return [] if base is None else [mx.submit(write, item, base)]
         t = item.target
         stored = held.take(slot, p.dtype, p.shapes[t])
-        if alpha is None:
-            merge_host(p.method, deltas, p.weights, p.per_tensor[t], stored, seed=p.seed, name=t)
-        else:
-            merged = stored if p.dtype == "float32" else held.take(slot, "float32", p.shapes[t])
-            merge_host(p.method, deltas, p.weights, p.per_tensor[t], merged, seed=p.seed, name=t, memo=memo)
-            scale_cast(native.ptr(merged.buf), lines_scale(t, p.num_blocks, alpha, beta), merged.numel(),
-                       native.ptr(stored.buf), host.CODES[p.dtype])
+        scale = None if alpha is None else lines_scale(t, p.num_blocks, alpha, beta)
+        merge_host(p.method, deltas, p.weights, p.per_tensor[t], stored, seed=p.seed, name=t, memo=memo, post=scale)
         del deltas
         futs = [bx.submit(put, t, stored)]
         if base is not None:
