@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -105,6 +106,31 @@ def test_same_bytes_compares_bits_not_values():
     assert same_bytes(nan, nan.clone())  # equal bits, unequal values
     odd = torch.arange(7, dtype=torch.uint8)
     assert same_bytes(odd, odd.clone()) and not same_bytes(odd, odd + 1)
+
+
+def test_run_ranges_from_several_threads_with_different_part_counts(monkeypatch):
+    """The streams split kernels from several threads at once (the merge on one, base + merged on the
+    model writer), each into its own number of parts: the shared pool must never be shut down under one
+    of them ("cannot schedule new futures after shutdown" with 8 threads, before), and every range runs."""
+    monkeypatch.setenv("PATCHCTL_THREADS", "8")
+    errors: list[str] = []
+    covered: list[int] = []
+
+    def caller(min_per: int) -> None:
+        try:
+            for _ in range(800):
+                got = _workers.run_ranges(lambda lo, hi: hi - lo, 8 << 20, 1, min_per)
+                covered.append(sum(got))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=caller, args=(m,)) for m in (1 << 20, 3 << 20, 4 << 20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert covered == [8 << 20] * 2400
 
 
 def test_workers_follows_patchctl_threads_then_the_usable_cores(monkeypatch):

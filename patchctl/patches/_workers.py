@@ -56,12 +56,16 @@ def _configured() -> int:
 
 
 def pool(size: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``size`` threads (re-made when the size asked for changes)."""
+    """A process-wide pool of at least ``size`` threads.
+
+    It only grows: a larger size replaces it with a larger pool, and the old one is never shut down
+    (another thread may be submitting to it at that moment: the streams call :func:`run_ranges` from
+    several threads at once, each with its own number of parts); once unreferenced it is collected
+    and its idle threads exit.
+    """
     global _pool, _pool_size
     with _lock:
-        if _pool is None or _pool_size != size:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+        if _pool is None or _pool_size < size:
             _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix="patchctl-work"), size
         return _pool
 
