@@ -168,6 +168,60 @@ def test_serve_idle_sockets_beyond_the_descriptor_limit_do_not_stop_requests(reg
     assert tracebacks(log) == [], log.read_text()[-3000:]
 
 
+def test_eviction_skips_a_connection_whose_request_waits_unread():
+    """Over the cap, the oldest waiting connection is closed to make room, unless its request has arrived but
+    not been read yet (a burst of accepts runs every connection_made before the reads): closing that one
+    reset a real GET under a flood of idle sockets. Real TCP sockets on 127.0.0.1; the transports are
+    stand-ins holding them (the race between accept and read cannot be driven from outside reliably)."""
+    from patchctl.server.guard import Limits, protocol
+
+    class Transport:
+        def __init__(self, sock: socket.socket):
+            self.sock, self.closed = sock, False
+
+        def get_extra_info(self, name: str) -> object:
+            return self.sock if name == "socket" else None
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+    cls = protocol(Limits(), 4)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        pairs = []
+        for _ in range(3):
+            client = socket.create_connection(listener.getsockname())
+            server, _ = listener.accept()
+            pairs.append((client, server))
+        try:
+            conns = []
+            for _, server in pairs:
+                c = object.__new__(cls)
+                c.transport = Transport(server)
+                cls.live.add(c)
+                cls.waiting[c] = None
+                conns.append(c)
+            oldest, middle, newest = conns
+            pairs[0][0].sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")  # the oldest has a request waiting
+            time.sleep(0.1)
+            assert oldest._request_pending() and not middle._request_pending()
+            assert cls._evict_one(newest)
+            assert not oldest.transport.closed and middle.transport.closed  # the idle one went, not the request
+            pairs[2][0].sendall(b"G")
+            time.sleep(0.1)
+            assert not cls._evict_one(newest)  # only connections with requests waiting: refuse the new one
+            assert not oldest.transport.closed and not newest.transport.closed
+            assert pairs[0][1].recv(3, socket.MSG_PEEK) == b"GET"  # the peeks consumed nothing
+        finally:
+            cls.live.clear()
+            cls.waiting.clear()
+            for a, b in pairs:
+                a.close()
+                b.close()
+
+
 def test_serve_refuses_a_connection_over_the_cap_when_none_is_idle(reg_root, tmp_path):
     """With the cap at 4 and 4 connections each in the middle of a response (a 32 MiB blob that the client
     does not read), a fifth connection is answered 503 at once, not queued; once they go, it is served."""

@@ -20,8 +20,8 @@ headers are parsed, so 1,100 idle sockets would make every real request a 503):
    SQLite files). A connection over the cap closes the connection that has
    waited longest for a request (an idle one, as nginx reuses keep-alive
    connections), so idle sockets can never lock real requests out; when every
-   connection is in the middle of a request the new one is refused at once
-   with ``503`` and ``Connection: close``.
+   connection is in the middle of a request (or has one waiting unread in its
+   socket) the new one is refused at once with ``503`` and ``Connection: close``.
 4. Client misbehaviour never logs a traceback: timeouts and evictions are
    silent, refusals one rate-limited line, and the event loop's handler turns
    ``accept()`` running out of descriptors into one line (:class:`Server`).
@@ -301,11 +301,30 @@ class GuardedH11Protocol(H11Protocol):
                 self.transport.close()
 
     def _evict_one(self) -> bool:
-        """Close the connection that has waited longest for a request; False when every one is busy."""
+        """Close the connection that has waited longest for a request; False when every one is busy.
+
+        A waiting connection whose request has arrived but not been read yet (bytes in its socket: in a
+        burst of accepts, every new connection's ``connection_made`` runs before the others' reads) is busy,
+        not idle: closing it would reset a real request.
+        """
         for other in self.waiting:
-            other._drop()
-            return True
+            if not other._request_pending():
+                other._drop()
+                return True
         return False
+
+    def _request_pending(self) -> bool:
+        """Whether bytes from the client wait unread in this connection's socket (a peek; never blocks)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        peek = socket.socket(fileno=sock.fileno())  # the same descriptor: detached below, never closed here
+        try:
+            return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing to read (EAGAIN), or a broken connection: idle for our purpose
+            return False
+        finally:
+            peek.detach()
 
 
 def protocol(limits: Limits, max_connections: int) -> type[GuardedH11Protocol]:
