@@ -31,7 +31,7 @@
 #endif
 
 /* Version of this ABI: native.py refuses a library whose version differs. */
-PC_EXPORT int pc_abi_version(void) { return 5; }
+PC_EXPORT int pc_abi_version(void) { return 6; }
 
 /*
  * hist16: add to hist[0..65535] the count of each raw 16-bit pattern in
@@ -546,7 +546,7 @@ static inline void pc_dare_block(float *v, const uint8_t *drop, float density, i
  * where patches/merge.py's torch path drops entry i: `torch.rand(n, generator=g) >= density`, g a CPU
  * torch.Generator after manual_seed(seed). That generator is MT19937 seeded (init_genrand) with the low
  * 32 bits of the seed; each float32 draw takes one 32-bit output r, in order: (r & 0xffffff) * 2**-24
- * (exact), compared with density as a float32. bits holds (n + 7) / 8 bytes. Returns the count dropped.
+ * (exact), compared with density as a float32. bits holds (n + 7) / 8 bytes.
  */
 #define PC_MT_N 624
 #define PC_MT_M 397
@@ -554,12 +554,11 @@ static inline uint32_t pc_mt_twist(uint32_t u, uint32_t v) {
     return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((uint32_t)-(int32_t)(v & 1u) & 0x9908b0dfu);
 }
 
-PC_EXPORT PC_TARGETS int64_t pc_dare_drops(uint64_t seed, int64_t n, float density, uint8_t *bits) {
+PC_EXPORT PC_TARGETS void pc_dare_drops(uint64_t seed, int64_t n, float density, uint8_t *bits) {
     uint32_t mt[PC_MT_N];
     uint8_t d[PC_MT_N];
     mt[0] = (uint32_t)(seed & 0xffffffffu);
     for (int j = 1; j < PC_MT_N; j++) mt[j] = 1812433253u * (mt[j - 1] ^ (mt[j - 1] >> 30)) + (uint32_t)j;
-    int64_t dropped = 0;
     for (int64_t s = 0; s < n; s += PC_MT_N) { /* PC_MT_N = 78 bytes of bits: blocks start on a byte */
         int j = 0;
         for (; j < PC_MT_N - PC_MT_M; j++) mt[j] = mt[j + PC_MT_M] ^ pc_mt_twist(mt[j], mt[j + 1]);
@@ -581,9 +580,7 @@ PC_EXPORT PC_TARGETS int64_t pc_dare_drops(uint64_t seed, int64_t n, float densi
             const uint8_t *e = d + 8 * t;
             b[t] = (uint8_t)(e[0] | e[1] << 1 | e[2] << 2 | e[3] << 3 | e[4] << 4 | e[5] << 5 | e[6] << 6 | e[7] << 7);
         }
-        for (j = 0; j < (int)m; j++) dropped += d[j];
     }
-    return dropped;
 }
 
 /*
@@ -667,10 +664,7 @@ PC_EXPORT PC_TARGETS int pc_ties(const void *const *ins, const int *codes, const
         const int64_t m = hi - s < PC_TIES_BLOCK ? hi - s : PC_TIES_BLOCK;
         for (int q = 0; q < k; q++) {
             float *pq = p + (int64_t)q * PC_TIES_BLOCK;
-            const void *x = ins[q];
-            if (codes[q] == 0) for (int64_t j = 0; j < m; j++) pq[j] = ((const float *)x)[s + j];
-            else if (codes[q] == 1) for (int64_t j = 0; j < m; j++) pq[j] = pc_f16_to_f32(((const uint16_t *)x)[s + j]);
-            else for (int64_t j = 0; j < m; j++) pq[j] = pc_bf16_to_f32(((const uint16_t *)x)[s + j]);
+            pc_widen_block(ins[q], codes[q], s, m, pq);
             if (mode[q] == 1) {
                 for (int64_t j = 0; j < m; j++) pq[j] = 0.0f;
             } else if (mode[q] == 2) {

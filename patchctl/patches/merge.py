@@ -19,8 +19,8 @@ The methods are listed in ONE explicit table, :data:`METHODS` (defined,
 with the parameter checks, in :mod:`patchctl.patches.methods`, which does not
 import torch; re-exported here); nothing is registered by importing a
 module. :func:`merge_tensor` looks a method up, checks the number of inputs
-and fills in the defaults. Task arithmetic and TIES on the CPU run on the C
-kernels of :mod:`patchctl.patches.host_merge`, as does the top-k below.
+and fills in the defaults. Task arithmetic, TIES and DARE on the CPU run on
+the C kernels of :mod:`patchctl.patches.host_merge`, as does the top-k below.
 
 **How the work is done.** A method first makes its whole-tensor choices (which
 entries a trim keeps, which DARE drops), then walks the flattened tensors in
@@ -66,8 +66,9 @@ Semantic choices (where the papers are silent we follow mergekit):
   and input index), so a merge is reproducible on any device and independent
   of the order tensors are visited. On the CPU the C kernel ``pc_dare_drops``
   makes the same masks without torch (its MT19937 and float32 draw, bit for
-  bit) and the drop is fused into the merge's one pass. ``dare_ties`` uses the disjoint mean like
-  ``ties`` (mergekit's ``dare_ties`` sums instead: ``normalize=False``).
+  bit) and the drop is fused into the merge's one pass. ``dare_ties`` uses
+  the disjoint mean like ``ties`` (mergekit's ``dare_ties`` sums instead:
+  ``normalize=False``).
 * Breadcrumbs keeps the entries ranked ``[top, top + keep)`` in the order
   above (magnitude descending, lowest index first among ties),
   ``top = int(gamma · n)``, ``keep = int(density · n)``; when
@@ -435,8 +436,6 @@ def task_arithmetic(
     return _elementwise(flats, deltas[0].shape, out, step)
 
 
-
-
 def _native_out(flats: Sequence[Tensor], shape: torch.Size, out: Tensor | None) -> Tensor | None:
     """The output tensor of a fused kernel: ``out``, or a new float32 one; None where the kernels do not apply."""
     if native.lib is None or any(f.device.type != "cpu" or f.dtype not in _CODES or not f.is_contiguous()
@@ -484,8 +483,6 @@ def _fused_dare(method: str, flats: Sequence[Tensor], ws: Sequence[float], densi
     made by ``pc_dare_drops`` (torch's generator and draw, the bits of :func:`_dare_drops`), then the
     drop, weights, sum or disjoint mean and λ in the chunked path's order, fused (``pc_ties`` /
     ``pc_weighted_sum``): the same bits (tests/test_host_merge.py runs both)."""
-    if isinstance(generator_seed, bool) or not isinstance(generator_seed, int):
-        return None  # dare_seed names the problem
     out = _native_out(flats, shape, out)
     if out is None:
         return None

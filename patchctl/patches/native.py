@@ -14,7 +14,7 @@ import os
 
 __all__ = ["lib", "available", "ptr"]
 
-_ABI = 5
+_ABI = 6
 
 _i64 = ctypes.c_int64
 _vp = ctypes.c_void_p
@@ -63,7 +63,7 @@ def _load() -> ctypes.CDLL | None:
                            ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int, _vp, ctypes.c_int, _i64, _i64]
     so.pc_ties.restype = ctypes.c_int
     so.pc_dare_drops.argtypes = [ctypes.c_uint64, _i64, ctypes.c_float, _vp]
-    so.pc_dare_drops.restype = _i64
+    so.pc_dare_drops.restype = None
     so.pc_l1_sums.argtypes = [_vp, _vp, ctypes.c_int, _vp, _i64, _i64, _vp]
     so.pc_l1_sums.restype = ctypes.c_int
     return so

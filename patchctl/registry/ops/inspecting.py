@@ -522,6 +522,8 @@ def _torch_conflicts(views: list[Any], changes: list[dict[str, Any]], picked: li
             for (i, j), a in acc.items():
                 dg.add_counts(a, dg.pair_counts(ts[i], ts[j], density))
     return acc
+
+
 CONFLICT_AWARE = ("ties", "dare_ties", "breadcrumbs_ties")  # methods that elect a sign per entry
 
 

@@ -13,6 +13,8 @@ import hashlib
 import mmap
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 
 def check(line: str) -> str | None:
@@ -36,24 +38,12 @@ def check(line: str) -> str | None:
 
 
 def main() -> None:
-    threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-    if threads <= 1:
-        for line in sys.stdin:
-            bad = check(line)
-            if bad:
-                print(bad, flush=True)
-                return
-        print("ok", flush=True)
-        return
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
     stop = threading.Event()
 
     def one(line: str) -> str | None:
         return None if stop.is_set() else check(line)
 
-    with ThreadPoolExecutor(threads) as ex:
+    with ThreadPoolExecutor(max(1, int(sys.argv[1]) if len(sys.argv) > 1 else 1)) as ex:
         for bad in ex.map(one, sys.stdin.readlines()):  # in input order: the first bad line is the one named
             if bad:
                 stop.set()  # the others still queued return at once

@@ -124,7 +124,8 @@ def merge(
         fused = p.as_lora is None  # a diff: one streaming pass stores it and (apply) writes the model
         with reg.store.writing(), (staged(Path(apply_to)) if fused and p.base is not None
                                    else contextlib.nullcontext()) as folder:
-            tops: dict[str, Any] = {}  # TIES's top-k per tensor: found in LiNeS's first pass, used in the second
+            # TIES's top-k per tensor: found in LiNeS auto's first pass, used in the second
+            tops: dict[str, Any] | None = {} if p.lines == "auto" else None
             if host:
                 verifier = verifier or _Verifier.of(reg.store, [i.view.m for i in p.inputs])
                 alpha = host_stream.lines_alpha(p, reg.store, verifier, progress, done, total, tops)
