@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from patchctl.patches import apply, host, merge, native  # noqa: E402
+from patchctl.patches import apply, host, host_merge, merge, native  # noqa: E402
 
 
 def best(fn, repeat: int) -> tuple[float, object]:
@@ -88,6 +88,8 @@ def main() -> int:
          lambda: merge.task_arithmetic(ds, [0.5, 0.3, 0.2], generator_seed=0, name="t", out=out)),
         ("TIES step (trim, elect, mean), 3 bf16 -> bf16", ties_step),
         ("combine: bf16 base + bf16 delta", lambda: apply.combine(base, ds[0], out=out)),
+        ("DARE-TIES (masks + drop, elect, mean) 3 bf16", lambda: merge.dare_ties(
+            ds, [0.5, 0.3, 0.2], generator_seed=0, name="t", density=0.2, out=out)),
     ]
     print(f"{n:,} entries; PATCHCTL_THREADS workers, torch 1 intra-op thread; best of {r}")
     print(f"{'operation':<48}{'kernel ns/el':>14}{'torch ns/el':>13}{'torch/kernel':>14}  same bits")
@@ -96,6 +98,16 @@ def main() -> int:
         tk, tt, same = both(fn, r)
         ok &= same
         print(f"{name:<48}{tk / n * 1e9:>14.2f}{tt / n * 1e9:>13.2f}{tt / tk:>13.1f}x  {same}")
+    # DARE's drop masks alone: pc_dare_drops (one bit an entry) against torch.rand(n) >= density
+    seeds = [merge.dare_seed(0, "t", i) for i in range(3)]
+    tk, masks = best(lambda: host_merge.Drops(n, 0.2, seeds), r)
+    tt, want = best(lambda: merge._dare_drops(ds, 0.2, 0, "t"), r)
+    same = all(np.array_equal(np.unpackbits(m, bitorder="little")[:n].astype(bool), w.numpy())
+               for m, w in zip(masks.masks, want, strict=True))
+    masks.release()
+    ok &= same
+    print(f"{'DARE drop masks, 3 inputs (per entry of one)':<48}{tk / n * 1e9:>14.2f}{tt / n * 1e9:>13.2f}"
+          f"{tt / tk:>13.1f}x  {same}")
     # push's diff: host kernel (in place over a copy of the fine-tune) vs the torch path
     tk = min(best(lambda: host.diff_with_pins(host.HostTensor(a_h.buf.copy(), "bfloat16", (n,)), b_h, "bfloat16"),
                   1)[0] for _ in range(r))
