@@ -452,10 +452,15 @@ def test_write_parts_refuses_a_wrong_size_or_order(tmp_path):
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])
-def test_the_verifier_program_names_the_first_bad_blob_in_input_order(tmp_path, threads):
+@pytest.mark.parametrize("kernels", [False, True], ids=["hashlib", "kernels"])
+def test_the_verifier_program_names_the_first_bad_blob_in_input_order(tmp_path, threads, kernels):
     import hashlib
 
     from patchctl.registry.ops.merging.verify import VERIFIER_MAIN
+
+    if kernels and native.lib is None:
+        pytest.skip("patchctl._kernels is not built here")
+    extra = [native.lib._name] if kernels else []  # its pc_sha256_files hashes the files two at a time
 
     lines = []
     for i in range(6):
@@ -465,12 +470,19 @@ def test_the_verifier_program_names_the_first_bad_blob_in_input_order(tmp_path, 
         lines.append(f"sha256:{hashlib.sha256(data).hexdigest()} {len(data)} {p}")
 
     def verdict(ls: list[str]) -> str:
-        r = subprocess.run([sys.executable, "-I", "-S", str(VERIFIER_MAIN), threads], input="".join(x + "\n" for x in ls),
+        r = subprocess.run([sys.executable, "-I", "-S", str(VERIFIER_MAIN), threads, *extra],
+                           input="".join(x + "\n" for x in ls),
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         return r.stdout.strip()
 
     assert verdict(lines) == "ok"
+    good = [(tmp_path / f"b{i}").read_bytes() for i in (0, 5)]
+    (tmp_path / "b0").write_bytes(b"\x09" * 100_000)
+    (tmp_path / "b5").write_bytes(b"\x09" * 100_005)
+    assert verdict(lines) == f"corrupt {lines[0].split()[0]}"  # the largest is hashed first; the first line is named
+    (tmp_path / "b0").write_bytes(good[0])
+    (tmp_path / "b5").write_bytes(good[1])
     (tmp_path / "b2").write_bytes(b"\2" * 100_001 + b"\3")  # same size, other bytes
     (tmp_path / "b4").unlink()
     assert verdict(lines) == f"corrupt {lines[2].split()[0]}"  # b2 comes before the missing b4

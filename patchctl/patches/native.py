@@ -14,7 +14,7 @@ import os
 
 __all__ = ["lib", "available", "ptr"]
 
-_ABI = 6
+_ABI = 7
 
 _i64 = ctypes.c_int64
 _vp = ctypes.c_void_p
@@ -66,6 +66,10 @@ def _load() -> ctypes.CDLL | None:
     so.pc_dare_drops.restype = None
     so.pc_l1_sums.argtypes = [_vp, _vp, ctypes.c_int, _vp, _i64, _i64, _vp]
     so.pc_l1_sums.restype = ctypes.c_int
+    so.pc_sha256_pair.argtypes = [_vp, _i64, _vp, _i64, _vp]
+    so.pc_sha256_pair.restype = ctypes.c_int
+    so.pc_sha256_files.argtypes = [ctypes.c_int, _i64, ctypes.c_int, _i64, _vp]
+    so.pc_sha256_files.restype = ctypes.c_int
     return so
 
 

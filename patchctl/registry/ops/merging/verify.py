@@ -79,8 +79,8 @@ class _Verifier:
     small process of its own (:data:`VERIFIER_MAIN`): in a thread it took
     turns at the GIL with the merge's thousands of short torch calls, which
     cost both sides about a second here. Where that process cannot start, a
-    thread does the same. Each blob is mapped, hashed and unmapped, one at a
-    time. The merge uses the same files through mappings of its own and
+    thread does the same. Each blob is mapped, hashed and unmapped; the
+    process hashes two at a time where the C kernels have SHA-NI. The merge uses the same files through mappings of its own and
     commits nothing before :meth:`wait` has returned; :meth:`check` raises a
     mismatch found so far, so a corrupt input stops the merge early.
     """
@@ -127,10 +127,13 @@ class _Verifier:
             return False  # no interpreter to start, or a path the line format cannot carry
         lines = "".join(f"{e.digest} {_nbytes(e)} {p}\n" for e, p in zip(self.entries, paths, strict=True))
         try:
+            from patchctl.patches import native
             from patchctl.patches._workers import workers
 
             threads = str(max(1, workers() // 2))  # half the streaming threads: the merge needs the rest
-            self._proc = subprocess.Popen([sys.executable, "-I", "-S", str(VERIFIER_MAIN), threads], stdin=subprocess.PIPE,
+            kernels = [native.lib._name] if native.lib is not None else []  # its SHA-NI hashes two files at once
+            self._proc = subprocess.Popen([sys.executable, "-I", "-S", str(VERIFIER_MAIN), threads, *kernels],
+                                          stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             if self._stop.is_set():  # cancelled while it started
                 self._proc.kill()
