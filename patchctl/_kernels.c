@@ -910,14 +910,13 @@ PC_SHA_TARGET static void sha_blocks2(uint32_t s[8], const uint8_t *p, uint32_t 
     sha_unpack(t, C, D);
 }
 
-/* The last (partial) block of p[0..n), the padding and the length; the digest into out[0..32). */
-static void sha_finish(uint32_t s[8], const uint8_t *p, int64_t n, uint8_t out[32]) {
+/* The last r (< 64) bytes at p, the padding and the length (total bytes); the digest into out[0..32). */
+static void sha_finish(uint32_t s[8], const uint8_t *p, size_t r, int64_t total, uint8_t out[32]) {
     uint8_t tail[128] = {0};
-    int64_t done = n & ~(int64_t)63;
-    size_t r = (size_t)(n - done), len = r < 56 ? 64 : 128;
-    memcpy(tail, p + done, r);
+    size_t len = r < 56 ? 64 : 128;
+    if (r) memcpy(tail, p, r);
     tail[r] = 0x80;
-    uint64_t bits = (uint64_t)n * 8;
+    uint64_t bits = (uint64_t)total * 8;
     for (int i = 0; i < 8; i++) tail[len - 1 - i] = (uint8_t)(bits >> (8 * i));
     sha_blocks1(s, tail, (int64_t)(len / 64));
     for (int i = 0; i < 8; i++) {
@@ -948,8 +947,8 @@ PC_EXPORT int pc_sha256_pair(const void *p, int64_t n, const void *q, int64_t m,
         sha_blocks1(t, b + 64 * both, m / 64 - both);
     }
     sha_blocks1(s, a + 64 * both, n / 64 - both);
-    sha_finish(s, a, n, out);
-    if (b) sha_finish(t, b, m, out + 32);
+    sha_finish(s, a + (n & ~(int64_t)63), (size_t)(n & 63), n, out);
+    if (b) sha_finish(t, b + (m & ~(int64_t)63), (size_t)(m & 63), m, out + 32);
     return 0;
 #else
     (void)p, (void)n, (void)q, (void)m, (void)out;
@@ -958,33 +957,68 @@ PC_EXPORT int pc_sha256_pair(const void *p, int64_t n, const void *q, int64_t m,
 }
 
 #if defined(PC_SHA_NI) && (defined(__unix__) || defined(__APPLE__))
-#include <sys/mman.h>
+#include <errno.h>
+#include <unistd.h>
 #define PC_SHA_FILES 1
-static const void *sha_map(int fd, int64_t n) {
-    if (n <= 0) return "";
-    void *m = mmap(NULL, (size_t)n, PROT_READ, MAP_SHARED, fd, 0);
-    if (m == MAP_FAILED) return NULL;
-    madvise(m, (size_t)n, MADV_SEQUENTIAL);
-    return m;
+/* Read up to want bytes of fd at off into buf (until the file ends); the bytes read, or -1. */
+static int64_t sha_pread(int fd, uint8_t *buf, int64_t want, int64_t off) {
+    int64_t got = 0;
+    while (got < want) {
+        ssize_t r = pread(fd, buf + got, (size_t)(want - got), (off_t)(off + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -1;
+        if (r == 0) break;
+        got += r;
+    }
+    return got;
 }
 #endif
 
 /*
  * sha256_files: pc_sha256_pair over the first n bytes of file fd and, where
- * fd2 >= 0, the first m bytes of fd2, each mapped for the call (the merge's
- * verifier: no copy into the process). 0; -1 without SHA-NI; -2 where a
- * mapping failed (the caller hashes that pair another way).
+ * fd2 >= 0, the first m bytes of fd2 (the merge's verifier, which has no
+ * patchctl to read them with): read a chunk (bytes, a multiple of 64; 0 for
+ * the default) at a time by positioned reads into one buffer, the two
+ * chains interleaved. 0; -1 without SHA-NI; -2 where a read failed or a
+ * file ended before its n bytes (the caller hashes that pair another way).
  */
-PC_EXPORT int pc_sha256_files(int fd, int64_t n, int fd2, int64_t m, uint8_t *out) {
+PC_EXPORT int pc_sha256_files(int fd, int64_t n, int fd2, int64_t m, uint8_t *out, int64_t chunk) {
 #ifdef PC_SHA_FILES
     if (!sha_ni()) return -1;
-    const void *a = sha_map(fd, n), *b = fd2 >= 0 ? sha_map(fd2, m) : NULL;
-    int rc = (!a || (fd2 >= 0 && !b)) ? -2 : pc_sha256_pair(a, n, b, m, out);
-    if (a && n > 0) munmap((void *)a, (size_t)n);
-    if (b && m > 0) munmap((void *)b, (size_t)m);
+    if (chunk <= 0) chunk = (int64_t)256 << 10; /* two chunks stay in L2: the hashing reads what the copy left there */
+    chunk &= ~(int64_t)63;
+    if (chunk < 64) chunk = 64;
+    uint8_t *buf = (uint8_t *)malloc((size_t)(2 * chunk));
+    if (!buf) return -2;
+    uint8_t *x = buf, *y = buf + chunk;
+    uint32_t s[8], t[8];
+    memcpy(s, sha_h0, sizeof s);
+    memcpy(t, sha_h0, sizeof t);
+    int64_t at = 0, total = n > m || fd2 < 0 ? n : m;
+    int rc = 0;
+    if (fd2 < 0) m = 0;
+    for (; at < total; at += chunk) {
+        int64_t a = n - at > chunk ? chunk : (n > at ? n - at : 0);
+        int64_t b = m - at > chunk ? chunk : (m > at ? m - at : 0);
+        if ((a && sha_pread(fd, x, a, at) != a) || (b && sha_pread(fd2, y, b, at) != b)) {
+            rc = -2;
+            break;
+        }
+        int64_t both = (a < b ? a : b) / 64;
+        if (both) sha_blocks2(s, x, t, y, both);
+        if (a / 64 > both) sha_blocks1(s, x + 64 * both, a / 64 - both);
+        if (b / 64 > both) sha_blocks1(t, y + 64 * both, b / 64 - both);
+        if (a && a < chunk) sha_finish(s, x + (a & ~(int64_t)63), (size_t)(a & 63), n, out);
+        if (b && b < chunk) sha_finish(t, y + (b & ~(int64_t)63), (size_t)(b & 63), m, out + 32);
+        if (a == chunk && at + chunk == n) sha_finish(s, x, 0, n, out);
+        if (b == chunk && at + chunk == m) sha_finish(t, y, 0, m, out + 32);
+    }
+    if (rc == 0 && n == 0) sha_finish(s, x, 0, 0, out);
+    if (rc == 0 && fd2 >= 0 && m == 0) sha_finish(t, y, 0, 0, out + 32);
+    free(buf);
     return rc;
 #else
-    (void)fd, (void)n, (void)fd2, (void)m, (void)out;
+    (void)fd, (void)n, (void)fd2, (void)m, (void)out, (void)chunk;
     return -1;
 #endif
 }

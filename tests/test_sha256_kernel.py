@@ -56,16 +56,41 @@ def test_files_equal_hashlib_and_a_bad_descriptor_is_reported_not_crashed(tmp_pa
             p.write_bytes(os.urandom(n))
             fds.append((os.open(p, os.O_RDONLY), n, hashlib.sha256(p.read_bytes()).digest()))
         out = ctypes.create_string_buffer(64)
-        for fd, n, want in fds:
-            for fd2, m, want2 in fds:
-                assert lib.pc_sha256_files(fd, n, fd2, m, out) == 0
-                assert (out.raw[:32], out.raw[32:]) == (want, want2)
-            assert lib.pc_sha256_files(fd, n, -1, 0, out) == 0 and out.raw[:32] == want
-        r, w = os.pipe()  # a pipe cannot be mapped
+        for chunk in (0, 64, 4096, 100_000, 1 << 22):  # 0: the default; 100_000 is cut to a multiple of 64
+            for fd, n, want in fds:
+                for fd2, m, want2 in fds:
+                    assert lib.pc_sha256_files(fd, n, fd2, m, out, chunk) == 0
+                    assert (out.raw[:32], out.raw[32:]) == (want, want2), (n, m, chunk)
+                assert lib.pc_sha256_files(fd, n, -1, 0, out, chunk) == 0 and out.raw[:32] == want
+        r, w = os.pipe()  # a pipe has no positions to read at
         try:
-            assert lib.pc_sha256_files(r, 10, fds[4][0], fds[4][1], out) == -2
+            assert lib.pc_sha256_files(r, 10, fds[4][0], fds[4][1], out, 0) == -2
         finally:
             os.close(r), os.close(w)
+        assert lib.pc_sha256_files(fds[3][0], fds[3][1] + 1, -1, 0, out, 0) == -2  # the file ends before n bytes
     finally:
         for fd, _, _ in fds:
             os.close(fd)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["pairs", "hashlib"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sha256_files_equals_hashlib_across_chunk_and_block_edges(tmp_path, monkeypatch, kernels, threads):
+    from patchctl.registry.store import hashing
+
+    if kernels and not hashing.pairs_available():
+        pytest.skip("the C kernels are not built here, or this CPU has no SHA-NI")
+    if not kernels:
+        monkeypatch.setattr(native, "lib", None)
+    monkeypatch.setattr(hashing, "CHUNK", 4096)  # many chunks per file, cheaply
+    sizes = [0, 1, 55, 56, 63, 64, 65, 4095, 4096, 4097, 8192 + 56, 3 * 4096 + 63, 100_003, 100_003, 7]
+    paths, want = [], []
+    for i, n in enumerate(sizes):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(os.urandom(n))
+        paths.append(p)
+        want.append("sha256:" + hashlib.sha256(p.read_bytes()).hexdigest())
+    assert hashing.sha256_files(paths, threads=threads) == want
+    assert hashing.sha256_files([], threads=threads) == []
+    with pytest.raises(FileNotFoundError):
+        hashing.sha256_files([*paths[:3], tmp_path / "gone"], threads=threads)

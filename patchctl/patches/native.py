@@ -68,7 +68,7 @@ def _load() -> ctypes.CDLL | None:
     so.pc_l1_sums.restype = ctypes.c_int
     so.pc_sha256_pair.argtypes = [_vp, _i64, _vp, _i64, _vp]
     so.pc_sha256_pair.restype = ctypes.c_int
-    so.pc_sha256_files.argtypes = [ctypes.c_int, _i64, ctypes.c_int, _i64, _vp]
+    so.pc_sha256_files.argtypes = [ctypes.c_int, _i64, ctypes.c_int, _i64, _vp, _i64]
     so.pc_sha256_files.restype = ctypes.c_int
     return so
 

@@ -11,7 +11,6 @@ of what is corrupt or missing and checks again.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sqlite3
 from collections.abc import Callable
@@ -192,14 +191,6 @@ def _readable_lines(lines: list[bytes]) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _hash_file(path: Any) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 def fsck(repo: Repository, rebuild_index: bool = False, repair: str | None = None,
          fetch: Fetch | None = None) -> dict[str, Any]:
     """Verify every object's hash, every manifest's blobs, every ref, and the index.
@@ -213,8 +204,12 @@ def fsck(repo: Repository, rebuild_index: bool = False, repair: str | None = Non
     corrupt_blobs: list[str] = []
     corrupt_manifests: list[str] = []
     blobs = set()
-    for d in store.iter_digests("objects"):
-        if _hash_file(store.blob_path(d)) != d:
+    digests = list(store.iter_digests("objects"))
+    from patchctl.registry.store.hashing import sha256_files
+
+    hashed = sha256_files([store.blob_path(d) for d in digests])  # two at a time on SHA-NI, on threads
+    for d, got in zip(digests, hashed, strict=True):
+        if got != d:
             corrupt_blobs.append(d)
             problems.append(f"blob {d}: content does not match its digest")
         else:

@@ -4,8 +4,8 @@ Reads ``DIGEST SIZE PATH`` lines on stdin, hashes each file and answers
 ``ok``, or ``missing|size|corrupt DIGEST`` for the first bad one in input
 order. ``THREADS``: how many threads hash side by side (default 1; the
 hashing releases the GIL). ``KERNELS``: the path of patchctl's C kernels,
-whose ``pc_sha256_files`` hashes two mapped files at once, their SHA-NI
-chains interleaved (~1.5x hashlib's speed for one file at a time here:
+whose ``pc_sha256_files`` hashes two files at once (positioned reads into
+a small buffer), their SHA-NI chains interleaved (~1.5x hashlib's speed for one file at a time here:
 bench/kernels.py); the files go in pairs of like size, largest first. Where
 it is not given or returns non-zero (no SHA-NI), hashlib hashes each file
 through a mapping. It needs only the standard library — it must not import
@@ -51,7 +51,7 @@ def check(lines: list[str], kernels: object = None) -> list[str | None]:
         if kernels is not None and len(todo) == 2:
             buf = ctypes.create_string_buffer(64)
             (_, fd, _, n), (_, fd2, _, m) = todo
-            if kernels.pc_sha256_files(fd, n, fd2, m, buf) == 0:  # type: ignore[attr-defined]
+            if kernels.pc_sha256_files(fd, n, fd2, m, buf, 0) == 0:  # type: ignore[attr-defined]
                 got = [buf.raw[:32].hex(), buf.raw[32:].hex()]
         if not got:
             got = [_sha256(fd, n) for _, fd, _, n in todo]
@@ -71,7 +71,7 @@ def _kernels(path: str) -> object:
         f = lib.pc_sha256_files
     except (OSError, AttributeError):
         return None
-    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p]
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     f.restype = ctypes.c_int
     return lib
 
